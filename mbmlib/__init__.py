@@ -1,0 +1,28 @@
+"""mbmlib: train and evaluate neural networks with bit-exact approximate multipliers.
+
+The Minimally Biased Multiplier (MBM, Saadat et al., TCAD 2018) and Mitchell's
+logarithmic multiplier as vectorised PyTorch ops, approximate Conv2d/Linear
+layers on fused CPU and GPU kernels, and an MNIST training pipeline.
+"""
+from .multipliers import (
+    Multiplier,
+    approx_mul,
+    as_multiplier,
+    error_map,
+    error_stats,
+    mbm_mul,
+    mitchell_mul,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Multiplier",
+    "approx_mul",
+    "as_multiplier",
+    "error_map",
+    "error_stats",
+    "mbm_mul",
+    "mitchell_mul",
+    "__version__",
+]

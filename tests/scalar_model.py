@@ -1,0 +1,79 @@
+"""Scalar reference model of the multipliers, straight from SPEC.md section 1.
+
+Pure Python integers, one operand pair at a time; used only by the tests to
+check the vectorised ops bit for bit.
+"""
+import math
+import struct
+
+
+def f2b(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def b2f(b: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", b & 0xFFFFFFFF))[0]
+
+
+def approx_mul_bits(a_bits: int, b_bits: int, kind: str, t: int = 0) -> int:
+    """Product bit pattern of two float32 bit patterns under 'mitchell' or 'mbm' with truncation t."""
+    sa, ea, ma = a_bits >> 31, (a_bits >> 23) & 0xFF, a_bits & 0x7FFFFF
+    sb, eb, mb = b_bits >> 31, (b_bits >> 23) & 0xFF, b_bits & 0x7FFFFF
+    sign = (sa ^ sb) << 31
+    a_nan = ea == 0xFF and ma != 0
+    b_nan = eb == 0xFF and mb != 0
+    # 1. subnormal inputs count as zero
+    a_zero = ea == 0
+    b_zero = eb == 0
+    a_inf = ea == 0xFF and ma == 0
+    b_inf = eb == 0xFF and mb == 0
+    # 2. special cases
+    if a_nan or b_nan:
+        return 0x7FC00000
+    if (a_inf and b_zero) or (b_inf and a_zero):
+        return 0x7FC00000
+    if a_inf or b_inf:
+        return sign | 0x7F800000
+    if a_zero or b_zero:
+        return sign
+    # 3. truncation
+    if t > 0:
+        ma = (ma & ~((1 << t) - 1)) | (1 << t)
+        mb = (mb & ~((1 << t) - 1)) | (1 << t)
+    # 4. mantissa sum
+    s = ma + mb
+    carry = 1 if s >= (1 << 23) else 0
+    # 5. correction
+    if kind == "mbm":
+        corr = 0xA0000 >> carry
+        if t > 16:
+            corr &= ~((1 << t) - 1)
+        sc = (s % (1 << 23)) + corr
+        if carry and sc >= (1 << 23):
+            sc = s
+    elif kind == "mitchell":
+        sc = s % (1 << 23)
+    else:
+        raise ValueError(kind)
+    # 6. normalise (truncating)
+    M = ((1 << 23) + sc) << carry
+    norm = 1 if M >= (1 << 24) else 0
+    if norm:
+        M >>= 1
+    e = ea + eb - 127 + norm
+    if e >= 255:
+        return sign | 0x7F800000
+    if e <= 0:
+        return sign
+    return sign | (e << 23) | (M % (1 << 23))
+
+
+def approx_mul_scalar(a: float, b: float, kind: str, t: int = 0) -> float:
+    return b2f(approx_mul_bits(f2b(a), f2b(b), kind, t))
+
+
+def same_float(x: float, y: float) -> bool:
+    """Equal as the spec compares: NaN equals NaN, zeros by value."""
+    if math.isnan(x) or math.isnan(y):
+        return math.isnan(x) and math.isnan(y)
+    return x == y
