@@ -26,3 +26,8 @@ __all__ = [
     "mitchell_mul",
     "__version__",
 ]
+
+from . import functional, kernels, nn  # noqa: E402  (layers build on the multipliers above)
+from .nn import MBMConv2d, MBMLinear, convert  # noqa: E402
+
+__all__ += ["functional", "kernels", "nn", "MBMConv2d", "MBMLinear", "convert"]

@@ -68,3 +68,94 @@ def save_report(report: dict, out_dir: str | Path = "results/bench") -> Path:
     """Write a stamped report as ``<benchmark>-<runtime>.json`` (atomically)."""
     name = f"{report['benchmark']}-{report['runtime']['runtime']}.json"
     return write_json(Path(out_dir) / name, report)
+
+
+# (name, kind, input shape without batch, weight shape, padding) of the SeedNet layers, SPEC.md section 2
+SEEDNET_LAYERS = [
+    ("seednet.conv1", "conv", (1, 28, 28), (32, 1, 3, 3), 1),
+    ("seednet.conv2", "conv", (32, 28, 28), (64, 32, 3, 3), 1),
+    ("seednet.conv3", "conv", (64, 14, 14), (128, 64, 3, 3), 1),
+    ("seednet.fc1", "linear", (6272,), (128, 6272), 0),
+    ("seednet.fc2", "linear", (128,), (64, 128), 0),
+    ("seednet.fc3", "linear", (64,), (10, 64), 0),
+]
+REFERENCE_MAC_LIMIT = 1e9  # the eager reference runs at ~0.05 G MAC/s: bigger cases would take minutes
+
+
+def _layer_case(kind: str, x_shape, w_shape, padding: int, device: torch.device):
+    """Inputs, MAC count and call builders (exact, approximate) of one layer case."""
+    from . import functional as AF
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=gen).to(device)
+    w = (torch.randn(*w_shape, generator=gen) * 0.1).to(device)
+    if kind == "conv":
+        out = torch.nn.functional.conv2d(x, w, padding=padding)
+        macs = out.numel() * w[0].numel()
+        exact = lambda: torch.nn.functional.conv2d(x, w, padding=padding)  # noqa: E731
+        approx = lambda m, be: AF.conv2d(x, w, padding=padding, multiplier=m, backend=be)  # noqa: E731
+    elif kind == "linear":
+        macs = x.shape[0] * w.numel()
+        exact = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+        approx = lambda m, be: AF.linear(x, w, multiplier=m, backend=be)  # noqa: E731
+    else:  # gemm: x (M, K) @ w (K, N)
+        macs = x.shape[0] * x.shape[1] * w.shape[1]
+        exact = lambda: torch.matmul(x, w)  # noqa: E731
+        approx = lambda m, be: AF.matmul(x, w, multiplier=m, backend=be)  # noqa: E731
+    return macs, exact, approx
+
+
+def available_backends(device: torch.device) -> dict[str, str | None]:
+    """Backend name -> None if usable on ``device``, else the reason it is skipped."""
+    from . import kernels
+
+    status: dict[str, str | None] = {"reference": None, "compiled": None}
+    if device.type != "cuda":
+        status["triton"] = "needs a CUDA device"
+    else:
+        try:
+            kernels.load("triton")
+            status["triton"] = None
+        except ImportError as err:
+            status["triton"] = f"not importable: {err}"
+    return status
+
+
+def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
+                 multipliers=("mitchell", "mbm"), backends=None, repeat: int = 3,
+                 progress: bool = True) -> dict:
+    """Time exact vs every backend x multiplier on the SeedNet layers and one square GEMM."""
+    dev = runtime.resolve_device(device)
+    status = available_backends(dev)
+    if backends is not None:
+        status = {b: status.get(b, "unknown backend") for b in backends}
+    cases = [(f"{n}@b{b}", kind, (b, *xs), ws, pad) for b in batches for n, kind, xs, ws, pad in SEEDNET_LAYERS]
+    if gemm_size:
+        cases.append((f"gemm{gemm_size}", "gemm", (gemm_size, gemm_size), (gemm_size, gemm_size), 0))
+    rows = []
+    for case, kind, x_shape, w_shape, pad in cases:
+        macs, exact, approx = _layer_case(kind, x_shape, w_shape, pad, dev)
+        t_exact = time_fn(exact, dev, warmup=2, repeat=max(repeat, 5), min_time=0.2)["median_s"]
+        rows.append(_row(case, "exact", "torch", macs, t_exact, t_exact))
+        for backend, reason in status.items():
+            for mult in multipliers:
+                if reason is None and backend == "reference" and macs > REFERENCE_MAC_LIMIT:
+                    why = f"skipped: {macs / 1e9:.1f} G MAC is too slow for the eager reference"
+                else:
+                    why = None if reason is None else f"skipped: {reason}"
+                if why:
+                    rows.append({"case": case, "multiplier": mult, "backend": backend, "macs": macs, "note": why})
+                    continue
+                reps = 1 if backend == "reference" else repeat
+                t = time_fn(lambda: approx(mult, backend), dev, warmup=1, repeat=reps)["median_s"]
+                rows.append(_row(case, mult, backend, macs, t, t_exact))
+                if progress:
+                    r = rows[-1]
+                    print(f"{case:>20} {mult:>9} {backend:>9}: {r['G_MAC_per_s']:8.3f} G MAC/s "
+                          f"({r['ratio_to_exact']:.1f}x exact)", flush=True)
+    return {"benchmark": "layers", "batches": list(batches), "gemm_size": gemm_size, "results": rows}
+
+
+def _row(case: str, multiplier: str, backend: str, macs: int, seconds: float, exact_seconds: float) -> dict:
+    return {"case": case, "multiplier": multiplier, "backend": backend, "macs": macs, "median_s": seconds,
+            "G_MAC_per_s": macs / seconds / 1e9, "ratio_to_exact": seconds / exact_seconds}

@@ -42,6 +42,7 @@ MULTIPLIER_KINDS = ("exact", "mitchell", "mbm")
 MAX_TRUNCATION = 22
 MANT_BITS = 23
 MANT_MASK = (1 << MANT_BITS) - 1
+SIGN_EXP_MASK = -(1 << MANT_BITS)  # int32 0xFF800000
 ONE = 1 << MANT_BITS  # 1.0 in 23-bit fixed point
 MBM_CORRECTION = 0xA0000  # 2**-4 + 2**-6 = 0.078125 in 23-bit fixed point
 SMALLEST_NORMAL = 2.0**-126
@@ -86,7 +87,7 @@ class Multiplier:
         """MBM correction for (no carry, carry), masked below bit t; (0, 0) for Mitchell."""
         if self.kind != "mbm":
             return (0, 0)
-        keep = ~((1 << self.t) - 1) if self.t > 16 else -1
+        keep = -(1 << self.t) if self.t > 16 else -1  # -(2**t) == ~(2**t - 1)
         return (MBM_CORRECTION & keep, (MBM_CORRECTION >> 1) & keep)
 
     def __str__(self) -> str:
@@ -122,12 +123,12 @@ def split_operand(x: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor
     kernels do not repeat it per product.
     """
     bits = x.contiguous().view(torch.int32)
-    scale = (bits & ~MANT_MASK).view(torch.float32)  # mantissa cleared; subnormal -> +-0
+    scale = (bits & SIGN_EXP_MASK).view(torch.float32)  # mantissa cleared; subnormal -> +-0
     scale = torch.where(torch.isnan(x), x, scale)
     mant = bits & MANT_MASK
     t = multiplier.t
     if t > 0:
-        mant = (mant & ~((1 << t) - 1)) | (1 << t)
+        mant = (mant & -(1 << t)) | (1 << t)  # keep the top 23-t bits, force the lowest to 1
     return scale, mant
 
 
@@ -139,6 +140,8 @@ def mantissa_product(mant_sum: torch.Tensor, multiplier: Multiplier) -> torch.Te
     the correction (halved after a carry), truncates when normalising, and
     skips the correction in the carry/overflow corner case.
     """
+    if multiplier.is_exact:
+        raise ValueError("the exact multiplier has no mantissa approximation; multiply the floats directly")
     s = mant_sum
     carry = s >= ONE
     if multiplier.kind == "mitchell":

@@ -1,0 +1,272 @@
+"""Approximate conv2d / linear / matmul with autograd, registered as torch custom ops.
+
+Every product is ``approx_mul(x, w)`` accumulated in float32; a bias is added
+exactly.  ``backward="exact"`` differentiates the exact map (straight-through:
+the fast cuDNN/MKL gradients); ``backward="approx"`` computes the two gradient
+products with the approximate multiplier too, as approximate hardware would.
+
+The ops are defined with ``torch.library.custom_op`` + ``register_fake`` +
+``register_autograd`` so that models using them also work under
+``torch.compile`` (the ops stay opaque to the graph).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import kernels
+from .multipliers import MultiplierLike, as_multiplier
+
+BACKWARD_MODES = ("exact", "approx")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = ["conv2d", "linear", "matmul", "BACKWARD_MODES", "check_backward"]
+
+
+def check_backward(backward: str) -> str:
+    """Validate a backward mode name."""
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"unknown backward mode {backward!r}; valid modes are 'exact' (straight-through "
+                         "gradients of the exact layer) and 'approx' (gradient products approximate too)")
+    return backward
+
+
+# ----------------------------------------------------------------------------- batched GEMM
+
+
+@torch.library.custom_op("mbmlib::bmm_nt", mutates_args=())
+def _bmm_nt(a: Tensor, b: Tensor, multiplier: str, backward: str, backend: str) -> Tensor:
+    """(G, M, K), (G, N, K) -> (G, M, N): approximate ``a @ b.T``, computed in float32."""
+    mult = as_multiplier(multiplier)
+    if mult.is_exact:
+        return torch.bmm(a, b.transpose(1, 2))
+    return kernels.bmm_nt(a.float(), b.float(), mult, backend).to(a.dtype)
+
+
+@_bmm_nt.register_fake
+def _(a, b, multiplier, backward, backend):
+    return a.new_empty(a.shape[0], a.shape[1], b.shape[1])
+
+
+def _bmm_nt_setup(ctx, inputs, output):
+    a, b, multiplier, backward, backend = inputs
+    ctx.save_for_backward(a, b)
+    ctx.opts = (multiplier, backward, backend)
+
+
+def _bmm_nt_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    multiplier, backward, backend = ctx.opts
+    grad_a = grad_b = None
+    if backward == "exact":
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.bmm(grad, b.to(grad.dtype))  # (G, M, N) @ (G, N, K)
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.bmm(grad.transpose(1, 2), a.to(grad.dtype))  # (G, N, M) @ (G, M, K)
+    else:
+        if ctx.needs_input_grad[0]:
+            grad_a = _bmm_nt(grad, b.transpose(1, 2).contiguous(), multiplier, "approx", backend)
+        if ctx.needs_input_grad[1]:
+            grad_b = _bmm_nt(grad.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous(),
+                             multiplier, "approx", backend)
+    return grad_a, grad_b, None, None, None
+
+
+_bmm_nt.register_autograd(_bmm_nt_backward, setup_context=_bmm_nt_setup)
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+@torch.library.custom_op("mbmlib::conv2d", mutates_args=())
+def _conv2d(x: Tensor, w: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
+            multiplier: str, backward: str, backend: str) -> Tensor:
+    """Approximate convolution, explicit symmetric zero padding, no bias."""
+    mult = as_multiplier(multiplier)
+    if mult.is_exact:
+        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+    out = kernels.conv2d(x.float().contiguous(), w.float().contiguous(), tuple(stride), tuple(padding),
+                         tuple(dilation), groups, mult, backend)
+    return out.to(x.dtype)
+
+
+@_conv2d.register_fake
+def _(x, w, stride, padding, dilation, groups, multiplier, backward, backend):
+    return F.conv2d(x, w, None, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("mbmlib::conv2d_grad_approx", mutates_args=())
+def _conv2d_grad_approx(grad: Tensor, x: Tensor, w: Tensor, stride: List[int], padding: List[int],
+                        dilation: List[int], groups: int, multiplier: str, backend: str) -> List[Tensor]:
+    """Input and weight gradients of a convolution whose products are approximate."""
+    mult = as_multiplier(multiplier)
+    B, C, H, W = x.shape
+    O, Cg, kh, kw = w.shape
+    G, Og = groups, O // groups
+    grad32 = grad.float()
+    L = grad.shape[2] * grad.shape[3]
+    gmat = grad32.reshape(B, G, Og, L).permute(1, 0, 3, 2).reshape(G, B * L, Og)  # (G, B*L, Og)
+    wmat = w.float().reshape(G, Og, Cg, kh, kw).permute(0, 1, 3, 4, 2).reshape(G, Og, -1)  # (G, Og, Kg), im2col order
+    # d input: each patch gets sum_o approx(grad, w), then the patches are summed back (exactly) by fold
+    grad_cols = kernels.bmm_nt(gmat, wmat.transpose(1, 2).contiguous(), mult, backend)  # (G, B*L, Kg)
+    grad_x = kernels.col2im(grad_cols, x.shape, (kh, kw), stride, padding, dilation, groups)
+    # d weight: sum over batch and positions of approx(grad, patch)
+    cols = kernels.im2col(x.float(), (kh, kw), stride, padding, dilation, groups)  # (G, B*L, Kg)
+    grad_w = kernels.bmm_nt(gmat.transpose(1, 2).contiguous(), cols.transpose(1, 2).contiguous(), mult, backend)
+    grad_w = grad_w.reshape(O, kh, kw, Cg).permute(0, 3, 1, 2)  # back from im2col order
+    return [grad_x.to(x.dtype), grad_w.contiguous().to(w.dtype)]
+
+
+@_conv2d_grad_approx.register_fake
+def _(grad, x, w, stride, padding, dilation, groups, multiplier, backend):
+    return [torch.empty_like(x), torch.empty_like(w)]
+
+
+def _conv2d_setup(ctx, inputs, output):
+    x, w, stride, padding, dilation, groups, multiplier, backward, backend = inputs
+    ctx.save_for_backward(x, w)
+    ctx.opts = (stride, padding, dilation, groups, multiplier, backward, backend)
+
+
+def _conv2d_backward(ctx, grad):
+    x, w = ctx.saved_tensors
+    stride, padding, dilation, groups, multiplier, backward, backend = ctx.opts
+    grad_x = grad_w = None
+    if backward == "approx" and not as_multiplier(multiplier).is_exact:
+        grad_x, grad_w = _conv2d_grad_approx(grad, x, w, stride, padding, dilation, groups, multiplier, backend)
+    else:
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.nn.grad.conv2d_weight(x, w.shape, grad, stride, padding, dilation, groups)
+    return grad_x, grad_w, None, None, None, None, None, None, None
+
+
+_conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) == 1:
+        return (int(v[0]), int(v[0]))
+    if len(v) != 2:
+        raise RuntimeError(f"expected {name} to be a single integer or a list of 2 values, got {list(v)}")
+    return (int(v[0]), int(v[1]))
+
+
+def _check_tensors(named: dict) -> None:
+    """Float dtypes, one dtype, one device -- with PyTorch's error types."""
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"approximate layers need floating-point tensors (float16/bfloat16/float32/"
+                            f"float64); {name} has dtype {t.dtype}")
+        if t.dtype != first.dtype:
+            raise RuntimeError(f"{first_name} type ({first.dtype}) and {name} type ({t.dtype}) should be the same")
+        if t.device != first.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found {first_name} on "
+                               f"{first.device} and {name} on {t.device}; move them with .to(device)")
+
+
+def _check_conv_shapes(input: Tensor, weight: Tensor, groups: int) -> None:
+    """Rank and channel checks with the messages F.conv2d gives (its meta kernel's are terser)."""
+    if weight.dim() != 4:
+        raise RuntimeError(f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape "
+                           f"{list(weight.shape)}")
+    if input.dim() not in (3, 4):
+        raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
+                           f"{list(input.shape)}")
+    channels = input.shape[-3]
+    if isinstance(groups, int) and groups > 0 and channels != weight.shape[1] * groups:
+        raise RuntimeError(f"Given groups={groups}, weight of size {list(weight.shape)}, expected input"
+                           f"{list(input.shape)} to have {weight.shape[1] * groups} channels, but got "
+                           f"{channels} channels instead")
+
+
+def _resolve(multiplier: MultiplierLike, backward: str, backend: Optional[str], device) -> tuple[str, str, str]:
+    mult = as_multiplier(multiplier)
+    check_backward(backward)
+    return mult.name, backward, kernels.resolve(backend, device)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
+           padding: Union[str, int, Sequence[int]] = 0, dilation=1, groups: int = 1, *,
+           multiplier: MultiplierLike = "mbm", backward: str = "exact", backend: Optional[str] = None) -> Tensor:
+    """``F.conv2d`` with every product approximate; same arguments, rules and errors.
+
+    ``padding`` may be ``"same"`` or ``"valid"``.  Input (B, C, H, W) or unbatched
+    (C, H, W); weight (O, C/groups, kh, kw).
+    """
+    _check_tensors({"input": input, "weight": weight, "bias": bias})
+    _check_conv_shapes(input, weight, groups)
+    # PyTorch's own checks (rank, channels, groups, kernel vs input size), without computing anything
+    F.conv2d(input.to("meta"), weight.to("meta"), None if bias is None else bias.to("meta"),
+             stride, padding, dilation, groups)
+    mult, backward, backend = _resolve(multiplier, backward, backend, input.device)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input  # (B, C, H, W)
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        x, padding = _string_padding(x, weight.shape[2:], dilation, padding)
+    else:
+        padding = _pair(padding, "padding")
+    out = _conv2d(x, weight, list(stride), list(padding), list(dilation), groups, mult, backward, backend)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out.squeeze(0) if unbatched else out
+
+
+def _string_padding(x: Tensor, kernel_size, dilation, padding: str) -> tuple[Tensor, tuple[int, int]]:
+    """Turn "valid"/"same" into symmetric padding, pre-padding the input where "same" is lopsided."""
+    if padding == "valid":
+        return x, (0, 0)
+    total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    left = [t // 2 for t in total]
+    if all(t == 2 * l for t, l in zip(total, left)):
+        return x, (left[0], left[1])
+    extra = [t - 2 * l for t, l in zip(total, left)]  # the odd pixel goes right/bottom, as F.conv2d does
+    x = F.pad(x, [0, extra[1], 0, extra[0]])
+    return x, (left[0], left[1])
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, multiplier: MultiplierLike = "mbm",
+           backward: str = "exact", backend: Optional[str] = None) -> Tensor:
+    """``F.linear`` with every product approximate: input (..., in), weight (out, in) -> (..., out)."""
+    _check_tensors({"input": input, "weight": weight, "bias": bias})
+    F.linear(input.to("meta"), weight.to("meta"), None if bias is None else bias.to("meta"))
+    mult, backward, backend = _resolve(multiplier, backward, backend, input.device)
+    x2d = input.reshape(1, -1, input.shape[-1])  # (1, M, K)
+    w2d = weight.reshape(1, weight.shape[0] if weight.dim() == 2 else 1, -1)  # (1, N, K)
+    out = _bmm_nt(x2d, w2d, mult, backward, backend)  # (1, M, N)
+    out = out.reshape(*input.shape[:-1], *weight.shape[:-1])
+    return out if bias is None else out + bias
+
+
+def matmul(a: Tensor, b: Tensor, *, multiplier: MultiplierLike = "mbm", backward: str = "exact",
+           backend: Optional[str] = None) -> Tensor:
+    """``torch.matmul`` with every product approximate (1-D, 2-D and broadcast batched operands)."""
+    _check_tensors({"a": a, "b": b})
+    out_shape = torch.matmul(a.to("meta"), b.to("meta")).shape
+    mult, backward, backend = _resolve(multiplier, backward, backend, a.device)
+    a2 = a.unsqueeze(0) if a.dim() == 1 else a  # (..., M, K)
+    b2 = b.unsqueeze(-1) if b.dim() == 1 else b  # (..., K, N)
+    batch = torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+    M, K, N = a2.shape[-2], a2.shape[-1], b2.shape[-1]
+    a3 = a2.expand(*batch, M, K).reshape(-1, M, K)  # (G, M, K)
+    b3 = b2.expand(*batch, K, N).transpose(-1, -2).reshape(-1, N, K)  # (G, N, K)
+    return _bmm_nt(a3, b3, mult, backward, backend).reshape(out_shape)

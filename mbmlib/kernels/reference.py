@@ -1,0 +1,58 @@
+"""Reference backend: plain eager PyTorch, chunked; the yardstick for every other backend.
+
+The batched approximate GEMM ``out[g] = sum_k approx(a[g, m, k], b[g, k, n])``
+is computed block by block so that the (rows, K, N) tensor of products never
+exceeds ``memory_budget`` bytes, whatever the layer size.  Operands are split
+into (scale, mantissa) once per call (see :mod:`mbmlib.multipliers`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..multipliers import MANT_BITS, Multiplier, mantissa_product, split_operand
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for the largest intermediate
+_BYTES_PER_PRODUCT = 4 * 6  # int32/float32 temporaries alive at once per product
+
+name = "reference"
+
+
+def products(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Tensor,
+             multiplier: Multiplier) -> torch.Tensor:
+    """Approximate products of split operands (broadcasting), not flushed below 2**-126.
+
+    Flushing products under the smallest normal would change a sum by less than
+    2**-126 per term, so the GEMM kernels skip it.
+    """
+    g = mantissa_product(ma + mb, multiplier).to(torch.float32)
+    return (sa * sb) * (g * 2.0**-MANT_BITS)
+
+
+def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier,
+           memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """Batched approximate ``a @ b.T``: a (G, M, K), b (G, N, K) -> (G, M, N), float32 sums.
+
+    Both operands are K-contiguous ("NT" layout): the natural layout of
+    ``F.linear`` weights and of im2col patches against conv weights.
+    """
+    if multiplier.is_exact:
+        return torch.bmm(a, b.transpose(1, 2))
+    G, M, K = a.shape
+    N = b.shape[1]
+    sa, ma = split_operand(a, multiplier)  # (G, M, K)
+    sb, mb = split_operand(b, multiplier)  # (G, N, K)
+    out = torch.empty(G, M, N, dtype=torch.float32, device=a.device)
+    row_bytes = K * N * _BYTES_PER_PRODUCT
+    rows = max(1, min(M, memory_budget // max(1, row_bytes)))
+    k_step = K if row_bytes <= memory_budget else max(1, memory_budget // (N * _BYTES_PER_PRODUCT))
+    for g in range(G):
+        for m0 in range(0, M, rows):
+            m1 = min(M, m0 + rows)
+            acc = torch.zeros(m1 - m0, N, dtype=torch.float32, device=a.device)
+            for k0 in range(0, K, k_step):
+                k1 = min(K, k0 + k_step)
+                p = products(sa[g, m0:m1, None, k0:k1], ma[g, m0:m1, None, k0:k1],
+                             sb[g, None, :, k0:k1], mb[g, None, :, k0:k1], multiplier)  # (rows, N, k)
+                acc += p.sum(dim=2)
+            out[g, m0:m1] = acc
+    return out
