@@ -6,6 +6,7 @@ run, because this kind of machine is shared and noisy.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from datetime import datetime, timezone
@@ -121,8 +122,41 @@ def available_backends(device: torch.device) -> dict[str, str | None]:
     return status
 
 
+def compare(fns: dict, device: torch.device, baseline: str, rounds: int = 5, warmup: int = 1,
+            rounds_of: dict | None = None) -> dict:
+    """Time several callables interleaved, round by round, against ``fns[baseline]``.
+
+    Each round runs every callable once, so slow phases of a shared machine hit
+    all of them alike; a callable's ratio is the median over rounds of its time
+    divided by the baseline's time in the same round.  ``rounds_of`` caps the
+    rounds of slow callables (they still get ratios from the rounds they ran in).
+    """
+    rounds_of = rounds_of or {}
+    for name, fn in fns.items():
+        for _ in range(warmup if rounds_of.get(name, rounds) > 1 else 0):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    ratios: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        this_round = {}
+        for name, fn in fns.items():
+            if r >= rounds_of.get(name, rounds):
+                continue
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            this_round[name] = time.perf_counter() - t0
+        for name, t in this_round.items():
+            times[name].append(t)
+            ratios[name].append(t / this_round[baseline])
+    return {name: {"median_s": statistics.median(times[name]), "min_s": min(times[name]),
+                   "repeats": len(times[name]), "ratio_to_exact": statistics.median(ratios[name])}
+            for name in fns}
+
+
 def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
-                 multipliers=("mitchell", "mbm"), backends=None, repeat: int = 3,
+                 multipliers=("mitchell", "mbm"), backends=None, rounds: int = 5,
                  progress: bool = True) -> dict:
     """Time exact vs every backend x multiplier on the SeedNet layers and one square GEMM."""
     dev = runtime.resolve_device(device)
@@ -135,27 +169,24 @@ def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
     rows = []
     for case, kind, x_shape, w_shape, pad in cases:
         macs, exact, approx = _layer_case(kind, x_shape, w_shape, pad, dev)
-        t_exact = time_fn(exact, dev, warmup=2, repeat=max(repeat, 5), min_time=0.2)["median_s"]
-        rows.append(_row(case, "exact", "torch", macs, t_exact, t_exact))
+        fns, rounds_of = {("exact", "torch"): exact}, {}
         for backend, reason in status.items():
             for mult in multipliers:
                 if reason is None and backend == "reference" and macs > REFERENCE_MAC_LIMIT:
-                    why = f"skipped: {macs / 1e9:.1f} G MAC is too slow for the eager reference"
-                else:
-                    why = None if reason is None else f"skipped: {reason}"
-                if why:
-                    rows.append({"case": case, "multiplier": mult, "backend": backend, "macs": macs, "note": why})
+                    reason = f"{macs / 1e9:.1f} G MAC is too slow for the eager reference"
+                if reason is not None:
+                    rows.append({"case": case, "multiplier": mult, "backend": backend, "macs": macs,
+                                 "note": f"skipped: {reason}"})
                     continue
-                reps = 1 if backend == "reference" else repeat
-                t = time_fn(lambda: approx(mult, backend), dev, warmup=1, repeat=reps)["median_s"]
-                rows.append(_row(case, mult, backend, macs, t, t_exact))
-                if progress:
-                    r = rows[-1]
-                    print(f"{case:>20} {mult:>9} {backend:>9}: {r['G_MAC_per_s']:8.3f} G MAC/s "
-                          f"({r['ratio_to_exact']:.1f}x exact)", flush=True)
-    return {"benchmark": "layers", "batches": list(batches), "gemm_size": gemm_size, "results": rows}
-
-
-def _row(case: str, multiplier: str, backend: str, macs: int, seconds: float, exact_seconds: float) -> dict:
-    return {"case": case, "multiplier": multiplier, "backend": backend, "macs": macs, "median_s": seconds,
-            "G_MAC_per_s": macs / seconds / 1e9, "ratio_to_exact": seconds / exact_seconds}
+                fns[(mult, backend)] = functools.partial(approx, mult, backend)
+                if backend == "reference":
+                    rounds_of[(mult, backend)] = 1
+        timed = compare(fns, dev, ("exact", "torch"), rounds=rounds, rounds_of=rounds_of)
+        for (mult, backend), r in timed.items():
+            rows.append({"case": case, "multiplier": mult, "backend": backend, "macs": macs, **r,
+                         "G_MAC_per_s": macs / r["median_s"] / 1e9})
+            if progress:
+                print(f"{case:>20} {mult:>9} {backend:>9}: {rows[-1]['G_MAC_per_s']:8.3f} G MAC/s "
+                      f"({r['ratio_to_exact']:5.1f}x exact)", flush=True)
+    return {"benchmark": "layers", "batches": list(batches), "gemm_size": gemm_size, "rounds": rounds,
+            "results": rows}

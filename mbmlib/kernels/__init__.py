@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from ..multipliers import Multiplier
+from ..multipliers import Multiplier, split_operand
 
 BACKENDS = ("reference", "compiled", "triton")
 ENV_VAR = "MBMLIB_BACKEND"
@@ -80,9 +80,15 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int], padding: t
     B = x.shape[0]
     O, Cg, kh, kw = w.shape
     Ho, Wo = output_size(x.shape[2:], (kh, kw), stride, padding, dilation)
-    a = im2col(x, (kh, kw), stride, padding, dilation, groups)  # (G, B*L, kh*kw*Cg)
-    b = w.view(groups, O // groups, Cg, kh, kw).permute(0, 1, 3, 4, 2).reshape(groups, O // groups, -1)
-    out = module.bmm_nt(a, b, multiplier)  # (G, B*L, O/G)
+    wk = w.view(groups, O // groups, Cg, kh, kw).permute(0, 1, 3, 4, 2).reshape(groups, O // groups, -1)  # im2col order
+    patches = functools.partial(im2col, kernel_size=(kh, kw), stride=stride, padding=padding, dilation=dilation,
+                                groups=groups)  # (B, C, H, W) -> (G, B*L, kh*kw*Cg)
+    if multiplier.is_exact:
+        out = module.bmm_nt(patches(x), wk, multiplier)
+    else:
+        sx, mx = split_operand(x, multiplier)
+        out = module.bmm_nt_split(patches(sx), patches(mx), *split_operand(wk, multiplier), multiplier)
+    # out: (G, B*L, O/G)
     return out.view(groups, B, Ho * Wo, O // groups).permute(1, 0, 3, 2).reshape(B, O, Ho, Wo).contiguous()
 
 

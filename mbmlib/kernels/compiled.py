@@ -32,21 +32,11 @@ def _fused_bmm_nt(sa, ma, sb, mb, multiplier: Multiplier):
     return ((sa[:, :, None, :] * sb[:, None, :, :]) * (g * 2.0**-MANT_BITS)).sum(-1)
 
 
-def _split_both(a, b, multiplier: Multiplier):
-    return (*split_operand(a, multiplier), *split_operand(b, multiplier))
-
-
 @functools.lru_cache(maxsize=None)
-def _kernels(multiplier: Multiplier):
-    """(split, reduce) compiled once per multiplier, every shape dynamic.
-
-    The operand split is compiled on its own: inside the reduction graph
-    inductor would recompute it for every product instead of once per operand.
-    """
-    split = torch.compile(functools.partial(_split_both, multiplier=multiplier), dynamic=True, fullgraph=True)
-    reduce = torch.compile(functools.partial(_fused_bmm_nt, multiplier=multiplier), dynamic=True,
-                           fullgraph=True, options=_INDUCTOR_OPTIONS)
-    return split, reduce
+def _kernel(multiplier: Multiplier):
+    """The fused reduction, compiled once per multiplier with every shape dynamic."""
+    fn = functools.partial(_fused_bmm_nt, multiplier=multiplier)
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
 
 
 _fallback_reason: str | None = None
@@ -65,16 +55,21 @@ def _warn_fallback(err: Exception) -> None:
         )
 
 
+def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Tensor,
+                 multiplier: Multiplier) -> torch.Tensor:
+    """Approximate ``a @ b.T`` from split operands (see :func:`split_operand`): (G, M, K), (G, N, K)."""
+    if _fallback_reason is not None:
+        return reference.bmm_nt_split(sa, ma, sb, mb, multiplier)
+    try:
+        with torch._dynamo.config.patch(_DYNAMO_LIMITS):
+            return _kernel(multiplier)(sa, ma, sb, mb)
+    except Exception as err:  # compilation failed: no compiler, unsupported platform, ...
+        _warn_fallback(err)
+        return reference.bmm_nt_split(sa, ma, sb, mb, multiplier)
+
+
 def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
     """Batched approximate ``a @ b.T``: a (G, M, K), b (G, N, K) -> (G, M, N), float32 sums."""
     if multiplier.is_exact:
         return torch.bmm(a, b.transpose(1, 2))
-    if _fallback_reason is not None:
-        return reference.bmm_nt(a, b, multiplier)
-    try:
-        split, reduce = _kernels(multiplier)
-        with torch._dynamo.config.patch(_DYNAMO_LIMITS):
-            return reduce(*split(a, b))
-    except Exception as err:  # compilation failed: no compiler, unsupported platform, ...
-        _warn_fallback(err)
-        return reference.bmm_nt(a, b, multiplier)
+    return bmm_nt_split(*split_operand(a, multiplier), *split_operand(b, multiplier), multiplier)

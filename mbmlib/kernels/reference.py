@@ -37,18 +37,22 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier,
     """
     if multiplier.is_exact:
         return torch.bmm(a, b.transpose(1, 2))
-    G, M, K = a.shape
-    N = b.shape[1]
-    sa, ma = split_operand(a, multiplier)  # (G, M, K)
-    sb, mb = split_operand(b, multiplier)  # (G, N, K)
-    out = torch.empty(G, M, N, dtype=torch.float32, device=a.device)
+    return bmm_nt_split(*split_operand(a, multiplier), *split_operand(b, multiplier), multiplier, memory_budget)
+
+
+def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Tensor, multiplier: Multiplier,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """:func:`bmm_nt` from split operands (scale, mantissa): (G, M, K), (G, N, K) -> (G, M, N)."""
+    G, M, K = sa.shape
+    N = sb.shape[1]
+    out = torch.empty(G, M, N, dtype=torch.float32, device=sa.device)
     row_bytes = K * N * _BYTES_PER_PRODUCT
     rows = max(1, min(M, memory_budget // max(1, row_bytes)))
     k_step = K if row_bytes <= memory_budget else max(1, memory_budget // (N * _BYTES_PER_PRODUCT))
     for g in range(G):
         for m0 in range(0, M, rows):
             m1 = min(M, m0 + rows)
-            acc = torch.zeros(m1 - m0, N, dtype=torch.float32, device=a.device)
+            acc = torch.zeros(m1 - m0, N, dtype=torch.float32, device=sa.device)
             for k0 in range(0, K, k_step):
                 k1 = min(K, k0 + k_step)
                 p = products(sa[g, m0:m1, None, k0:k1], ma[g, m0:m1, None, k0:k1],
