@@ -29,10 +29,81 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    from .multipliers import MAX_TRUNCATION
+
+    p = sub.add_parser(
+        "train", help="train a model on MNIST with an approximate multiplier",
+        description="Train / validate / test a small CNN on MNIST with every multiplication approximate. "
+                    "Writes results/runs/<run-name>/ (config.json, metrics.json, history.csv, checkpoint.pt). "
+                    "Under `torchrun --nproc-per-node N` it trains with DistributedDataParallel.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and arithmetic")
+    g.add_argument("--preset", choices=["seed"], default=None,
+                   help="'seed': the original experiment (SeedNet, batch 16, Adam lr 3e-3, StepLR(7, 0.1), "
+                        "stratified 80/20 split with seed 123); explicit options override it")
+    g.add_argument("--model", default=None, help="seednet, lenet5 or example (default: seednet)")
+    g.add_argument("--multiplier", default=None,
+                   help=f"exact, mitchell, mbm, or with truncation mbm-t16 / mitchell-t8 (t = 0..{MAX_TRUNCATION}); "
+                        "default: mbm")
+    g.add_argument("--backward", choices=["exact", "approx"], default=None,
+                   help="gradient products exact (straight-through) or approximate too (default: exact)")
+    g.add_argument("--exact-linear", dest="approx_linear", action="store_false", default=None,
+                   help="keep the linear layers exact (only convolutions approximate)")
+    g.add_argument("--backend", choices=["auto", "reference", "compiled", "triton"], default=None,
+                   help="kernel backend (default: auto, or env MBMLIB_BACKEND)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default: 1)")
+    g.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: 16)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3)")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default=None, help="optimiser (default: adam)")
+    g.add_argument("--step-size", type=int, default=None, help="StepLR step size in epochs (default: 7)")
+    g.add_argument("--gamma", type=float, default=None, help="StepLR decay factor (default: 0.1)")
+    g.add_argument("--seed", type=int, default=None, help="seed for initialisation, shuffling, dropout (default: 0)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in total")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=None,
+                   help="torchvision-style root holding MNIST/raw/ (default: env MBMLIB_DATA, else ./data)")
+    g.add_argument("--data-csv", default=None, help="train from a Kaggle-style CSV (label + 784 pixels) instead")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="use a stratified subset of this many training samples (default: all 48000)")
+    g.add_argument("--val-samples", type=int, default=None, help="stratified subset of the validation split")
+    g.add_argument("--test-samples", type=int, default=None, help="stratified subset of the test set")
+    g.add_argument("--split-seed", type=int, default=None, help="seed of the stratified split (default: 123)")
+    g = p.add_argument_group("run and output")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: auto)")
+    g.add_argument("--run-name", default=None,
+                   help="folder name under --results-dir (default: <model>-<multiplier>-<backward>-b<batch>-<runtime>)")
+    g.add_argument("--results-dir", default=None, help="where run folders go (default: results/runs)")
+    g.add_argument("--resume", action="store_true", default=None, help="continue the run from its last checkpoint")
+    g.add_argument("--log-interval", type=int, default=None, help="log the loss every N steps (default: 100)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar: one log line per epoch (for notebooks and logs)")
+    g.add_argument("--speed-ratio-steps", type=int, default=None,
+                   help="steps used to time the model against its exact twin at the end (0 = skip; default: 10)")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .train import TrainingDiverged, config_with_preset, train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "preset")}
+    if options.get("backend") == "auto":
+        options["backend"] = None
+    try:
+        cfg = config_with_preset(args.preset, **options)
+        train(cfg)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, TrainingDiverged) else 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mbmlib",
                                      description="Approximate-multiplier (MBM, Mitchell) tools for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
     _add_bench(sub)
     return parser
 

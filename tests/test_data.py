@@ -1,0 +1,432 @@
+"""MNIST loading (IDX and CSV), the stratified split and the in-memory batches."""
+import gzip
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mbmlib import data as D
+from mbmlib.data import (
+    MNIST_FILES,
+    MNISTNotFoundError,
+    batches,
+    data_root,
+    load_csv,
+    load_mnist,
+    num_batches,
+    prepare_mnist,
+    read_mnist,
+    shard,
+    stratified_split,
+    stratified_subset,
+)
+
+HERE = Path(__file__).resolve().parent
+SUBSET = HERE / "data"  # 50 train / 10 test images per digit, gzipped IDX (see data/make_subset.py)
+SMALL_CSV = SUBSET / "mnist_small.csv"  # the first 5 of each digit of that training subset
+REAL_ROOT = os.environ.get("MBMLIB_DATA")  # read before the fixture below clears it
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    """No test sees the caller's MBMLIB_DATA or writes into the caller's cache."""
+    monkeypatch.delenv("MBMLIB_DATA", raising=False)
+    monkeypatch.setenv("MBMLIB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def gz_root(tmp_path):
+    """A writable copy of the subset with only the .gz files, as downloaded."""
+    root = tmp_path / "root"
+    shutil.copytree(SUBSET / "MNIST", root / "MNIST")
+    return root
+
+
+@pytest.fixture
+def read_only_root(gz_root):
+    """The gz-only copy with its raw folder made read-only (no write bits), restored afterwards."""
+    raw = gz_root / "MNIST" / "raw"
+    raw.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    yield gz_root
+    raw.chmod(stat.S_IRWXU)
+
+
+def _unpack_all(raw: Path, remove_gz: bool) -> None:
+    """Unpack the four .gz files by hand (as a user would with gunzip)."""
+    for name in MNIST_FILES:
+        with gzip.open(raw / (name + ".gz"), "rb") as src:
+            (raw / name).write_bytes(src.read())
+        if remove_gz:
+            (raw / (name + ".gz")).unlink()
+
+
+def _no_download(monkeypatch):
+    """Make torchvision's download fail at once, as without network."""
+    from torchvision import datasets
+
+    def fail(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network in tests")
+
+    monkeypatch.setattr(datasets.MNIST, "download", fail)
+
+
+# ----------------------------------------------------------------------------- where the data lives
+
+
+def test_data_root_prefers_argument_then_env_then_dot_data(monkeypatch, tmp_path):
+    assert data_root() == Path("data")
+    monkeypatch.setenv("MBMLIB_DATA", str(tmp_path / "env"))
+    assert data_root() == tmp_path / "env"
+    assert data_root(tmp_path / "arg") == tmp_path / "arg"
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def test_gz_only_in_writable_folder_is_unpacked_in_place(gz_root):
+    assert prepare_mnist(gz_root) == gz_root
+    raw = gz_root / "MNIST" / "raw"
+    assert all((raw / name).is_file() for name in MNIST_FILES)
+    x, y = read_mnist(gz_root, train=True)
+    assert x.shape == (500, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (500,) and y.dtype == torch.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() == 1.0
+    assert torch.equal(torch.bincount(y), torch.full((10,), 50))
+    x_test, y_test = read_mnist(gz_root, train=False)
+    assert x_test.shape == (100, 1, 28, 28) and torch.equal(torch.bincount(y_test), torch.full((10,), 10))
+
+
+def test_unpacked_files_are_loaded_directly(gz_root, monkeypatch, tmp_path):
+    want = read_mnist(gz_root, train=True)
+    raw = gz_root / "MNIST" / "raw"
+    for name in MNIST_FILES:
+        (raw / name).unlink()
+    _unpack_all(raw, remove_gz=True)
+    monkeypatch.setattr(D, "_unpack", lambda *a: pytest.fail("nothing should be unpacked"))
+    got = read_mnist(gz_root, train=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not (tmp_path / "cache").exists()
+
+
+def test_read_only_folder_is_unpacked_into_the_cache(read_only_root, tmp_path):
+    raw = read_only_root / "MNIST" / "raw"
+    before = sorted(os.listdir(raw))
+    tv_root = prepare_mnist(read_only_root)
+    assert sorted(os.listdir(raw)) == before  # the read-only folder was not touched
+    assert tv_root.parent == tmp_path / "cache" and tv_root.name.startswith("mnist-")
+    assert all((tv_root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
+    x, y = read_mnist(read_only_root, train=True)
+    assert x.shape == (500, 1, 28, 28) and torch.equal(torch.bincount(y), torch.full((10,), 50))
+
+
+def test_cache_dir_argument_and_reuse_and_refresh(read_only_root, tmp_path, monkeypatch):
+    cache = tmp_path / "my-cache"
+    tv_root = prepare_mnist(read_only_root, cache_dir=cache)
+    assert tv_root.parent == cache
+    unpacked = []
+    real_unpack = D._unpack
+    monkeypatch.setattr(D, "_unpack", lambda gz, dest: (unpacked.append(dest.name), real_unpack(gz, dest)))
+    assert prepare_mnist(read_only_root, cache_dir=cache) == tv_root
+    assert unpacked == []  # fresh cache: reused as is
+    gz = read_only_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    cached = tv_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    os.utime(cached, (1, 1))  # the cached copy is now older than its .gz: unpack it again
+    prepare_mnist(read_only_root, cache_dir=cache)
+    assert unpacked == ["t10k-labels-idx1-ubyte"]
+    assert cached.stat().st_mtime >= gz.stat().st_mtime
+
+
+def test_two_read_only_sources_do_not_share_a_cache_folder(read_only_root, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(read_only_root, other)
+    assert prepare_mnist(read_only_root) != prepare_mnist(other)
+
+
+def test_missing_data_names_the_four_files_the_folder_and_the_env_var(tmp_path, monkeypatch):
+    _no_download(monkeypatch)
+    root = tmp_path / "empty"
+    with pytest.raises(MNISTNotFoundError) as info:
+        read_mnist(root)
+    message = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert str((root / "MNIST" / "raw").resolve()) in message
+    for name in MNIST_FILES:
+        assert f"{name}.gz   (missing)" in message
+    assert "MBMLIB_DATA" in message and "no network in tests" in message
+
+
+def test_partly_missing_data_marks_only_the_missing_files(gz_root, monkeypatch):
+    _no_download(monkeypatch)
+    (gz_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(MNISTNotFoundError) as info:
+        load_mnist(gz_root)
+    message = str(info.value)
+    assert "t10k-labels-idx1-ubyte.gz   (missing)" in message
+    assert "train-images-idx3-ubyte.gz   (missing)" not in message
+
+
+def test_download_false_never_downloads(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    monkeypatch.setattr(datasets.MNIST, "download", lambda self: pytest.fail("download was attempted"))
+    with pytest.raises(MNISTNotFoundError, match="download=False"):
+        prepare_mnist(tmp_path / "empty", download=False)
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def _write_csv(path: Path, header, rows) -> Path:
+    """A CSV file from a header list and rows of values."""
+    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _small_csv_table():
+    """The small CSV as (header, int rows)."""
+    header = SMALL_CSV.read_text().splitlines()[0].split(",")
+    rows = np.loadtxt(SMALL_CSV, delimiter=",", skiprows=1, dtype=np.int64)
+    return header, rows
+
+
+def test_csv_matches_the_idx_images_it_was_made_from(gz_root):
+    x, y = load_csv(SMALL_CSV)
+    assert x.shape == (50, 1, 28, 28) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and torch.equal(torch.bincount(y), torch.full((10,), 5))
+    x_idx, y_idx = read_mnist(gz_root)
+    first5 = torch.cat([torch.nonzero(y_idx == c).flatten()[:5] for c in range(10)]).sort().values
+    assert torch.equal(y, y_idx[first5]) and torch.equal(x, x_idx[first5])
+
+
+def test_csv_columns_in_another_order_give_the_same_tensors(tmp_path):
+    header, rows = _small_csv_table()
+    perm = np.random.default_rng(0).permutation(len(header))
+    path = _write_csv(tmp_path / "shuffled.csv", [header[i] for i in perm], rows[:, perm])
+    x, y = load_csv(path)
+    want_x, want_y = load_csv(SMALL_CSV)
+    assert torch.equal(x, want_x) and torch.equal(y, want_y)
+
+
+def test_unlabelled_csv(tmp_path):
+    header, rows = _small_csv_table()
+    path = _write_csv(tmp_path / "test.csv", header[1:], rows[:, 1:])
+    x, y = load_csv(path, require_label=False)
+    assert y is None and torch.equal(x, load_csv(SMALL_CSV)[0])
+    with pytest.raises(ValueError, match="no 'label' column"):
+        load_csv(path)
+
+
+def _bad_csvs(tmp_path):
+    """(name, path, expected message pattern) for each kind of malformed CSV."""
+    header, rows = _small_csv_table()
+    rows = rows[:3].copy()
+    out_of_range, bad_label = rows.copy(), rows.copy()
+    out_of_range[1, 300] = 256
+    bad_label[2, 0] = 10
+    renamed = list(header)
+    renamed[5] = "px4"
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("\n".join(SMALL_CSV.read_text().splitlines()[:3]) + "\n" + "1," * 10 + "1\n")
+    text = tmp_path / "text.csv"
+    text.write_text(SMALL_CSV.read_text().splitlines()[0] + "\n" + "seven," + ",".join(["0"] * 784) + "\n")
+    return [
+        ("too few columns", _write_csv(tmp_path / "few.csv", header[:-1], rows[:, :-1]), "784 columns, expected 785"),
+        ("no label", _write_csv(tmp_path / "nolabel.csv", header[1:] + ["x"], rows), "no 'label' column"),
+        ("renamed pixel", _write_csv(tmp_path / "renamed.csv", renamed, rows), r"missing \['pixel4'\]"),
+        ("pixel 256", _write_csv(tmp_path / "range.csv", header, out_of_range), "pixel values .* row 2"),
+        ("label 10", _write_csv(tmp_path / "label.csv", header, bad_label), "labels must be whole numbers in 0..9"),
+        ("header only", _write_csv(tmp_path / "header.csv", header, []), "no data rows"),
+        ("empty", empty, "empty"),
+        ("ragged row", ragged, "could not read the rows as 785 numbers"),
+        ("short rows", _write_csv(tmp_path / "short.csv", header, rows[:, :-2]), "rows have 783 values"),
+        ("text value", text, "could not read the rows"),
+    ]
+
+
+def test_bad_csvs_raise_value_errors_that_say_what_was_wrong(tmp_path):
+    for name, path, pattern in _bad_csvs(tmp_path):
+        with pytest.raises(ValueError, match=pattern) as info:
+            load_csv(path)
+        assert path.name in str(info.value), name
+
+
+# ----------------------------------------------------------------------------- stratified split
+
+
+def _random_labels(n: int, seed: int) -> np.ndarray:
+    """Unbalanced labels 0..9 (class c about (c + 1) times as common as class 0)."""
+    rng = np.random.default_rng(seed)
+    return rng.choice(10, size=n, p=np.arange(1, 11) / 55)
+
+
+def test_split_sizes_disjoint_and_complete():
+    labels = _random_labels(1003, seed=1)
+    train, val = stratified_split(labels)
+    assert (len(train), len(val)) == (802, 201)  # ceil(0.2 * 1003) to validation, as scikit-learn
+    assert train.dtype == val.dtype == torch.int64
+    both = torch.cat([train, val])
+    assert torch.equal(both.sort().values, torch.arange(1003))
+
+
+def test_split_keeps_class_proportions():
+    labels = _random_labels(5000, seed=2)
+    train, val = stratified_split(labels, val_fraction=0.2)
+    counts = np.bincount(labels, minlength=10)
+    val_counts = np.bincount(labels[val.numpy()], minlength=10)
+    assert np.all(np.abs(val_counts - 0.2 * counts) <= 1)
+    assert np.array_equal(np.bincount(labels[train.numpy()], minlength=10) + val_counts, counts)
+
+
+def test_split_is_deterministic_per_seed():
+    labels = torch.from_numpy(_random_labels(600, seed=3))
+    a, b = stratified_split(labels, seed=123), stratified_split(labels, seed=123)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(stratified_split(labels, seed=124)[1], a[1])
+
+
+@pytest.mark.parametrize("n, fraction, seed", [(60, 0.2, 123), (1003, 0.2, 123), (777, 0.35, 7), (5000, 0.1, 0)])
+def test_split_equals_scikit_learn_train_test_split(n, fraction, seed):
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    labels = _random_labels(n, seed=n)
+    want_train, want_val = model_selection.train_test_split(np.arange(n), test_size=fraction, stratify=labels,
+                                                            random_state=seed)
+    train, val = stratified_split(labels, val_fraction=fraction, seed=seed)
+    assert np.array_equal(train.numpy(), want_train) and np.array_equal(val.numpy(), want_val)
+
+
+def test_split_rejects_bad_arguments():
+    labels = _random_labels(100, seed=4)
+    for fraction in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="val_fraction"):
+            stratified_split(labels, val_fraction=fraction)
+    with pytest.raises(ValueError, match="at least one sample per class"):
+        stratified_split(np.arange(10) % 10, val_fraction=0.2)
+    with pytest.raises(ValueError, match="1-D"):
+        stratified_split(np.zeros((4, 2)))
+
+
+def test_subset_is_stratified_and_inside_the_labels():
+    labels = _random_labels(2000, seed=5)
+    idx = stratified_subset(labels, 300, seed=123)
+    assert len(idx) == 300 and len(set(idx.tolist())) == 300 and idx.max() < 2000
+    share = np.bincount(labels[idx.numpy()], minlength=10)
+    assert np.all(np.abs(share - 300 * np.bincount(labels, minlength=10) / 2000) <= 1)
+    with pytest.raises(ValueError, match="1..2000"):
+        stratified_subset(labels, 2001)
+
+
+# ----------------------------------------------------------------------------- load_mnist
+
+
+def test_load_mnist_splits_the_subset(gz_root):
+    d = load_mnist(gz_root)
+    assert d.sizes() == {"train": 400, "val": 100, "test": 100}
+    assert torch.equal(torch.bincount(d.y_val), torch.full((10,), 10))
+    x, y = read_mnist(gz_root)
+    assert torch.equal(d.x_train, x[d.train_idx]) and torch.equal(d.y_val, y[d.val_idx])
+    assert set(d.train_idx.tolist()).isdisjoint(d.val_idx.tolist())
+    assert d.train == (d.x_train, d.y_train) and d.x_train.device.type == "cpu"
+
+
+def test_load_mnist_short_run_subsets(gz_root):
+    d = load_mnist(gz_root, train_samples=50, val_samples=20, test_samples=30)
+    assert d.sizes() == {"train": 50, "val": 20, "test": 30}
+    assert torch.equal(torch.bincount(d.y_train), torch.full((10,), 5))
+    assert torch.equal(d.y_train, load_mnist(gz_root, train_samples=50).y_train)  # deterministic
+    assert set(d.train_idx.tolist()) <= set(load_mnist(gz_root).train_idx.tolist())
+    with pytest.raises(ValueError, match="1..400"):
+        load_mnist(gz_root, train_samples=401)
+
+
+def test_load_mnist_uses_env_root(gz_root, monkeypatch):
+    monkeypatch.setenv("MBMLIB_DATA", str(gz_root))
+    assert load_mnist().sizes()["train"] == 400
+
+
+def test_load_mnist_on_device(gz_root, device):
+    d = load_mnist(gz_root, train_samples=20, device=device)
+    assert all(t.device.type == device.type for t in (d.x_train, d.y_val, d.x_test, d.train_idx))
+
+
+@pytest.mark.skipif(not REAL_ROOT or not D._available(Path(REAL_ROOT) / "MNIST" / "raw"),
+                    reason="the full MNIST: set MBMLIB_DATA to a root holding MNIST/raw/")
+def test_full_mnist_sizes():
+    d = load_mnist(REAL_ROOT)
+    assert d.sizes() == {"train": 48000, "val": 12000, "test": 10000}
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _tensors(n: int):
+    """x whose single pixel is the sample's index, and y = index mod 10."""
+    x = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1)  # (N, 1, 1, 1)
+    return x, torch.arange(n) % 10
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("n, batch_size", [(10, 3), (12, 4), (1, 16), (17, 1)])
+def test_batches_cover_every_sample_once(n, batch_size, shuffle):
+    x, y = _tensors(n)
+    got = list(batches(x, y, batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(0)))
+    assert len(got) == num_batches(n, batch_size)
+    assert all(len(xb) == len(yb) <= batch_size for xb, yb in got)
+    seen = torch.cat([xb.flatten() for xb, _ in got]).long()
+    assert torch.equal(seen.sort().values, torch.arange(n))
+    assert all(torch.equal(yb, xb.flatten().long() % 10) for xb, yb in got)  # x and y stay paired
+
+
+def test_batches_drop_last_and_shuffle_determinism():
+    x, y = _tensors(10)
+    kept = list(batches(x, y, 3, drop_last=True))
+    assert [len(b[0]) for b in kept] == [3, 3, 3] and num_batches(10, 3, drop_last=True) == 3
+
+    def order(seed):
+        return torch.cat([xb.flatten() for xb, _ in batches(x, y, 4, shuffle=True,
+                                                              generator=torch.Generator().manual_seed(seed))])
+
+    assert torch.equal(order(1), order(1)) and not torch.equal(order(1), order(2))
+    assert not torch.equal(order(1), torch.arange(10.0))
+
+
+def test_batches_stay_on_the_tensors_device(device):
+    x, y = (t.to(device) for t in _tensors(9))
+    for xb, yb in batches(x, y, 4, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        assert xb.device == yb.device == x.device
+
+
+def test_batches_reject_mismatched_lengths():
+    with pytest.raises(ValueError, match="x has 5 samples but y has 4"):
+        next(batches(torch.zeros(5, 1), torch.zeros(4), 2))
+
+
+@pytest.mark.parametrize("n, world_size", [(10, 3), (12, 4), (2, 3)])
+def test_shards_are_equal_sized_and_cover_the_epoch(n, world_size):
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    shards = [shard(order, rank, world_size) for rank in range(world_size)]
+    assert len({len(s) for s in shards}) == 1
+    assert set(torch.cat(shards).tolist()) == set(range(n))
+    assert sum(len(s) for s in shards) - n < world_size  # padding only fills the last round
+    dropped = [shard(order, rank, world_size, pad=False) for rank in range(world_size)]
+    flat = torch.cat(dropped).tolist()
+    assert len(flat) == len(set(flat)) == n - n % world_size
+
+
+def test_ranks_batch_disjoint_shards_of_one_permutation():
+    x, y = _tensors(20)
+    seen = []
+    for rank in range(2):
+        gen = torch.Generator().manual_seed(7)  # every rank seeds alike
+        seen.append(torch.cat([xb.flatten() for xb, _ in batches(x, y, 3, True, gen, rank=rank, world_size=2)]))
+        assert len(list(batches(x, y, 3, True, gen, rank=rank, world_size=2))) == num_batches(20, 3, world_size=2)
+    assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
+    assert set(seen[0].tolist()) | set(seen[1].tolist()) == set(range(20))
+    with pytest.raises(ValueError, match="rank"):
+        shard(torch.arange(4), 2, 2)
