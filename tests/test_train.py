@@ -1,0 +1,162 @@
+"""The trainer and the train CLI on the repo's small MNIST subset (tests/data)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mbmlib import cli, store
+from mbmlib import data as mdata
+from mbmlib.train import TrainingDiverged, config_with_preset, train
+
+TEST_DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).parent.parent
+
+
+def small_config(tmp_path, **kw):
+    opts = dict(preset="seed", data_dir=str(TEST_DATA), train_samples=64, val_samples=40, test_samples=40,
+                results_dir=str(tmp_path / "runs"), progress=False, log_interval=2, speed_ratio_steps=0,
+                multiplier="exact", run_name="t")
+    opts.update(kw)
+    return config_with_preset(opts.pop("preset"), **opts)
+
+
+def read_history(run_dir):
+    import csv
+
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_results_and_logs_original_format(tmp_path, capsys):
+    metrics = train(small_config(tmp_path, multiplier="mbm", epochs=2, speed_ratio_steps=2))
+    out = capsys.readouterr().out
+    assert "Train Epoch: 1 [32/64 (50%)] Loss:" in out
+    run = tmp_path / "runs" / "t"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "finished" and len(m["epochs"]) == 2
+    assert m["runtime"]["device_name"] and m["runtime"]["torch"] == torch.__version__
+    assert 0 <= m["final"]["val_accuracy"] <= 100 and m["final"]["samples_per_s"] > 0
+    assert m["final"]["speed"]["approx_to_exact_time_per_sample"] > 0
+    assert json.loads((run / "config.json").read_text())["multiplier"] == "mbm"
+    hist = read_history(run)
+    assert len(hist) == 8 and [int(r["step"]) for r in hist] == list(range(1, 9))
+    assert (run / "checkpoint.pt").exists()
+    assert metrics["final"] == m["final"]
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    straight = train(small_config(tmp_path, epochs=2, run_name="straight"))
+    train(small_config(tmp_path, epochs=1, run_name="resumed"))
+    resumed = train(small_config(tmp_path, epochs=2, run_name="resumed", resume=True))
+    a = [float(r["loss"]) for r in read_history(tmp_path / "runs" / "straight")]
+    b = [float(r["loss"]) for r in read_history(tmp_path / "runs" / "resumed")]
+    assert len(a) == len(b) == 8
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert resumed["final"]["val_accuracy"] == pytest.approx(straight["final"]["val_accuracy"])
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(small_config(tmp_path, resume=True, run_name="never-ran"))
+
+
+def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
+    real = mdata.load_mnist
+
+    def poisoned(*args, **kwargs):
+        d = real(*args, **kwargs)
+        d.x_train[:] = float("nan")
+        return d
+
+    monkeypatch.setattr(mdata, "load_mnist", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 1, step 1"):
+        train(small_config(tmp_path))
+    m = json.loads((tmp_path / "runs" / "t" / "metrics.json").read_text())
+    assert m["status"] == "diverged" and "nan" in m["error"]
+
+
+def test_max_steps_and_bad_config(tmp_path):
+    m = train(small_config(tmp_path, epochs=3, max_steps=5))
+    assert m["global_step"] == 5 and m["stopped_at_max_steps"]
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        small_config(tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="valid presets"):
+        config_with_preset("nope")
+    with pytest.raises(ValueError, match="valid truncations"):
+        small_config(tmp_path, multiplier="mbm-t99")
+    with pytest.raises(ValueError, match="valid names"):
+        small_config(tmp_path, multiplier="booth")
+
+
+def test_csv_training(tmp_path):
+    m = train(small_config(tmp_path, data_csv=str(TEST_DATA / "mnist_small.csv"), train_samples=None,
+                           val_samples=None, test_samples=None))
+    assert m["status"] == "finished" and m["final"]["test_accuracy"] is None
+
+
+def test_atomic_write_keeps_old_file_when_killed_midway(tmp_path):
+    path = tmp_path / "metrics.json"
+    store.write_json(path, {"ok": 1})
+
+    def half_then_die(f):
+        f.write('{"partial": ')
+        raise KeyboardInterrupt  # as a kill during the write
+
+    with pytest.raises(KeyboardInterrupt):
+        store.atomic_write(path, half_then_die)
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_cli_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    parser = cli.build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    for action in train_parser._actions:
+        for opt in action.option_strings:
+            assert opt in text
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help text"
+
+
+def test_cli_missing_data_says_which_files(tmp_path, capsys, monkeypatch):
+    from torchvision import datasets
+
+    def offline(self):
+        raise RuntimeError("no network in tests")
+
+    monkeypatch.setattr(datasets.MNIST, "download", offline)
+    code = cli.main(["train", "--data-dir", str(tmp_path / "nothing"), "--multiplier", "exact",
+                     "--results-dir", str(tmp_path / "runs"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train-images-idx3-ubyte.gz" in err and str(tmp_path / "nothing") in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_matches_single_process_loss_scale(tmp_path):
+    common = ["--preset", "seed", "--multiplier", "exact", "--data-dir", str(TEST_DATA), "--train-samples", "128",
+              "--val-samples", "40", "--test-samples", "40", "--epochs", "1", "--no-progress",
+              "--speed-ratio-steps", "0", "--results-dir", str(tmp_path / "runs")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    single = subprocess.run([sys.executable, "-m", "mbmlib", "train", *common, "--run-name", "single"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29533", "-m", "mbmlib", "train", *common, "--run-name", "ddp"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    m1 = json.loads((tmp_path / "runs" / "single" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "runs" / "ddp" / "metrics.json").read_text())
+    assert m2["world_size"] == 2 and m2["status"] == "finished"
+    assert m2["epochs"][0]["samples"] == 128  # the two shards cover the training set once
+    l1, l2 = m1["epochs"][0]["train_loss"], m2["epochs"][0]["train_loss"]
+    assert 0.5 < l2 / l1 < 2.0, (l1, l2)
+    assert ddp.stdout.count("finished:") == 1  # only rank 0 reports and writes
