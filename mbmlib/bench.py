@@ -11,7 +11,6 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -25,34 +24,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeat: int = 5,
-            min_time: float = 0.0) -> dict:
-    """Median / min wall time (s) of ``fn()`` after ``warmup`` calls; at least ``repeat`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeat or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
-
-
 def bench_elementwise(n: int = 10_000_000, device: str = "auto", repeat: int = 7) -> dict:
-    """Time ``mbm_mul`` / ``mitchell_mul`` on ``n`` elements against ``torch.mul``."""
+    """Time ``mitchell_mul`` / ``mbm_mul`` on ``n`` elements against ``torch.mul``, interleaved."""
     dev = runtime.resolve_device(device)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, generator=gen).to(dev)
     b = torch.randn(n, generator=gen).to(dev)
-    results = {"torch.mul": time_fn(lambda: torch.mul(a, b), dev, repeat=repeat)}
+    fns = {"torch.mul": functools.partial(torch.mul, a, b)}
     for name in ("mitchell", "mbm"):
-        results[f"{name}_mul"] = time_fn(lambda: approx_mul(a, b, name), dev, repeat=repeat)
-    base = results["torch.mul"]["median_s"]
+        fns[f"{name}_mul"] = functools.partial(approx_mul, a, b, name)
+    results = compare(fns, dev, "torch.mul", rounds=repeat)
     for r in results.values():
-        r["ratio_to_torch_mul"] = r["median_s"] / base
+        r["ratio_to_torch_mul"] = r.pop("ratio_to_exact")
         r["G_elements_per_s"] = n / r["median_s"] / 1e9
     return {"benchmark": "elementwise", "n": n, "results": results}
 

@@ -13,7 +13,13 @@ def _add_bench(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--out", default="results/bench", help="output folder (default: results/bench)")
     p.add_argument("--elements", type=int, default=10_000_000, help="elementwise benchmark size (default: 1e7)")
-    p.add_argument("--repeat", type=int, default=5, help="timed repetitions per case; the median is kept")
+    p.add_argument("--repeat", type=int, default=5, help="elementwise: timed repetitions; the median is kept")
+    p.add_argument("--batches", type=int, nargs="+", default=[16, 128], help="layers: batch sizes (default: 16 128)")
+    p.add_argument("--gemm-size", type=int, default=2048, help="layers: size of the square GEMM, 0 to skip")
+    p.add_argument("--rounds", type=int, default=5, help="layers: interleaved timing rounds; medians are kept")
+    p.add_argument("--multipliers", nargs="+", default=["mitchell", "mbm"], help="layers: multipliers to time")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="layers: backends to time (default: every one usable on the device)")
     p.set_defaults(func=_run_bench)
 
 
@@ -26,6 +32,10 @@ def _run_bench(args) -> int:
         for name, r in report["results"].items():
             print(f"{name:>14}: {r['median_s'] * 1e3:8.2f} ms  ({r['ratio_to_torch_mul']:.2f}x torch.mul)")
         print(f"wrote {path}")
+    if args.what in ("all", "layers"):
+        report = bench.bench_layers(args.device, tuple(args.batches), args.gemm_size, tuple(args.multipliers),
+                                    args.backends, args.rounds)
+        print(f"wrote {bench.save_report(bench.stamp(report, args.device), args.out)}")
     return 0
 
 
