@@ -19,3 +19,17 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory):
+    """A torchvision-style root with the repo's MNIST subset (.gz only), so loading never writes into tests/data."""
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (Path(__file__).parent / "data" / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(gz, raw / gz.name)
+    return root

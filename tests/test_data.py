@@ -42,7 +42,7 @@ def _isolated_env(monkeypatch, tmp_path):
 def gz_root(tmp_path):
     """A writable copy of the subset with only the .gz files, as downloaded."""
     root = tmp_path / "root"
-    shutil.copytree(SUBSET / "MNIST", root / "MNIST")
+    shutil.copytree(SUBSET / "MNIST", root / "MNIST", ignore=lambda folder, names: [n for n in names if n.endswith("-ubyte")])
     return root
 
 

@@ -16,12 +16,18 @@ TEST_DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent
 
 
-def small_config(tmp_path, **kw):
-    opts = dict(preset="seed", data_dir=str(TEST_DATA), train_samples=64, val_samples=40, test_samples=40,
-                results_dir=str(tmp_path / "runs"), progress=False, log_interval=2, speed_ratio_steps=0,
-                multiplier="exact", run_name="t")
-    opts.update(kw)
-    return config_with_preset(opts.pop("preset"), **opts)
+@pytest.fixture
+def small_config(tmp_path, mnist_root):
+    """Config factory: a few SeedNet steps on the MNIST subset, results under tmp_path/runs."""
+
+    def make(**kw):
+        opts = dict(preset="seed", data_dir=str(mnist_root), train_samples=64, val_samples=40, test_samples=40,
+                    results_dir=str(tmp_path / "runs"), progress=False, log_interval=2, speed_ratio_steps=0,
+                    multiplier="exact", run_name="t")
+        opts.update(kw)
+        return config_with_preset(opts.pop("preset"), **opts)
+
+    return make
 
 
 def read_history(run_dir):
@@ -31,8 +37,8 @@ def read_history(run_dir):
         return list(csv.DictReader(f))
 
 
-def test_run_writes_results_and_logs_original_format(tmp_path, capsys):
-    metrics = train(small_config(tmp_path, multiplier="mbm", epochs=2, speed_ratio_steps=2))
+def test_run_writes_results_and_logs_original_format(tmp_path, capsys, small_config):
+    metrics = train(small_config(multiplier="mbm", epochs=2, speed_ratio_steps=2))
     out = capsys.readouterr().out
     assert "Train Epoch: 1 [32/64 (50%)] Loss:" in out
     run = tmp_path / "runs" / "t"
@@ -49,10 +55,10 @@ def test_run_writes_results_and_logs_original_format(tmp_path, capsys):
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path):
-    straight = train(small_config(tmp_path, epochs=2, run_name="straight"))
-    train(small_config(tmp_path, epochs=1, run_name="resumed"))
-    resumed = train(small_config(tmp_path, epochs=2, run_name="resumed", resume=True))
+def test_resume_continues_the_same_loss_curve(tmp_path, small_config):
+    straight = train(small_config(epochs=2, run_name="straight"))
+    train(small_config(epochs=1, run_name="resumed"))
+    resumed = train(small_config(epochs=2, run_name="resumed", resume=True))
     a = [float(r["loss"]) for r in read_history(tmp_path / "runs" / "straight")]
     b = [float(r["loss"]) for r in read_history(tmp_path / "runs" / "resumed")]
     assert len(a) == len(b) == 8
@@ -60,12 +66,12 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert resumed["final"]["val_accuracy"] == pytest.approx(straight["final"]["val_accuracy"])
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, small_config):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(small_config(tmp_path, resume=True, run_name="never-ran"))
+        train(small_config(resume=True, run_name="never-ran"))
 
 
-def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
+def test_nan_loss_stops_with_message(tmp_path, monkeypatch, small_config):
     real = mdata.load_mnist
 
     def poisoned(*args, **kwargs):
@@ -75,26 +81,26 @@ def test_nan_loss_stops_with_message(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mdata, "load_mnist", poisoned)
     with pytest.raises(TrainingDiverged, match="loss became nan at epoch 1, step 1"):
-        train(small_config(tmp_path))
+        train(small_config())
     m = json.loads((tmp_path / "runs" / "t" / "metrics.json").read_text())
     assert m["status"] == "diverged" and "nan" in m["error"]
 
 
-def test_max_steps_and_bad_config(tmp_path):
-    m = train(small_config(tmp_path, epochs=3, max_steps=5))
+def test_max_steps_and_bad_config(tmp_path, small_config):
+    m = train(small_config(epochs=3, max_steps=5))
     assert m["global_step"] == 5 and m["stopped_at_max_steps"]
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        small_config(tmp_path, batch_size=0)
+        small_config(batch_size=0)
     with pytest.raises(ValueError, match="valid presets"):
         config_with_preset("nope")
     with pytest.raises(ValueError, match="valid truncations"):
-        small_config(tmp_path, multiplier="mbm-t99")
+        small_config(multiplier="mbm-t99")
     with pytest.raises(ValueError, match="valid names"):
-        small_config(tmp_path, multiplier="booth")
+        small_config(multiplier="booth")
 
 
-def test_csv_training(tmp_path):
-    m = train(small_config(tmp_path, data_csv=str(TEST_DATA / "mnist_small.csv"), train_samples=None,
+def test_csv_training(tmp_path, small_config):
+    m = train(small_config(data_csv=str(TEST_DATA / "mnist_small.csv"), train_samples=None,
                            val_samples=None, test_samples=None))
     assert m["status"] == "finished" and m["final"]["test_accuracy"] is None
 
@@ -141,8 +147,8 @@ def test_cli_missing_data_says_which_files(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_matches_single_process_loss_scale(tmp_path):
-    common = ["--preset", "seed", "--multiplier", "exact", "--data-dir", str(TEST_DATA), "--train-samples", "128",
+def test_torchrun_two_processes_matches_single_process_loss_scale(tmp_path, mnist_root):
+    common = ["--preset", "seed", "--multiplier", "exact", "--data-dir", str(mnist_root), "--train-samples", "128",
               "--val-samples", "40", "--test-samples", "40", "--epochs", "1", "--no-progress",
               "--speed-ratio-steps", "0", "--results-dir", str(tmp_path / "runs")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
