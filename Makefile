@@ -20,5 +20,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m mbmlib bench
 
+# The main job: the demo sweep (exact, mitchell, mbm on SeedNet, shortened runs) and the comparison notebook.
+demo: $(STAMP)
+	$(PY) -m mbmlib sweep experiments/demo.yaml
+	@echo "figures: $$(pwd)/results/figures/"
+
 clean:
 	rm -rf $(VENV) .pytest_cache
