@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .experiments import add_report_parser, add_sweep_parser
+
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure throughput on this machine and write JSON to results/bench/",
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_bench(sub)
+    add_sweep_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

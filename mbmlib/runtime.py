@@ -35,7 +35,8 @@ def cpu_name() -> str:
 
 
 def on_colab() -> bool:
-    return "google.colab" in sys.modules
+    """True on Colab, also in kernels papermill starts there (they inherit Colab's environment)."""
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 
 
 def _triton_version() -> str | None:

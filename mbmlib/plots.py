@@ -1,0 +1,477 @@
+"""Figures for runs, benchmarks and multiplier errors, saved as PNG files.
+
+Every function draws on its own :class:`matplotlib.figure.Figure` with the Agg
+canvas (no pyplot state, no display needed, safe inside notebooks whatever
+their backend), writes the PNG atomically and returns its path.  Notebooks show
+the file with ``IPython.display.Image``.  Needs matplotlib and pandas (the
+``notebooks`` extra).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .store import atomic_write
+
+__all__ = [
+    "save_figure",
+    "run_labels",
+    "loss_curves",
+    "run_epochs",
+    "accuracy_bars",
+    "epoch_time_bars",
+    "layer_throughput",
+    "runtime_throughput",
+    "elementwise_bars",
+    "error_maps",
+    "error_histograms",
+    "comparison_figures",
+]
+
+DPI = 120
+_MULT_COLORS = {"exact": "#4d4d4d", "mitchell": "#e66101", "mbm": "#1f78b4"}
+
+
+def _figure(width: float = 9.0, height: float = 5.0) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (atomically) and return the path."""
+    path = Path(path)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI), mode="wb")
+
+
+_EXTRA_COLORS = ("#33a02c", "#6a3d9a", "#b15928", "#e31a1c", "#a6761d", "#1b9e77", "#e7298a", "#666666")
+
+
+def _mult_colors(names: Iterable[str]) -> dict:
+    """Fixed colours for exact / mitchell / mbm; other multipliers (e.g. mbm-t16) take distinct ones in order."""
+    colors, extra = {}, 0
+    for name in names:
+        name = str(name)
+        if name in _MULT_COLORS:
+            colors[name] = _MULT_COLORS[name]
+        elif name not in colors:
+            colors[name] = _EXTRA_COLORS[extra % len(_EXTRA_COLORS)]
+            extra += 1
+    return colors
+
+
+def _pct(v: float) -> str:
+    """A signed percentage that never reads -0.00%."""
+    return "0%" if abs(v) < 0.005 else f"{v:+.2f}%"
+
+
+def _empty(fig: Figure, message: str) -> None:
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12)
+    ax.set_axis_off()
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_labels(runs: pd.DataFrame) -> dict:
+    """Legend label per run: multiplier, backward mode and device, made unique with the run name if needed."""
+    labels = {}
+    for _, r in runs.iterrows():
+        back = "" if r.get("backward") in (None, "exact") else f", {r.get('backward')} backward"
+        labels[r["run"]] = f"{r.get('multiplier')}{back} – {r.get('runtime')}"
+    counts = pd.Series(list(labels.values())).value_counts()
+    for run, label in labels.items():
+        if counts[label] > 1:
+            labels[run] = f"{label} [{run}]"
+    return labels
+
+
+def _smooth(values: np.ndarray, span: int) -> np.ndarray:
+    return pd.Series(values).ewm(span=max(1, span), adjust=True).mean().to_numpy()
+
+
+def loss_curves(history: pd.DataFrame, path: str | Path, labels: Optional[Mapping[str, str]] = None,
+                smooth: Optional[int] = None, title: str = "Training loss", log_y: bool = False) -> Path:
+    """Loss per step of several runs overlaid: smoothed lines, the raw loss faint behind them.
+
+    ``history`` is long format (columns ``run``, ``step``, ``loss``), as from
+    :func:`mbmlib.report.load_runs`; ``labels`` maps run -> legend label;
+    ``smooth`` is the EMA span in steps (default: 1/15 of the longest run, between 3 and 100).
+    """
+    fig = _figure()
+    if history.empty:
+        _empty(fig, "no training history found")
+        return save_figure(fig, path)
+    ax = fig.add_subplot()
+    longest = int(history.groupby("run").size().max())
+    span = smooth if smooth is not None else min(100, max(3, longest // 15))
+    for i, (run, h) in enumerate(history.sort_values("step").groupby("run", sort=True)):
+        label = (labels or {}).get(run, run)
+        steps, loss = h["step"].to_numpy(float), h["loss"].to_numpy(float)
+        color = f"C{i % 10}"
+        ax.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _smooth(loss, span), color=color, linewidth=1.8, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("training step (mini-batches)")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(f"{title}\n(lines: exponential moving average over {span} step(s); faint: raw loss per step)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    return save_figure(fig, path)
+
+
+def run_epochs(metrics: dict, path: str | Path) -> Path:
+    """One run's per-epoch train/validation loss and validation accuracy (from its ``metrics.json``)."""
+    epochs = [e for e in metrics.get("epochs") or [] if isinstance(e, dict)]
+    fig = _figure(10, 4.2)
+    name = metrics.get("run_name", "run")
+    if not epochs:
+        _empty(fig, f"{name}: no finished epoch")
+        return save_figure(fig, path)
+    x = [e["epoch"] for e in epochs]
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(x, [e["train_loss"] for e in epochs], "o-", label="training (mean over the epoch)")
+    ax1.plot(x, [e["val_loss"] for e in epochs], "s-", label="validation (end of epoch)")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy loss (nats)")
+    ax1.set_title("Loss per epoch")
+    ax1.legend(fontsize=8, loc="best")
+    ax1.margins(x=0.15, y=0.3)
+    acc = [e["val_accuracy"] for e in epochs]
+    ax2.plot(x, acc, "o-", color="C2", label="validation")
+    test = (metrics.get("final") or {}).get("test_accuracy")
+    if test is not None:
+        ax2.axhline(test, color="C3", linestyle="--", label=f"test, final model: {test:.2f}%")
+    for xi, a in zip(x, acc):
+        ax2.annotate(f"{a:.2f}%", (xi, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.set_ylim(0, 105)
+    ax2.set_title("Validation accuracy per epoch")
+    ax2.legend(fontsize=8, loc="best")
+    for ax in (ax1, ax2):
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    cfg, rt = metrics.get("config") or {}, metrics.get("runtime") or {}
+    from .report import runtime_name
+
+    fig.suptitle(f"{name}: {cfg.get('model')} with multiplier {cfg.get('multiplier')} "
+                 f"(backward {cfg.get('backward')}) on {runtime_name(rt)}")
+    return save_figure(fig, path)
+
+
+def accuracy_bars(runs: pd.DataFrame, path: str | Path, labels: Optional[Mapping[str, str]] = None) -> Path:
+    """Validation and test accuracy of every run as horizontal bars, values written on the bars."""
+    n = len(runs)
+    fig = _figure(9, max(2.8, 0.55 * n + 1.6))
+    if runs.empty:
+        _empty(fig, "no runs found")
+        return save_figure(fig, path)
+    labels = labels or run_labels(runs)
+    ax = fig.add_subplot()
+    y = np.arange(n)
+    h = 0.38
+    names = [labels.get(r, r) for r in runs["run"]]
+    for offset, col, label, color in ((-h / 2, "val_accuracy", "validation", "C0"),
+                                      (h / 2, "test_accuracy", "test", "C1")):
+        vals = runs[col].to_numpy(float)
+        bars = ax.barh(y + offset, np.nan_to_num(vals), height=h, label=label, color=color)
+        for bar, v in zip(bars, vals):
+            text = "n/a" if math.isnan(v) else f"{v:.2f}%"
+            ax.text(bar.get_width() + 0.5, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("accuracy (%)")
+    ax.set_title("Accuracy of the final model per run")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def _grouped_bars(ax, values: Mapping, groups: Sequence[str], series: Sequence[str],
+                  colors: Mapping[str, str], fmt: Optional[str], hatches: Optional[Mapping[str, str]] = None) -> None:
+    """Bars of ``values[(group, series)]``: groups on the x axis, one bar per series.
+
+    Values are written on the bars (``fmt``) unless there are too many bars to read them.
+    """
+    total = min(0.8, 0.25 * max(1, len(series)))
+    width = total / max(1, len(series))
+    x = np.arange(len(groups))
+    annotate = fmt is not None and len(groups) * len(series) <= 40
+    for i, s in enumerate(series):
+        vals = [values.get((g, s), math.nan) for g in groups]
+        bars = ax.bar(x - total / 2 + width * (i + 0.5), np.nan_to_num(vals), width, label=s, color=colors.get(s),
+                      hatch=(hatches or {}).get(s), edgecolor="white" if (hatches or {}).get(s) else None,
+                      linewidth=0)
+        for bar, v in zip(bars, vals):
+            if annotate and not math.isnan(v):
+                ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                            rotation=90 if len(series) > 3 else 0)
+    ax.set_xticks(x, groups)
+
+
+def epoch_time_bars(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Training throughput (samples/s) and mean epoch time (s), grouped by runtime and multiplier.
+
+    Several runs with the same runtime and multiplier are averaged.
+    """
+    fig = _figure(10, 4.8)
+    runs = runs[runs["samples_per_s"].notna()] if not runs.empty else runs
+    if runs.empty:
+        _empty(fig, "no timed runs found")
+        return save_figure(fig, path)
+    mults = sorted(runs["multiplier"].astype(str).unique(), key=lambda m: (m.split("-t")[0] != "exact", m))
+    rts = sorted(runs["runtime"].astype(str).unique())
+    ax1, ax2 = fig.subplots(1, 2)
+    colors = _mult_colors(mults)
+    grouped = runs.assign(multiplier=runs["multiplier"].astype(str), runtime=runs["runtime"].astype(str)) \
+        .groupby(["runtime", "multiplier"])
+    _grouped_bars(ax1, grouped["samples_per_s"].mean().to_dict(), rts, mults, colors, "{:.0f}")
+    ax1.set_ylabel("training throughput (samples/s)")
+    ax1.set_title("Training samples per second (higher is better)")
+    _grouped_bars(ax2, grouped["epoch_time_s"].mean().to_dict(), rts, mults, colors, "{:.1f}")
+    ax2.set_ylabel("mean epoch time (s)")
+    samples = sorted({int(s) for s in runs["samples"].dropna() / runs["epochs"].clip(lower=1)})
+    ax2.set_title("Epoch time (lower is better)\n"
+                  f"samples per epoch: {', '.join(map(str, samples[:4]))}{' ...' if len(samples) > 4 else ''}",
+                  fontsize=10)
+    for ax, col in ((ax1, "samples_per_s"), (ax2, "epoch_time_s")):
+        values = runs[col].dropna()
+        if len(values) and values.min() > 0 and values.max() / values.min() > 30:  # e.g. CPU next to GPU
+            ax.set_yscale("log")
+            label = ax.get_ylabel()
+            ax.set_ylabel(label[:-1] + ", log scale)" if label.endswith(")") else label + " (log scale)")
+        ax.margins(y=0.12)
+        ax.set_xlabel("runtime (device)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(title="multiplier", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("Training speed by runtime and multiplier")
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _method(row) -> str:
+    return "exact (torch)" if row["multiplier"] == "exact" else f"{row['multiplier']} ({row['backend']})"
+
+
+def layer_throughput(bench: pd.DataFrame, path: str | Path, title: Optional[str] = None) -> Path:
+    """Per-layer throughput (G MAC/s, log scale) and time relative to exact, for one benchmark run.
+
+    ``bench`` holds the ``layers`` rows of one runtime (from :func:`mbmlib.report.load_bench`
+    or built from a :func:`mbmlib.bench.bench_layers` report); skipped cases are left out.
+    Colour = multiplier, hatching = the slower backends.
+    """
+    timed = bench[bench["median_s"].notna()].copy() if not bench.empty else bench
+    fig = _figure(12, 8)
+    if timed.empty:
+        _empty(fig, "no timed layer cases")
+        return save_figure(fig, path)
+    timed["method"] = timed.apply(_method, axis=1)
+    cases = list(dict.fromkeys(timed["case"]))
+    backend_order = {"torch": 0, "triton": 1, "compiled": 2, "reference": 3}
+    methods = sorted(dict.fromkeys(timed["method"]), key=lambda m: (
+        not m.startswith("exact"), m.split(" ")[0], backend_order.get(m.split("(")[-1].rstrip(")"), 9)))
+    mult_of = dict(zip(timed["method"], timed["multiplier"].astype(str)))
+    backend_of = dict(zip(timed["method"], timed["backend"].astype(str)))
+    family = _mult_colors(mult_of[m] for m in methods)
+    palette = {m: family[mult_of[m]] for m in methods}
+    hatches = {m: {"reference": "////"}.get(backend_of[m])
+               for m in methods}
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    table = timed.set_index(["case", "method"])
+    _grouped_bars(ax1, table["G_MAC_per_s"].to_dict(), cases, methods, palette, "{:.2g}", hatches)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("throughput (G MAC/s, log scale)")
+    ax1.set_title("Throughput per layer (higher is better)")
+    ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="multiplier (backend)")
+    approx = [m for m in methods if not m.startswith("exact")]
+    _grouped_bars(ax2, table["ratio_to_exact"].to_dict(), cases, approx, palette, "{:.2g}", hatches)
+    ax2.axhline(1.0, color="#4d4d4d", linestyle="--", linewidth=1, label="exact = 1")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("time relative to exact (×, log scale)")
+    ax2.set_title("Time relative to the exact layer timed in the same rounds (lower is better)")
+    ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax2.set_xlabel("layer case (SeedNet layer @ batch size; gemmN: N×N by N×N matrix product)")
+    ax2.tick_params(axis="x", labelrotation=30, labelsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(axis="y", alpha=0.3, which="major")
+        ax.margins(y=0.25)
+    runtime = timed["runtime"].iloc[0] if "runtime" in timed and timed["runtime"].notna().any() else ""
+    fig.suptitle(title or f"Exact vs approximate layers on {runtime}")
+    return save_figure(fig, path)
+
+
+def _seednet_totals(bench: pd.DataFrame) -> pd.DataFrame:
+    """Per runtime and multiplier: G MAC/s of a whole SeedNet forward pass at the largest common batch,
+    from the fastest backend (total MACs / total median time over the six layers)."""
+    rows = bench[(bench["benchmark"] == "layers") & bench["median_s"].notna()
+                 & bench["case"].astype(str).str.startswith("seednet.")].copy()
+    if rows.empty:
+        return pd.DataFrame(columns=["runtime", "multiplier", "backend", "batch", "G_MAC_per_s"])
+    rows["batch"] = rows["case"].str.extract(r"@b(\d+)$")[0].astype(float)
+    per_rt_batches = rows.groupby("runtime")["batch"].apply(set)
+    common = set.intersection(*per_rt_batches) if len(per_rt_batches) else set()
+    batch = max(common) if common else rows["batch"].max()
+    rows = rows[rows["batch"] == batch]
+    agg = rows.groupby(["runtime", "multiplier", "backend"]).agg(macs=("macs", "sum"), s=("median_s", "sum"),
+                                                                 layers=("case", "nunique")).reset_index()
+    agg = agg[agg["layers"] == agg["layers"].max()]
+    agg["G_MAC_per_s"] = agg["macs"] / agg["s"] / 1e9
+    best = agg.sort_values("G_MAC_per_s").groupby(["runtime", "multiplier"]).tail(1)
+    return best.assign(batch=int(batch))
+
+
+def runtime_throughput(bench: pd.DataFrame, path: str | Path) -> Path:
+    """SeedNet forward throughput (G MAC/s, log scale) per runtime and multiplier, fastest backend each."""
+    totals = _seednet_totals(bench) if not bench.empty else pd.DataFrame()
+    fig = _figure(10, 5)
+    if totals.empty:
+        _empty(fig, "no SeedNet layer benchmarks found")
+        return save_figure(fig, path)
+    rts = sorted(totals["runtime"].unique())
+    mults = sorted(totals["multiplier"].unique(), key=lambda m: (m != "exact", m))
+    ax = fig.add_subplot()
+    table = totals.set_index(["runtime", "multiplier"])["G_MAC_per_s"].to_dict()
+    _grouped_bars(ax, table, rts, mults, _mult_colors(mults), "{:,.4g}")
+    best = ", ".join(f"{m}: {b}" for m, b in totals.groupby("multiplier")["backend"].agg(
+        lambda s: "/".join(sorted(set(s)))).items())
+    ax.set_yscale("log")
+    ax.set_ylabel("SeedNet forward throughput (G MAC/s, log scale)")
+    ax.set_xlabel("runtime (device)")
+    ax.set_title(f"Whole SeedNet forward pass, batch {totals['batch'].iloc[0]}: six layers' MACs / their summed "
+                 f"time\nfastest backend per multiplier ({best})", fontsize=10)
+    ax.legend(title="multiplier", fontsize=8)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.margins(y=0.15)
+    fig.suptitle("Layer throughput by runtime")
+    return save_figure(fig, path)
+
+
+def elementwise_bars(bench: pd.DataFrame, path: str | Path) -> Path:
+    """Elementwise products per second (G/s) of torch.mul, Mitchell and MBM, per runtime."""
+    rows = bench[bench["benchmark"] == "elementwise"] if not bench.empty else bench
+    fig = _figure(9, 4.5)
+    if rows.empty:
+        _empty(fig, "no elementwise benchmark found")
+        return save_figure(fig, path)
+    rts = sorted(rows["runtime"].unique())
+    mults = sorted(rows["multiplier"].unique(), key=lambda m: (m != "exact", m))
+    ax = fig.add_subplot()
+    table = rows.groupby(["runtime", "multiplier"])["G_MAC_per_s"].mean().to_dict()
+    _grouped_bars(ax, table, rts, mults, _mult_colors(mults), "{:,.4g}")
+    ax.set_yscale("log")
+    ax.set_ylabel("elementwise products (G/s, log scale)")
+    ax.set_xlabel("runtime (device)")
+    ax.set_title("Elementwise multiply of float32 tensors (exact = torch.mul)")
+    ax.legend(title="multiplier", fontsize=8)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.margins(y=0.15)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- multiplier errors
+
+
+def error_maps(multipliers: Iterable[str], path: str | Path, bins: int = 256) -> Path:
+    """Heat maps of the relative error (%) over the mantissa grid, one panel per multiplier.
+
+    Axes are the operands' mantissa fractions x1, x2 in [0, 1) (operands 1 + x);
+    one diverging colour scale, centred on 0, is shared by all panels.
+    The dashed line x1 + x2 = 1 is where the mantissa sum carries.
+    """
+    from .multipliers import as_multiplier, error_map
+
+    names = [as_multiplier(m).name for m in multipliers]
+    maps = [error_map(m, bins) for m in names]
+    lo = min(float(e.min()) for _, e in maps)
+    hi = max(float(e.max()) for _, e in maps)
+    lim = max(abs(lo), abs(hi), 1e-9)
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+    fig = _figure(4.6 * len(names) + 1.2, 4.8)
+    axes = np.atleast_1d(fig.subplots(1, len(names), sharey=True))
+    image = None
+    for ax, name, (x, err) in zip(axes, names, maps):
+        image = ax.imshow(err.numpy(), origin="lower", extent=(0, 1, 0, 1), cmap="RdBu_r", norm=norm,
+                          interpolation="nearest", aspect="equal")
+        ax.plot([0, 1], [1, 0], "k--", linewidth=0.8, alpha=0.6)
+        ax.set_title(f"{name}: error from {_pct(float(err.min()))} to {_pct(float(err.max()))}", fontsize=10)
+        ax.set_xlabel("x2 (mantissa fraction of operand b)")
+    axes[0].set_ylabel("x1 (mantissa fraction of operand a)")
+    cbar = fig.colorbar(image, ax=list(axes), shrink=0.9)
+    cbar.set_label("relative error (approx − exact) / exact (%)")
+    fig.suptitle(f"Relative error over the mantissa grid ({bins}×{bins} cell centres; dashed: x1 + x2 = 1, "
+                 "the carry boundary)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def error_histograms(multipliers: Iterable[str], path: str | Path, bins: int = 512,
+                     hist_bins: int = 120) -> Path:
+    """Distribution of the relative error (%) over a uniform ``bins x bins`` mantissa grid, overlaid.
+
+    Dotted vertical lines mark each multiplier's mean (its bias).
+    """
+    from .multipliers import as_multiplier, error_map
+
+    names = [as_multiplier(m).name for m in multipliers]
+    fig = _figure(9, 4.8)
+    ax = fig.add_subplot()
+    values = {n: error_map(n, bins)[1].flatten().numpy() for n in names}
+    lo = min(v.min() for v in values.values())
+    hi = max(v.max() for v in values.values())
+    edges = np.linspace(lo, hi, hist_bins + 1) if hi > lo else np.linspace(lo - 1, hi + 1, hist_bins + 1)
+    colors = _mult_colors(names)
+    for name, v in values.items():
+        color = colors[name]
+        weights = np.full(v.shape, 100.0 / v.size)
+        ax.hist(v, bins=edges, weights=weights, histtype="step", linewidth=1.6, color=color,
+                linestyle="-" if "-t" not in name else (0, (4, 1.5)),
+                label=f"{name}: mean {v.mean():+.3f}%, mean |err| {np.abs(v).mean():.2f}%")
+        ax.axvline(v.mean(), color=color, linestyle=":", linewidth=1.2)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlabel("relative error (approx − exact) / exact (%)")
+    ax.set_ylabel("share of operand pairs (% per bin)")
+    ax.set_title(f"Relative error distribution over a uniform {bins}×{bins} mantissa grid\n"
+                 f"(bins {edges[1] - edges[0]:.2f} percentage points wide; dotted lines: mean = bias)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- all at once
+
+
+def comparison_figures(results, out_dir: str | Path, smooth: Optional[int] = None) -> list[Path]:
+    """The runtime/multiplier comparison figures of a :class:`mbmlib.report.Results`, into ``out_dir``.
+
+    Writes ``loss_curves.png``, ``accuracy.png``, ``training_speed.png``,
+    ``runtime_throughput.png``, ``elementwise.png`` and one ``layers-<runtime>.png``
+    per layer benchmark file; returns the paths written.  ``smooth``: EMA span of the loss curves.
+    """
+    out = Path(out_dir)
+    labels = run_labels(results.runs) if not results.runs.empty else {}
+    paths = [loss_curves(results.history, out / "loss_curves.png", labels, smooth=smooth,
+                         title="Training loss of every run"),
+             accuracy_bars(results.runs, out / "accuracy.png", labels),
+             epoch_time_bars(results.runs, out / "training_speed.png"),
+             runtime_throughput(results.bench, out / "runtime_throughput.png"),
+             elementwise_bars(results.bench, out / "elementwise.png")]
+    layers = results.bench[results.bench["benchmark"] == "layers"] if not results.bench.empty else results.bench
+    for file, rows in (layers.groupby("file") if not layers.empty else []):
+        paths.append(layer_throughput(rows, out / f"layers-{Path(file).stem.removeprefix('layers-')}.png"))
+    return paths

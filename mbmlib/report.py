@@ -1,0 +1,348 @@
+"""Collect every run and benchmark under ``results/`` into tables, and write the summary.
+
+Reads ``<results>/runs/*/metrics.json`` (+ ``history.csv``) as written by
+:mod:`mbmlib.train` and ``<results>/bench/*.json`` as written by
+:func:`mbmlib.bench.save_report`.  A file that cannot be read or does not look
+like what those writers produce is skipped with a :class:`ReportWarning` (and
+listed in ``problems``) -- one broken run must not hide all the others.
+Needs pandas (the ``notebooks`` extra); ``python -m mbmlib report`` (see
+:func:`mbmlib.experiments.add_report_parser`) runs :func:`write_summary` and
+:func:`mbmlib.plots.comparison_figures`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from .store import write_text
+
+__all__ = [
+    "ReportWarning",
+    "Results",
+    "load_results",
+    "load_runs",
+    "load_bench",
+    "bench_frame",
+    "runtime_name",
+    "summary_table",
+    "bench_summary",
+    "to_markdown",
+    "summary_markdown",
+    "bench_markdown",
+    "write_summary",
+    "read_run",
+]
+
+# Columns of the run summary: (CSV name, markdown header, number format or None)
+SUMMARY_COLUMNS = [
+    ("run", "run", None),
+    ("model", "model", None),
+    ("multiplier", "multiplier", None),
+    ("backward", "backward", None),
+    ("runtime", "runtime / device", None),
+    ("epochs", "epochs", "{:.0f}"),
+    ("samples", "samples", "{:.0f}"),
+    ("val_accuracy", "val acc (%)", "{:.2f}"),
+    ("test_accuracy", "test acc (%)", "{:.2f}"),
+    ("epoch_time_s", "epoch time (s)", "{:.1f}"),
+    ("samples_per_s", "samples/s", "{:.1f}"),
+    ("approx_to_exact", "approx/exact time", "{:.2f}"),
+]
+
+HISTORY_COLUMNS = ["run", "step", "epoch", "loss", "lr", "elapsed"]
+
+
+class ReportWarning(UserWarning):
+    """A results file was skipped because it could not be read or understood."""
+
+
+@dataclass
+class Results:
+    """Everything found under one results folder."""
+
+    runs: pd.DataFrame  # one row per run
+    history: pd.DataFrame  # one row per training step: run, step, epoch, loss, lr, elapsed
+    bench: pd.DataFrame  # one row per timed case
+    problems: list = field(default_factory=list)  # (path, reason) of every skipped file
+
+
+def _problem(problems: list, path: Path, reason: str) -> None:
+    problems.append((str(path), reason))
+    warnings.warn(f"skipping {path}: {reason}", ReportWarning, stacklevel=3)
+
+
+def runtime_name(runtime: Optional[dict]) -> str:
+    """A readable runtime name from a recorded runtime description, e.g. ``Tesla T4 (Colab)``."""
+    if not runtime:
+        return "unknown"
+    name = runtime.get("device_name") or runtime.get("runtime") or runtime.get("device") or "unknown"
+    if runtime.get("device_type") == "CPU" and not str(name).upper().endswith("CPU"):
+        name = f"{name} CPU"
+    return f"{name} (Colab)" if runtime.get("colab") else str(name)
+
+
+def _num(value) -> float:
+    """A float, or NaN for None / missing / non-numbers."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out
+
+
+def _run_row(run_dir: Path, metrics: dict) -> dict:
+    cfg = metrics.get("config") or {}
+    rt = metrics.get("runtime") or {}
+    final = metrics.get("final") or {}
+    epochs = [e for e in metrics.get("epochs") or [] if isinstance(e, dict)]
+    epoch_times = [_num(e.get("epoch_time_s")) for e in epochs]
+    samples = final.get("samples", sum(_num(e.get("samples")) for e in epochs) if epochs else None)
+    train_time = final.get("train_time_s", sum(epoch_times) if epochs else None)
+    speed = final.get("speed") or {}
+    last = epochs[-1] if epochs else {}
+    sps = final.get("samples_per_s")
+    if sps is None and samples and train_time:
+        sps = _num(samples) / _num(train_time)
+    return {
+        "run": metrics.get("run_name") or run_dir.name,
+        "status": metrics.get("status", "unknown"),
+        "model": cfg.get("model"),
+        "multiplier": cfg.get("multiplier"),
+        "backward": cfg.get("backward"),
+        "backend": cfg.get("backend") or "auto",
+        "batch_size": cfg.get("batch_size"),
+        "preset": cfg.get("preset"),
+        "runtime": runtime_name(rt),
+        "runtime_label": rt.get("runtime"),
+        "device": rt.get("device"),
+        "device_type": rt.get("device_type"),
+        "device_name": rt.get("device_name"),
+        "colab": bool(rt.get("colab", False)),
+        "torch": rt.get("torch"),
+        "epochs": len(epochs),
+        "steps": metrics.get("global_step", sum(int(_num(e.get("steps")) or 0) for e in epochs)),
+        "samples": _num(samples),
+        "train_samples": (metrics.get("data") or {}).get("train"),
+        "val_accuracy": _num(final.get("val_accuracy", last.get("val_accuracy"))),
+        "test_accuracy": _num(final.get("test_accuracy")),
+        "val_loss": _num(final.get("val_loss", last.get("val_loss"))),
+        "epoch_time_s": (sum(epoch_times) / len(epoch_times)) if epoch_times else math.nan,
+        "train_time_s": _num(train_time),
+        "samples_per_s": _num(sps),
+        "approx_to_exact": _num(speed.get("approx_to_exact_time_per_sample")),
+        "finished_at": metrics.get("finished_at"),
+        "path": str(run_dir),
+    }
+
+
+def _read_history(path: Path, run: str, problems: list) -> Optional[pd.DataFrame]:
+    try:
+        hist = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        _problem(problems, path, f"unreadable history ({err})")
+        return None
+    missing = {"step", "loss"} - set(hist.columns)
+    if missing:
+        _problem(problems, path, f"history lacks column(s) {', '.join(sorted(missing))}")
+        return None
+    hist = hist.assign(run=run)
+    for col in HISTORY_COLUMNS:
+        if col not in hist.columns:
+            hist[col] = math.nan
+    hist["step"] = pd.to_numeric(hist["step"], errors="coerce")
+    hist["loss"] = pd.to_numeric(hist["loss"], errors="coerce")
+    return hist[HISTORY_COLUMNS].dropna(subset=["step"])
+
+
+def _load_run(run_dir: Path, problems: list) -> tuple[Optional[dict], Optional[pd.DataFrame]]:
+    """A run folder's summary row and step history (None for what cannot be read)."""
+    mpath = run_dir / "metrics.json"
+    try:
+        with open(mpath) as f:
+            metrics = json.load(f)
+        if not isinstance(metrics, dict):
+            raise ValueError("not a JSON object")
+        row = _run_row(run_dir, metrics)
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        _problem(problems, mpath, f"unreadable metrics ({err})")
+        return None, None
+    hpath = run_dir / "history.csv"
+    return row, _read_history(hpath, row["run"], problems) if hpath.exists() else None
+
+
+def _frames(rows: list, histories: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    runs = pd.DataFrame(rows, columns=list(_run_row(Path("x"), {}).keys()))
+    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame(columns=HISTORY_COLUMNS)
+    return runs, history
+
+
+def read_run(run_dir: str | Path, problems: Optional[list] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(runs, history)`` of one run folder (``runs`` has one row, or none if unreadable)."""
+    problems = [] if problems is None else problems
+    row, hist = _load_run(Path(run_dir), problems)
+    return _frames([row] if row else [], [hist] if hist is not None else [])
+
+
+def load_runs(results_dir: str | Path = "results",
+              problems: Optional[list] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(runs, history)`` DataFrames of every ``<results_dir>/runs/*/`` with a ``metrics.json``.
+
+    Folders without a ``metrics.json`` are not runs and are ignored silently; a
+    ``metrics.json`` or ``history.csv`` that cannot be parsed is skipped with a warning.
+    """
+    problems = [] if problems is None else problems
+    rows, histories = [], []
+    for run_dir in sorted(p for p in (Path(results_dir) / "runs").glob("*") if p.is_dir()):
+        if not (run_dir / "metrics.json").exists():
+            continue
+        row, hist = _load_run(run_dir, problems)
+        if row is not None:
+            rows.append(row)
+        if hist is not None:
+            histories.append(hist)
+    return _frames(rows, histories)
+
+
+BENCH_COLUMNS = ["benchmark", "file", "runtime", "runtime_label", "device_name", "colab", "timestamp", "case",
+                 "multiplier", "backend", "macs", "median_s", "G_MAC_per_s", "ratio_to_exact", "note"]
+
+
+def _bench_rows(report: dict, path: Path) -> list[dict]:
+    rt = report.get("runtime") or {}
+    common = {"benchmark": report.get("benchmark"), "file": path.name, "runtime": runtime_name(rt),
+              "runtime_label": rt.get("runtime"), "device_name": rt.get("device_name"),
+              "colab": bool(rt.get("colab", False)), "timestamp": report.get("timestamp")}
+    results = report["results"]
+    rows = []
+    if report.get("benchmark") == "elementwise":
+        n = report.get("n")
+        for op, r in results.items():
+            mult = op.replace("_mul", "") if op != "torch.mul" else "exact"
+            rows.append({**common, "case": f"elementwise n={n}", "multiplier": mult,
+                         "backend": "torch" if mult == "exact" else "elementwise", "macs": _num(n),
+                         "median_s": _num(r.get("median_s")), "G_MAC_per_s": _num(r.get("G_elements_per_s")),
+                         "ratio_to_exact": _num(r.get("ratio_to_torch_mul")), "note": None})
+    elif isinstance(results, list):
+        for r in results:
+            rows.append({**common, **{k: r.get(k) for k in ("case", "multiplier", "backend", "note")},
+                         **{k: _num(r.get(k)) for k in ("macs", "median_s", "G_MAC_per_s", "ratio_to_exact")}})
+    else:
+        raise ValueError("'results' is neither the elementwise mapping nor a list of cases")
+    return rows
+
+
+def bench_frame(report: dict, file: str = "") -> pd.DataFrame:
+    """One benchmark report (as from :func:`mbmlib.bench.stamp`) as rows like :func:`load_bench`'s."""
+    return pd.DataFrame(_bench_rows(report, Path(file or f"{report.get('benchmark')}.json")), columns=BENCH_COLUMNS)
+
+
+def load_bench(results_dir: str | Path = "results", problems: Optional[list] = None) -> pd.DataFrame:
+    """One row per timed case of every ``<results_dir>/bench/*.json`` (elementwise ops become cases too)."""
+    problems = [] if problems is None else problems
+    rows = []
+    for path in sorted((Path(results_dir) / "bench").glob("*.json")):
+        try:
+            with open(path) as f:
+                report = json.load(f)
+            if not isinstance(report, dict) or "results" not in report:
+                raise ValueError("no 'results' in it")
+            rows.extend(_bench_rows(report, path))
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
+            _problem(problems, path, f"unreadable benchmark ({err})")
+    return pd.DataFrame(rows, columns=BENCH_COLUMNS)
+
+
+def load_results(results_dir: str | Path = "results") -> Results:
+    """Runs, step histories and benchmarks under ``results_dir``, with the list of skipped files."""
+    problems: list = []
+    runs, history = load_runs(results_dir, problems)
+    bench = load_bench(results_dir, problems)
+    return Results(runs, history, bench, problems)
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The summary columns (run, model, multiplier, ..., approx/exact ratio) of a runs DataFrame."""
+    cols = [c for c, _, _ in SUMMARY_COLUMNS]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    table = runs[cols].copy()
+    return table.sort_values(["model", "runtime", "multiplier", "run"], na_position="last").reset_index(drop=True)
+
+
+def bench_summary(bench: pd.DataFrame) -> pd.DataFrame:
+    """Timed benchmark cases (skipped ones dropped) in a compact column order."""
+    cols = ["runtime", "benchmark", "case", "multiplier", "backend", "G_MAC_per_s", "ratio_to_exact", "median_s"]
+    if bench.empty:
+        return pd.DataFrame(columns=cols)
+    timed = bench[bench["median_s"].notna()]
+    return timed[cols].reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame, headers: Optional[dict] = None, formats: Optional[dict] = None) -> str:
+    """A GitHub markdown table; NaN/None cells are shown as a dash."""
+    headers = headers or {}
+    formats = formats or {}
+    cols = list(table.columns)
+
+    def cell(col, value) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        fmt = formats.get(col)
+        if fmt and isinstance(value, (int, float)):
+            return fmt.format(value)
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers.get(c, c) for c in cols) + " |",
+             "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(table[c]) else "---" for c in cols) + "|"]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(cell(c, row[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    """A :func:`summary_table` as a markdown table with readable headers and rounded numbers."""
+    return to_markdown(table, {c: h for c, h, _ in SUMMARY_COLUMNS}, {c: f for c, _, f in SUMMARY_COLUMNS if f})
+
+
+def bench_markdown(table: pd.DataFrame) -> str:
+    """A :func:`bench_summary` as a markdown table."""
+    return to_markdown(table, {"G_MAC_per_s": "G MAC/s", "ratio_to_exact": "time / exact", "median_s": "median (s)"},
+                       {"G_MAC_per_s": "{:.3g}", "ratio_to_exact": "{:.2f}", "median_s": "{:.3g}"})
+
+
+def write_summary(results_dir: str | Path = "results", csv_path: str | Path | None = None,
+                  md_path: str | Path | None = None, results: Optional[Results] = None) -> dict:
+    """Write the run summary as CSV and markdown (default ``<results_dir>/summary.csv|.md``).
+
+    Also writes the benchmark cases to ``bench_summary.csv|.md`` beside them.
+    Returns the paths written and the tables.
+    """
+    results_dir = Path(results_dir)
+    results = results if results is not None else load_results(results_dir)
+    csv_path = Path(csv_path) if csv_path else results_dir / "summary.csv"
+    md_path = Path(md_path) if md_path else csv_path.with_suffix(".md")
+    table = summary_table(results.runs)
+    write_text(csv_path, table.to_csv(index=False))
+    md = ["# Runs", "", f"{len(table)} run(s) under `{results_dir / 'runs'}`. Accuracy in %, epoch time is the mean "
+          "over the run's epochs, approx/exact time is the time per training step relative to the exact twin "
+          "of the model, measured in the same run.", "", summary_markdown(table)]
+    if results.problems:
+        md += ["", "Skipped files:", ""] + [f"- `{p}`: {why}" for p, why in results.problems]
+    write_text(md_path, "\n".join(md) + "\n")
+    bench = bench_summary(results.bench)
+    bench_csv = csv_path.with_name("bench_summary.csv")
+    bench_md = csv_path.with_name("bench_summary.md")
+    write_text(bench_csv, bench.to_csv(index=False))
+    write_text(bench_md, "# Benchmarks\n\nThroughput in G MAC/s (elementwise: G products/s); ratio to exact is "
+                         "time relative to the exact op timed in the same run (lower is better).\n\n"
+                         + bench_markdown(bench))
+    return {"csv": csv_path, "markdown": md_path, "bench_csv": bench_csv, "bench_markdown": bench_md,
+            "table": table, "bench": bench, "problems": results.problems}
