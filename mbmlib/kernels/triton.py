@@ -114,6 +114,21 @@ def _significand(s, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
 
 
 @triton.jit
+def _tile_sum(sa, ma, sb, mb, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
+    """sum_k product(a[m, k], b[n, k]) of a (BLOCK_M, BLOCK_K) and a (BLOCK_N, BLOCK_K) tile of fields.
+
+    (BLOCK_M, BLOCK_N, BLOCK_K) broadcast with K last, the axis each tile was loaded along (no
+    transpose; Triton still converts the small operand tiles into slices of the 3-D layout), reduced
+    over K at once: nothing of size M*N*K leaves registers.  (Accumulating the 3-D tile and reducing
+    after the loop, or putting K first so the sum stays within a thread, made the sm_90 code spill.)
+    """
+    s = ma[:, None, :] + mb[None, :, :]
+    gsig = _significand(s, IS_MBM, C0, C1).to(tl.float32)
+    p = (sa[:, None, :] * sb[None, :, :]) * (gsig * _ULP)  # same order of rounding as the reference
+    return tl.sum(p, axis=2)
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program; GROUP_M row-tiles are visited together so operand tiles stay in L2."""
     pid = tl.program_id(0)
@@ -168,15 +183,7 @@ def _bmm_nt_kernel(
         ma = tl.load(am_ptr + a_off, mask=a_mask, other=0)
         sb = tl.load(bs_ptr + b_off, mask=b_mask, other=0.0)
         mb = tl.load(bm_ptr + b_off, mask=b_mask, other=0)
-        # (BLOCK_M, BLOCK_N, BLOCK_K) broadcast with K last, the axis each tile was loaded along (no
-        # transpose; Triton still converts the small operand tiles into slices of the 3-D layout).  The
-        # product tile is reduced over K at once, into a (BLOCK_M, BLOCK_N) float32 accumulator: nothing of
-        # size M*N*K leaves registers.  (Accumulating the 3-D tile and reducing after the loop, or putting
-        # K first so the sum stays within a thread, made the sm_90 code spill: not used.)
-        s = ma[:, None, :] + mb[None, :, :]
-        gsig = _significand(s, IS_MBM, C0, C1).to(tl.float32)
-        p = (sa[:, None, :] * sb[None, :, :]) * (gsig * _ULP)  # same order of rounding as the reference
-        acc += tl.sum(p, axis=2)
+        acc += _tile_sum(sa, ma, sb, mb, IS_MBM, C0, C1)
 
     # The output tile is stored row-major: N is the contiguous axis of the (G, M, N) result.
     o_off = g * stride_og + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -245,11 +252,7 @@ def _conv2d_kernel(
         ma = tl.load(xm_ptr + x_off, mask=x_mask, other=0)
         sb = tl.load(ws_ptr + w_off, mask=w_mask, other=0.0)
         mb = tl.load(wm_ptr + w_off, mask=w_mask, other=0)
-        # Same (BLOCK_M, BLOCK_N, BLOCK_K) broadcast and in-register K reduction as the GEMM kernel.
-        s = ma[:, None, :] + mb[None, :, :]
-        gsig = _significand(s, IS_MBM, C0, C1).to(tl.float32)
-        p = (sa[:, None, :] * sb[None, :, :]) * (gsig * _ULP)
-        acc += tl.sum(p, axis=2)
+        acc += _tile_sum(sa, ma, sb, mb, IS_MBM, C0, C1)
 
     # Store straight into (B, O, Ho, Wo): along M the addresses are contiguous within an image, so the
     # tile store is coalesced along M, and no permute of a (G, B*Ho*Wo, N) result is needed afterwards.
