@@ -185,10 +185,13 @@ def approx_mul(a: torch.Tensor, b: torch.Tensor, multiplier: MultiplierLike = "m
     """
     mult = as_multiplier(multiplier)
     out_dtype = _check_float_operands(a, b)
+    if a.device != b.device:
+        if a.dim() > 0 and b.dim() > 0:
+            torch.mul(a, b)  # raise torch's own device-mismatch error
+        # torch.mul lets a 0-dim CPU tensor meet a tensor on another device: do the same
+        a, b = (a.to(b.device), b) if a.dim() == 0 else (a, b.to(a.device))
     if mult.is_exact:
         return torch.mul(a.float(), b.float()).to(out_dtype)
-    if a.device != b.device and a.dim() > 0 and b.dim() > 0:
-        torch.mul(a, b)  # raise torch's own device-mismatch error
     a32, b32 = torch.broadcast_tensors(a.to(torch.float32), b.to(torch.float32))
     a32, b32 = a32.reshape(-1), b32.reshape(-1)
     out = torch.empty(a32.shape, dtype=torch.float32, device=a32.device)

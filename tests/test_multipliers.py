@@ -181,6 +181,8 @@ def test_device_mismatch_raises_like_torch_mul():
         torch.mul(a, b)
     with pytest.raises(type(want.value)):
         mbm_mul(a, b)
+    scalar = mbm_mul(torch.tensor(1.5), b)  # a 0-dim CPU tensor is allowed, as in torch.mul
+    assert scalar.device == b.device and torch.equal(scalar.cpu(), mbm_mul(torch.tensor(1.5), a))
 
 
 def test_public_api():
