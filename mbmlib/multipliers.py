@@ -122,7 +122,8 @@ def split_operand(x: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor
     mantissa is truncated per ``multiplier.t``.  Done once per tensor, so GEMM
     kernels do not repeat it per product.
     """
-    bits = x.contiguous().view(torch.int32)
+    x = x.contiguous()  # both fields contiguous whatever x's strides: the kernels read them along K
+    bits = x.view(torch.int32)
     scale = (bits & SIGN_EXP_MASK).view(torch.float32)  # mantissa cleared; subnormal -> +-0
     scale = torch.where(torch.isnan(x), x, scale)
     mant = bits & MANT_MASK

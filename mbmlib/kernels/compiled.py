@@ -39,6 +39,23 @@ def _kernel(multiplier: Multiplier):
     return torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
 
 
+# Inductor's loop nest has no cache blocking: for every row of A it streams all of B.  B is therefore
+# handed over in column blocks of at most this many bytes (both fields), which stay in the L2 cache.
+_B_BLOCK_BYTES = 512 * 1024
+
+
+def _blocked_over_n(kernel, sa, ma, sb, mb):
+    """Run ``kernel`` on blocks of B's rows (output columns) small enough to stay in cache."""
+    G, N, K = sb.shape
+    n_step = max(16, _B_BLOCK_BYTES // (8 * max(1, K)))
+    if N <= n_step:
+        return kernel(sa, ma, sb, mb)
+    out = torch.empty(G, sa.shape[1], N, dtype=torch.float32, device=sa.device)
+    for n0 in range(0, N, n_step):
+        out[:, :, n0:n0 + n_step] = kernel(sa, ma, sb[:, n0:n0 + n_step], mb[:, n0:n0 + n_step])
+    return out
+
+
 _fallback_reason: str | None = None
 
 
@@ -62,7 +79,7 @@ def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch
         return reference.bmm_nt_split(sa, ma, sb, mb, multiplier)
     try:
         with torch._dynamo.config.patch(_DYNAMO_LIMITS):
-            return _kernel(multiplier)(sa, ma, sb, mb)
+            return _blocked_over_n(_kernel(multiplier), sa, ma, sb, mb)
     except Exception as err:  # compilation failed: no compiler, unsupported platform, ...
         _warn_fallback(err)
         return reference.bmm_nt_split(sa, ma, sb, mb, multiplier)
