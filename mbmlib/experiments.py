@@ -285,6 +285,8 @@ def run_sweep(config: str | os.PathLike | Mapping, overrides: Optional[Mapping] 
 
     t_start = time.perf_counter()
     todo = summary["runs"] + summary["after"]
+    if spec.get("description"):
+        log(f"sweep {spec['sweep']}: {spec['description']}")
     try:
         for i, r in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {r['name']}: running {Path(r['notebook']).name}")
