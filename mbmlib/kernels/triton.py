@@ -114,6 +114,12 @@ def _significand(s, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
 
 
 @triton.jit
+def _load_fields(scale_ptr, mant_ptr, offsets, mask):
+    """A tile of an operand's (scale, mantissa) fields; masked places load as the fields of +0."""
+    return tl.load(scale_ptr + offsets, mask=mask, other=0.0), tl.load(mant_ptr + offsets, mask=mask, other=0)
+
+
+@triton.jit
 def _tile_sum(sa, ma, sb, mb, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
     """sum_k product(a[m, k], b[n, k]) of a (BLOCK_M, BLOCK_K) and a (BLOCK_N, BLOCK_K) tile of fields.
 
@@ -179,10 +185,8 @@ def _bmm_nt_kernel(
         b_mask = mask_n[:, None] & mask_k[None, :]
         # Masked elements load as scale 0, mantissa 0: their products are exactly 0 (both sides are masked
         # on K, so a 0 never meets an inf there); masked rows / columns are never stored.
-        sa = tl.load(as_ptr + a_off, mask=a_mask, other=0.0)
-        ma = tl.load(am_ptr + a_off, mask=a_mask, other=0)
-        sb = tl.load(bs_ptr + b_off, mask=b_mask, other=0.0)
-        mb = tl.load(bm_ptr + b_off, mask=b_mask, other=0)
+        sa, ma = _load_fields(as_ptr, am_ptr, a_off, a_mask)
+        sb, mb = _load_fields(bs_ptr, bm_ptr, b_off, b_mask)
         acc += _tile_sum(sa, ma, sb, mb, IS_MBM, C0, C1)
 
     # The output tile is stored row-major: N is the contiguous axis of the (G, M, N) result.
@@ -248,10 +252,8 @@ def _conv2d_kernel(
         w_mask = mask_n[:, None] & mask_k[None, :]
         # Padding positions load as the field of +0 (scale 0, mantissa 0): exactly what an explicit
         # zero-padded input gives, including 0 * inf = NaN against an infinite weight.
-        sa = tl.load(xs_ptr + x_off, mask=x_mask, other=0.0)
-        ma = tl.load(xm_ptr + x_off, mask=x_mask, other=0)
-        sb = tl.load(ws_ptr + w_off, mask=w_mask, other=0.0)
-        mb = tl.load(wm_ptr + w_off, mask=w_mask, other=0)
+        sa, ma = _load_fields(xs_ptr, xm_ptr, x_off, x_mask)
+        sb, mb = _load_fields(ws_ptr, wm_ptr, w_off, w_mask)
         acc += _tile_sum(sa, ma, sb, mb, IS_MBM, C0, C1)
 
     # Store straight into (B, O, Ho, Wo): along M the addresses are contiguous within an image, so the
