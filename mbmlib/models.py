@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .multipliers import MultiplierLike
 from .nn import MBMConv2d, MBMLinear
 
-__all__ = ["SeedNet", "LeNet5", "ExampleNet", "MODELS", "build_model", "count_macs"]
+__all__ = ["SeedNet", "LeNet5", "ExampleNet", "MODELS", "build_model", "model_factory", "count_macs"]
 
 
 def _layers(multiplier: MultiplierLike, backward: str, approx_linear: bool,
@@ -113,13 +113,17 @@ class ExampleNet(nn.Module):
 MODELS: Dict[str, Callable[..., nn.Module]] = {"seednet": SeedNet, "lenet5": LeNet5, "example": ExampleNet}
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
-    """A model by registry name (``seednet``, ``lenet5``, ``example``), constructor keywords passed on."""
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """The model class registered as ``name`` (case-insensitive); ValueError naming the choices."""
     try:
-        factory = MODELS[name.lower()]
+        return MODELS[name.lower()]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid choices are {', '.join(sorted(MODELS))}") from None
-    return factory(**kwargs)
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """A model by registry name (``seednet``, ``lenet5``, ``example``), constructor keywords passed on."""
+    return model_factory(name)(**kwargs)
 
 
 def _layer_macs(layer: nn.Module, output: Tensor) -> int:

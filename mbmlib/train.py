@@ -29,7 +29,7 @@ from torch import nn
 from . import data as mdata
 from . import runtime
 from .functional import check_backward
-from .models import build_model
+from .models import build_model, model_factory
 from .multipliers import as_multiplier
 from .nn import MBMConv2d, MBMLinear, convert
 from .store import atomic_write, read_json, write_json, write_text
@@ -82,7 +82,8 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
-        """Check values early, with messages that say what to change."""
+        """Check values early (before any data is loaded), with messages that say what to change."""
+        model_factory(self.model)
         as_multiplier(self.multiplier)
         check_backward(self.backward)
         for name in ("epochs", "batch_size", "log_interval"):
