@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
-from .multipliers import MultiplierLike, as_multiplier
+from .multipliers import MultiplierLike, as_multiplier, check_float_tensor
 
 BACKWARD_MODES = ("exact", "approx")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = ["conv2d", "linear", "matmul", "BACKWARD_MODES", "check_backward"]
 
@@ -168,11 +167,7 @@ def _check_tensors(named: dict) -> None:
     for name, t in named.items():
         if t is None:
             continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"approximate layers need floating-point tensors (float16/bfloat16/float32/"
-                            f"float64); {name} has dtype {t.dtype}")
+        check_float_tensor(t, name, "an approximate layer")
         if t.dtype != first.dtype:
             raise RuntimeError(f"{first_name} type ({first.dtype}) and {name} type ({t.dtype}) should be the same")
         if t.device != first.device:

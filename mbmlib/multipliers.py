@@ -30,6 +30,7 @@ __all__ = [
     "as_multiplier",
     "MULTIPLIER_KINDS",
     "split_operand",
+    "check_float_tensor",
     "mantissa_product",
     "approx_mul",
     "mbm_mul",
@@ -162,15 +163,18 @@ def _product_from_parts(sa, ma, sb, mb, multiplier: Multiplier) -> torch.Tensor:
     return torch.where(r.abs() < SMALLEST_NORMAL, torch.zeros((), dtype=r.dtype, device=r.device), r)
 
 
+def check_float_tensor(x, name: str, what: str) -> None:
+    """TypeError unless ``x`` is a float16/bfloat16/float32/float64 tensor (``what`` needs it)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{what} needs floating-point tensors (float16/bfloat16/float32/float64); "
+                        f"{name} has dtype {x.dtype}")
+
+
 def _check_float_operands(a, b) -> torch.dtype:
     for name, x in (("a", a), ("b", b)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"approximate multiplication needs floating-point tensors "
-                f"(float16/bfloat16/float32/float64); {name} has dtype {x.dtype}"
-            )
+        check_float_tensor(x, name, "approximate multiplication")
     return torch.promote_types(a.dtype, b.dtype)
 
 
