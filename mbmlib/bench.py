@@ -116,7 +116,7 @@ def compare(fns: dict, device: torch.device, baseline: str, rounds: int = 5, war
     """
     rounds_of = rounds_of or {}
     for name, fn in fns.items():
-        for _ in range(warmup if rounds_of.get(name, rounds) > 1 else 0):
+        for _ in range(0 if rounds_of.get(name, 2) <= 1 else warmup):  # a capped one-off is not warmed up
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     ratios: dict[str, list[float]] = {name: [] for name in fns}

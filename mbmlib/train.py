@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -28,6 +29,7 @@ from torch import nn
 
 from . import data as mdata
 from . import runtime
+from .bench import compare
 from .functional import check_backward
 from .models import build_model, model_factory
 from .multipliers import as_multiplier
@@ -231,22 +233,12 @@ def _step_time_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
         opt.step()
 
     opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.0) for m in (approx, exact)}
-    times = {"approx": [], "exact": []}
-    for m in (approx, exact):
-        step(m, opts[id(m)])  # warm-up (compiles kernels for this shape)
-    for _ in range(steps):
-        for name, m in (("approx", approx), ("exact", exact)):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            step(m, opts[id(m)])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-    ratios = sorted(a / e for a, e in zip(times["approx"], times["exact"]))
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {"steps": steps, "batch_size": len(yb), "approx_step_s": med(times["approx"]),
-            "exact_step_s": med(times["exact"]), "approx_to_exact_time_per_sample": ratios[len(ratios) // 2]}
+    timed = compare({name: functools.partial(step, m, opts[id(m)]) for name, m in (("approx", approx),
+                                                                                   ("exact", exact))},
+                    device, baseline="exact", rounds=steps)  # warm-up call compiles kernels for this shape
+    return {"steps": steps, "batch_size": len(yb), "approx_step_s": timed["approx"]["median_s"],
+            "exact_step_s": timed["exact"]["median_s"],
+            "approx_to_exact_time_per_sample": timed["approx"]["ratio_to_exact"]}
 
 
 # ----------------------------------------------------------------------------- results files
