@@ -345,21 +345,12 @@ def runtime_throughput(bench: pd.DataFrame, path: str | Path) -> Path:
     if totals.empty:
         _empty(fig, "no SeedNet layer benchmarks found")
         return save_figure(fig, path)
-    rts = sorted(totals["runtime"].unique())
-    mults = sorted(totals["multiplier"].unique(), key=lambda m: (m != "exact", m))
     ax = fig.add_subplot()
-    table = totals.set_index(["runtime", "multiplier"])["G_MAC_per_s"].to_dict()
-    _grouped_bars(ax, table, rts, mults, _mult_colors(mults), "{:,.4g}")
+    _log_bars_by_runtime(ax, totals, "G_MAC_per_s", "SeedNet forward throughput (G MAC/s, log scale)")
     best = ", ".join(f"{m}: {b}" for m, b in totals.groupby("multiplier")["backend"].agg(
         lambda s: "/".join(sorted(set(s)))).items())
-    ax.set_yscale("log")
-    ax.set_ylabel("SeedNet forward throughput (G MAC/s, log scale)")
-    ax.set_xlabel("runtime (device)")
     ax.set_title(f"Whole SeedNet forward pass, batch {totals['batch'].iloc[0]}: six layers' MACs / their summed "
                  f"time\nfastest backend per multiplier ({best})", fontsize=10)
-    ax.legend(title="multiplier", fontsize=8)
-    ax.grid(axis="y", alpha=0.3, which="both")
-    ax.margins(y=0.15)
     fig.suptitle("Layer throughput by runtime")
     return save_figure(fig, path)
 
@@ -371,19 +362,24 @@ def elementwise_bars(bench: pd.DataFrame, path: str | Path) -> Path:
     if rows.empty:
         _empty(fig, "no elementwise benchmark found")
         return save_figure(fig, path)
-    rts = sorted(rows["runtime"].unique())
-    mults = sorted(rows["multiplier"].unique(), key=lambda m: (m != "exact", m))
     ax = fig.add_subplot()
-    table = rows.groupby(["runtime", "multiplier"])["G_MAC_per_s"].mean().to_dict()
+    _log_bars_by_runtime(ax, rows, "G_MAC_per_s", "elementwise products (G/s, log scale)")
+    ax.set_title("Elementwise multiply of float32 tensors (exact = torch.mul)")
+    return save_figure(fig, path)
+
+
+def _log_bars_by_runtime(ax, frame: pd.DataFrame, value: str, ylabel: str) -> None:
+    """Log-scale bars of ``frame[value]`` grouped by runtime, one colour per multiplier (mean of repeats)."""
+    rts = sorted(frame["runtime"].unique())
+    mults = sorted(frame["multiplier"].unique(), key=lambda m: (m != "exact", m))
+    table = frame.groupby(["runtime", "multiplier"])[value].mean().to_dict()
     _grouped_bars(ax, table, rts, mults, _mult_colors(mults), "{:,.4g}")
     ax.set_yscale("log")
-    ax.set_ylabel("elementwise products (G/s, log scale)")
+    ax.set_ylabel(ylabel)
     ax.set_xlabel("runtime (device)")
-    ax.set_title("Elementwise multiply of float32 tensors (exact = torch.mul)")
     ax.legend(title="multiplier", fontsize=8)
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.margins(y=0.15)
-    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- multiplier errors

@@ -35,6 +35,7 @@ except ImportError as err:  # the backend picker (mbmlib.kernels.default_backend
 import torch
 
 from ..multipliers import Multiplier, split_operand
+from . import output_size
 
 name = "triton"
 
@@ -391,8 +392,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
                          f"do not fit groups={groups}")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"triton.conv2d: invalid stride {stride}, padding {padding} or dilation {dilation}")
-    Ho = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    Ho, Wo = output_size((H, W), (KH, KW), stride, padding, dilation)
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"triton.conv2d: kernel {KH}x{KW} (dilation {dilation}) is larger than the padded "
                          f"input {H + 2 * padding[0]}x{W + 2 * padding[1]}")
