@@ -3,6 +3,10 @@
 The Minimally Biased Multiplier (MBM, Saadat et al., TCAD 2018) and Mitchell's
 logarithmic multiplier as vectorised PyTorch ops, approximate Conv2d/Linear
 layers on fused CPU and GPU kernels, and an MNIST training pipeline.
+
+Two layers: the core (``multipliers`` -> ``kernels`` -> ``functional`` -> ``nn``)
+imports torch only; ``mbmlib.workflow`` (data, models, training, benchmarks,
+sweeps, reports, plots) builds on it and is not imported here.
 """
 from .multipliers import (
     Multiplier,

@@ -1,6 +1,6 @@
-"""``python -m mbmlib``: see :mod:`mbmlib.cli`."""
+"""``python -m mbmlib``: the command line of :mod:`mbmlib.workflow.cli`."""
 import sys
 
-from .cli import main
+from .workflow.cli import main
 
 sys.exit(main())

@@ -42,7 +42,7 @@ def _bmm_nt(a: Tensor, b: Tensor, multiplier: str, backward: str, backend: str) 
     mult = as_multiplier(multiplier)
     if mult.is_exact:
         return torch.bmm(a, b.transpose(1, 2))
-    return kernels.bmm_nt(a.float(), b.float(), mult, backend).to(a.dtype)
+    return kernels.load(backend).bmm_nt(a.float(), b.float(), mult).to(a.dtype)
 
 
 @_bmm_nt.register_fake
@@ -87,8 +87,8 @@ def _conv2d(x: Tensor, w: Tensor, stride: List[int], padding: List[int], dilatio
     mult = as_multiplier(multiplier)
     if mult.is_exact:
         return F.conv2d(x, w, None, stride, padding, dilation, groups)
-    out = kernels.conv2d(x.float().contiguous(), w.float().contiguous(), tuple(stride), tuple(padding),
-                         tuple(dilation), groups, mult, backend)
+    out = kernels.load(backend).conv2d(x.float().contiguous(), w.float().contiguous(), tuple(stride),
+                                       tuple(padding), tuple(dilation), groups, mult)
     return out.to(x.dtype)
 
 
@@ -101,22 +101,10 @@ def _(x, w, stride, padding, dilation, groups, multiplier, backward, backend):
 def _conv2d_grad_approx(grad: Tensor, x: Tensor, w: Tensor, stride: List[int], padding: List[int],
                         dilation: List[int], groups: int, multiplier: str, backend: str) -> List[Tensor]:
     """Input and weight gradients of a convolution whose products are approximate."""
-    mult = as_multiplier(multiplier)
-    B, C, H, W = x.shape
-    O, Cg, kh, kw = w.shape
-    G, Og = groups, O // groups
-    grad32 = grad.float()
-    L = grad.shape[2] * grad.shape[3]
-    gmat = grad32.reshape(B, G, Og, L).permute(1, 0, 3, 2).reshape(G, B * L, Og)  # (G, B*L, Og)
-    wmat = w.float().reshape(G, Og, Cg, kh, kw).permute(0, 1, 3, 4, 2).reshape(G, Og, -1)  # (G, Og, Kg), im2col order
-    # d input: each patch gets sum_o approx(grad, w), then the patches are summed back (exactly) by fold
-    grad_cols = kernels.bmm_nt(gmat, wmat.transpose(1, 2).contiguous(), mult, backend)  # (G, B*L, Kg)
-    grad_x = kernels.col2im(grad_cols, x.shape, (kh, kw), stride, padding, dilation, groups)
-    # d weight: sum over batch and positions of approx(grad, patch)
-    cols = kernels.im2col(x.float(), (kh, kw), stride, padding, dilation, groups)  # (G, B*L, Kg)
-    grad_w = kernels.bmm_nt(gmat.transpose(1, 2).contiguous(), cols.transpose(1, 2).contiguous(), mult, backend)
-    grad_w = grad_w.reshape(O, kh, kw, Cg).permute(0, 3, 1, 2)  # back from im2col order
-    return [grad_x.to(x.dtype), grad_w.contiguous().to(w.dtype)]
+    grad_x, grad_w = kernels.load(backend).conv2d_grads(grad.float().contiguous(), x.float().contiguous(),
+                                                        w.float().contiguous(), tuple(stride), tuple(padding),
+                                                        tuple(dilation), groups, as_multiplier(multiplier))
+    return [grad_x.to(x.dtype), grad_w.to(w.dtype)]
 
 
 @_conv2d_grad_approx.register_fake

@@ -10,7 +10,6 @@ import copy
 from typing import Optional
 
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from . import functional as AF
 from .multipliers import MultiplierLike, as_multiplier
@@ -45,7 +44,7 @@ class MBMConv2d(_ApproxMixin, nn.Conv2d):
         opts = dict(multiplier=self.multiplier, backward=self.backward, backend=self.backend)
         if self.padding_mode != "zeros":  # pad explicitly as nn.Conv2d does, then convolve unpadded
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return AF.conv2d(input, weight, bias, self.stride, _pair(0), self.dilation, self.groups, **opts)
+            return AF.conv2d(input, weight, bias, self.stride, (0, 0), self.dilation, self.groups, **opts)
         return AF.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, **opts)
 
     def extra_repr(self) -> str:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mbmlib import data as D
-from mbmlib.data import (
+from mbmlib.workflow import data as D
+from mbmlib.workflow.data import (
     MNIST_FILES,
     MNISTNotFoundError,
     batches,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mbmlib import kernels
-from mbmlib.kernels import compiled, reference
+from mbmlib.kernels import compiled, lowering, reference
 from mbmlib.multipliers import as_multiplier
 
 
@@ -64,8 +64,8 @@ def test_compiled_falls_back_to_reference_with_one_warning(monkeypatch):
 def test_im2col_col2im_are_adjoint():
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
     args = ((3, 2), (2, 1), (1, 1), (1, 2), 2)
-    cols = kernels.im2col(x, *args)
+    cols = lowering.im2col(x, *args)
     y = torch.randn_like(cols)
-    back = kernels.col2im(y, x.shape, *args)
+    back = lowering.col2im(y, x.shape, *args)
     # <im2col(x), y> == <x, col2im(y)>
     torch.testing.assert_close((cols * y).sum(), (x * back).sum())

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from mbmlib import Multiplier
-from mbmlib.models import MODELS, ExampleNet, LeNet5, SeedNet, build_model, count_macs
+from mbmlib.workflow.models import MODELS, ExampleNet, LeNet5, SeedNet, build_model, count_macs
 from mbmlib.nn import MBMConv2d, MBMLinear
 
 PARAMS = {"seednet": 905_130, "lenet5": 61_706, "example": 1_199_882}

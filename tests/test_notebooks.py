@@ -18,7 +18,7 @@ import matplotlib.image  # noqa: E402
 import nbformat  # noqa: E402
 from papermill.exceptions import PapermillExecutionError  # noqa: E402
 
-from mbmlib import experiments, plots, report, runtime  # noqa: E402
+from mbmlib.workflow import cli, plots, report, runtime, sweep  # noqa: E402
 
 REPO = Path(__file__).parent.parent
 TEST_DATA = Path(__file__).parent / "data"
@@ -225,8 +225,8 @@ def sweep_cli(argv):
 
     parser = argparse.ArgumentParser(prog="python -m mbmlib")
     sub = parser.add_subparsers(dest="command", required=True)
-    experiments.add_sweep_parser(sub)
-    experiments.add_report_parser(sub)
+    cli.add_sweep_parser(sub)
+    cli.add_report_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -234,8 +234,8 @@ def sweep_cli(argv):
 def test_command_line_parsers_need_no_notebook_extras():
     import subprocess
 
-    code = ("import argparse, sys; from mbmlib import experiments; p = argparse.ArgumentParser(); "
-            "s = p.add_subparsers(); experiments.add_sweep_parser(s); experiments.add_report_parser(s); "
+    code = ("import argparse, sys; from mbmlib.workflow import cli; p = argparse.ArgumentParser(); "
+            "s = p.add_subparsers(); cli.add_sweep_parser(s); cli.add_report_parser(s); "
             "print(sorted(m for m in ('pandas', 'matplotlib', 'papermill', 'yaml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -265,7 +265,7 @@ def test_sweep_goes_on_after_a_failed_run_and_reports_it(tmp_path, capsys):
 
 def test_sweep_dry_run_overrides_and_checks(tmp_path, capsys):
     config = toy_sweep(tmp_path)
-    summary = experiments.run_sweep(config, {"x": ["fine"]}, dry_run=True, root=tmp_path)
+    summary = sweep.run_sweep(config, {"x": ["fine"]}, dry_run=True, root=tmp_path)
     assert [r["name"] for r in summary["runs"]] == ["toy-fine"]
     assert summary["runs"][0]["parameters"] == {"x": "fine", "run_name": "toy-fine",
                                                "results_dir": str(tmp_path / "results")}
@@ -273,34 +273,34 @@ def test_sweep_dry_run_overrides_and_checks(tmp_path, capsys):
     assert sweep_cli(["sweep", str(config), "--root", str(tmp_path), "--dry-run", "--set", "y=1"]) == 2
     assert "y are not in the 'parameters' cell" in capsys.readouterr().err
     with pytest.raises(ValueError, match="same name"):
-        experiments.run_sweep(toy_sweep(tmp_path, name="toy"), dry_run=True, root=tmp_path)
+        sweep.run_sweep(toy_sweep(tmp_path, name="toy"), dry_run=True, root=tmp_path)
     with pytest.raises(ValueError, match="neither a parameter"):
-        experiments.run_sweep(toy_sweep(tmp_path, name="{nope}"), dry_run=True, root=tmp_path)
-    assert experiments.parse_overrides(["n=512", "m=[a, b]", "s=null", "t=x=y"]) == {
+        sweep.run_sweep(toy_sweep(tmp_path, name="{nope}"), dry_run=True, root=tmp_path)
+    assert cli.parse_overrides(["n=512", "m=[a, b]", "s=null", "t=x=y"]) == {
         "n": 512, "m": ["a", "b"], "s": None, "t": "x=y"}
     with pytest.raises(ValueError, match="key=value"):
-        experiments.parse_overrides(["oops"])
+        cli.parse_overrides(["oops"])
 
 
 def test_demo_and_seed_sweeps_plan_against_the_real_notebook():
     for name, n in (("demo", 3), ("seed", 3)):
-        summary = experiments.run_sweep(REPO / "experiments" / f"{name}.yaml", dry_run=True, log=lambda _: None)
+        summary = sweep.run_sweep(REPO / "experiments" / f"{name}.yaml", dry_run=True, log=lambda _: None)
         assert len(summary["runs"]) == n and summary["after"]
         assert {r["parameters"]["multiplier"] for r in summary["runs"]} == {"exact", "mitchell", "mbm"}
         assert all(r["name"].endswith(AUTO_LABEL) for r in summary["runs"])
 
 
 def test_repo_root_and_results_dir(tmp_path):
-    assert experiments.repo_root(REPO / "notebooks") == REPO
-    assert experiments.resolve_results_dir("results", REPO / "mbmlib") == REPO / "results"
-    assert experiments.resolve_results_dir(tmp_path) == tmp_path
+    assert sweep.repo_root(REPO / "notebooks") == REPO
+    assert sweep.resolve_results_dir("results", REPO / "mbmlib") == REPO / "results"
+    assert sweep.resolve_results_dir(tmp_path) == tmp_path
 
 
 def test_archive_results_leaves_out_checkpoints(tmp_path):
     (tmp_path / "results" / "runs" / "r").mkdir(parents=True)
     (tmp_path / "results" / "runs" / "r" / "metrics.json").write_text("{}")
     (tmp_path / "results" / "runs" / "r" / "checkpoint.pt").write_bytes(b"x" * 100)
-    archive = experiments.archive_results(tmp_path / "results", tmp_path / "out.zip")
+    archive = sweep.archive_results(tmp_path / "results", tmp_path / "out.zip")
     assert zipfile.ZipFile(archive).namelist() == ["results/runs/r/metrics.json"]
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mbmlib import cli, store
-from mbmlib import data as mdata
-from mbmlib.train import TrainingDiverged, config_with_preset, train
+from mbmlib.workflow import cli, store
+from mbmlib.workflow import data as mdata
+from mbmlib.workflow.train import TrainingDiverged, config_with_preset, train
 
 TEST_DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).parent.parent

@@ -16,6 +16,7 @@ import torch
 
 from ..multipliers import MANT_BITS, Multiplier, mantissa_product, split_operand
 from . import reference
+from .lowering import conv2d_grads_via_gemm, conv2d_via_gemm
 
 name = "compiled"
 
@@ -87,6 +88,16 @@ def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch
 
 def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
     """Batched approximate ``a @ b.T``: a (G, M, K), b (G, N, K) -> (G, M, N), float32 sums."""
-    if multiplier.is_exact:
-        return torch.bmm(a, b.transpose(1, 2))
     return bmm_nt_split(*split_operand(a, multiplier), *split_operand(b, multiplier), multiplier)
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
+           multiplier: Multiplier) -> torch.Tensor:
+    """Approximate convolution as im2col + the fused :func:`bmm_nt_split`, chunked over the batch."""
+    return conv2d_via_gemm(x, w, stride, padding, dilation, groups, multiplier, bmm_nt_split)
+
+
+def conv2d_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
+                 multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and weight gradients with approximate products (im2col / col2im around :func:`bmm_nt`)."""
+    return conv2d_grads_via_gemm(grad, x, w, stride, padding, dilation, groups, multiplier, bmm_nt)

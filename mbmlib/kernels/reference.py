@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..multipliers import MANT_BITS, Multiplier, mantissa_product, split_operand
+from ..multipliers import Multiplier, products, split_operand
+from .lowering import DEFAULT_MEMORY_BUDGET, conv2d_grads_via_gemm, conv2d_via_gemm
 
-DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for the largest intermediate
 _BYTES_PER_PRODUCT = 4 * 6  # int32/float32 temporaries alive at once per product
 
 name = "reference"
-
-
-def products(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Tensor,
-             multiplier: Multiplier) -> torch.Tensor:
-    """Approximate products of split operands (broadcasting), not flushed below 2**-126.
-
-    Flushing products under the smallest normal would change a sum by less than
-    2**-126 per term, so the GEMM kernels skip it.
-    """
-    g = mantissa_product(ma + mb, multiplier).to(torch.float32)
-    return (sa * sb) * (g * 2.0**-MANT_BITS)
 
 
 def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier,
@@ -35,8 +24,6 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier,
     Both operands are K-contiguous ("NT" layout): the natural layout of
     ``F.linear`` weights and of im2col patches against conv weights.
     """
-    if multiplier.is_exact:
-        return torch.bmm(a, b.transpose(1, 2))
     return bmm_nt_split(*split_operand(a, multiplier), *split_operand(b, multiplier), multiplier, memory_budget)
 
 
@@ -56,7 +43,20 @@ def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch
             for k0 in range(0, K, k_step):
                 k1 = min(K, k0 + k_step)
                 p = products(sa[g, m0:m1, None, k0:k1], ma[g, m0:m1, None, k0:k1],
-                             sb[g, None, :, k0:k1], mb[g, None, :, k0:k1], multiplier)  # (rows, N, k)
+                             sb[g, None, :, k0:k1], mb[g, None, :, k0:k1], multiplier, flush=False)  # (rows, N, k)
                 acc += p.sum(dim=2)
             out[g, m0:m1] = acc
     return out
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int, multiplier: Multiplier,
+           memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """Approximate convolution as im2col + :func:`bmm_nt_split`, patches chunked to ``memory_budget``."""
+    gemm = lambda *fields: bmm_nt_split(*fields, memory_budget=memory_budget)  # noqa: E731
+    return conv2d_via_gemm(x, w, stride, padding, dilation, groups, multiplier, gemm, memory_budget)
+
+
+def conv2d_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
+                 multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and weight gradients with approximate products (im2col / col2im around :func:`bmm_nt`)."""
+    return conv2d_grads_via_gemm(grad, x, w, stride, padding, dilation, groups, multiplier, bmm_nt)

@@ -35,7 +35,7 @@ except ImportError as err:  # the backend picker (mbmlib.kernels.default_backend
 import torch
 
 from ..multipliers import Multiplier, split_operand
-from . import output_size
+from .lowering import conv2d_grads_via_gemm, output_size
 
 name = "triton"
 
@@ -288,6 +288,9 @@ def _check_tensors(op: str, **tensors: torch.Tensor) -> torch.device:
 
 
 def _kind_args(multiplier: Multiplier) -> dict:
+    if multiplier.is_exact:
+        raise ValueError("the 'exact' multiplier has no approximate kernel; mbmlib.functional runs torch's own ops "
+                         "for it")
     c0, c1 = multiplier.corrections
     # enable_fp_fusion=False: no FMA contraction, so every product is rounded on its own exactly as in
     # the reference before it is summed (and Triton 3.9 does not warn about the unset default).
@@ -326,10 +329,8 @@ def _grid_chunks(n_batch: int):
 def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier, *, _config=None) -> torch.Tensor:
     """Batched approximate ``a @ b.T``: a (G, M, K), b (G, N, K) -> (G, M, N), float32 sums.
 
-    Any strides.  ``multiplier.kind == "exact"`` is plain ``torch.bmm``.
+    Any strides.
     """
-    if multiplier.is_exact:
-        return torch.bmm(a, b.transpose(1, 2))
     device = _check_tensors("bmm_nt", a=a, b=b)
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         raise ValueError(f"triton.bmm_nt expects a (G, M, K) and b (G, N, K), got {tuple(a.shape)} and "
@@ -362,15 +363,6 @@ def _launch_bmm(kernel, meta, sa, ma, sb, mb, out, multiplier):
         )
 
 
-def _pair(v, what: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(x) for x in v)
-    if len(v) != 2:
-        raise ValueError(f"triton.conv2d: {what} must be an int or a pair of ints, got {v}")
-    return v
-
-
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
            multiplier: Multiplier, *, _config=None) -> torch.Tensor:
     """Approximate 2-D convolution as an implicit GEMM: x (B, C, H, W), w (O, C/groups, kh, kw).
@@ -378,9 +370,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
     ``padding`` is explicit and symmetric (zeros).  Returns (B, O, Ho, Wo) float32, contiguous.
     No im2col is materialised: the kernel derives input coordinates from the GEMM indices.
     """
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if multiplier.is_exact:
-        return torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, groups).contiguous()
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)  # pairs, checked by functional
     device = _check_tensors("conv2d", x=x, w=w)
     if x.dim() != 4 or w.dim() != 4:
         raise ValueError(f"triton.conv2d expects x (B, C, H, W) and w (O, C/groups, kh, kw), got "
@@ -417,3 +407,9 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
                 KH=KH, KW=KW, **_kind_args(multiplier), **meta,
             )
     return out
+
+
+def conv2d_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
+                 multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and weight gradients with approximate products (im2col / col2im around :func:`bmm_nt`)."""
+    return conv2d_grads_via_gemm(grad, x, w, stride, padding, dilation, groups, multiplier, bmm_nt)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mbmlib.data import read_mnist
+from mbmlib.workflow.data import read_mnist
 
 HERE = Path(__file__).resolve().parent
 PER_CLASS = {"train": 50, "t10k": 10}

@@ -15,8 +15,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .multipliers import MultiplierLike
-from .nn import MBMConv2d, MBMLinear
+from ..multipliers import MultiplierLike
+from ..nn import MBMConv2d, MBMLinear
 
 __all__ = ["SeedNet", "LeNet5", "ExampleNet", "MODELS", "build_model", "model_factory", "count_macs"]
 

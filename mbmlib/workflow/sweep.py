@@ -24,29 +24,27 @@ is also the notebooks' working directory.  Needs papermill and pyyaml (the
 """
 from __future__ import annotations
 
-import argparse
+import fnmatch
 import itertools
 import os
 import re
-import sys
 import time
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from .store import write_json
+from . import runtime
+from .store import atomic_write, write_json
 
 __all__ = [
     "repo_root",
     "resolve_results_dir",
     "load_sweep",
-    "parse_overrides",
     "plan_sweep",
     "run_notebook",
     "run_sweep",
     "archive_results",
-    "add_sweep_parser",
-    "add_report_parser",
 ]
 
 KERNEL = "python3"
@@ -112,19 +110,6 @@ def load_sweep(config: str | os.PathLike | Mapping) -> dict:
     return spec
 
 
-def parse_overrides(items: Sequence[str] | None) -> dict:
-    """``["key=value", ...]`` -> dict; values are read as YAML (``512`` is an int, ``[a, b]`` a list, ``null`` None)."""
-    import yaml
-
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return out
-
-
 def _notebook_parameters(path: Path) -> dict:
     import papermill
 
@@ -132,8 +117,6 @@ def _notebook_parameters(path: Path) -> dict:
 
 
 def _runtime_label(params: Mapping) -> str:
-    from . import runtime
-
     return runtime.describe(params.get("device") or "auto")["runtime"]
 
 
@@ -319,11 +302,6 @@ def archive_results(results_dir: str | os.PathLike, archive: str | os.PathLike,
 
     Files matching an ``exclude`` pattern (default: checkpoints and hidden temporaries) are left out.
     """
-    import fnmatch
-    import zipfile
-
-    from .store import atomic_write
-
     results_dir, archive = Path(results_dir).resolve(), Path(archive)
 
     def write(f) -> None:
@@ -334,98 +312,3 @@ def archive_results(results_dir: str | os.PathLike, archive: str | os.PathLike,
                     zf.write(path, Path(results_dir.name) / path.relative_to(results_dir))
 
     return atomic_write(archive, write, mode="wb")
-
-
-# ----------------------------------------------------------------------------- command line
-
-_SWEEP_EPILOG = """\
-sweep file (YAML):
-  sweep: demo                        name of the sweep (default: the file's name)
-  notebook: notebooks/02_train_mnist.ipynb
-  base: {model: seednet, epochs: 1}  parameters of every run
-  grid: {multiplier: [exact, mitchell, mbm]}
-                                     one run per combination of these lists
-  name: "{model}-{multiplier}-{runtime}"
-                                     run name template: parameters, {runtime}, {sweep}
-  after: [notebooks/04_compare_runtimes.ipynb]
-                                     notebooks run once at the end
-
-Parameter names must be those of the notebook's 'parameters' cell. Outputs:
-results/runs/<name>/<notebook>.ipynb per run and results/runs/sweep-<sweep>.json.
-Exit status: 0 if every run succeeded, 1 if any failed, 2 for a bad sweep file.
-
-examples:
-  python -m mbmlib sweep experiments/demo.yaml --dry-run
-  python -m mbmlib sweep experiments/demo.yaml --set train_samples=512 --set multiplier=[exact,mbm]
-"""
-
-
-def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``sweep`` subcommand to an argparse ``subparsers`` object."""
-    p = subparsers.add_parser(
-        "sweep", help="run a notebook over a grid of parameters with papermill (YAML sweep file)",
-        description="Execute a parameterised notebook once per point of a parameter grid (papermill, kernel\n"
-                    "python3, working directory = repository root), keep going past failed runs, then run the\n"
-                    "sweep's 'after' notebooks once and print a summary.",
-        epilog=_SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="the sweep's YAML file, e.g. experiments/demo.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base parameter (value read as YAML: 512, null, [a, b]); a grid key's "
-                        "value replaces that axis; repeatable")
-    p.add_argument("--dry-run", action="store_true", help="list the planned runs and their parameters; run nothing")
-    p.add_argument("--results-dir", default=None,
-                   help="where runs/ and the summary go (default: results/ in the repository root)")
-    p.add_argument("--root", default=None,
-                   help="repository root: notebook paths are relative to it and notebooks run in it "
-                        "(default: found above the sweep file)")
-    p.add_argument("--no-after", dest="run_after", action="store_false",
-                   help="skip the sweep's 'after' notebooks")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds a single notebook cell may run before the run counts as failed (default: none)")
-    p.add_argument("--kernel", default=KERNEL, help=f"Jupyter kernel name (default: {KERNEL})")
-    p.set_defaults(func=_run_sweep_cli)
-    return p
-
-
-def _run_sweep_cli(args) -> int:
-    try:
-        summary = run_sweep(args.config, parse_overrides(args.overrides), dry_run=args.dry_run, root=args.root,
-                            results_dir=args.results_dir, kernel_name=args.kernel, timeout=args.timeout,
-                            run_after=args.run_after)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 1 if summary["failed"] else 0
-
-
-def add_report_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``report`` subcommand: summarise every run and benchmark under a results folder.
-
-    Lives here rather than in :mod:`mbmlib.report` so that building the command line
-    does not import pandas / matplotlib (the ``notebooks`` extra) until ``report`` runs.
-    """
-    p = subparsers.add_parser(
-        "report", help="summarise results/ into summary.csv/.md and comparison figures",
-        description="Read every results/runs/*/metrics.json (+ history.csv) and results/bench/*.json and write\n"
-                    "summary.csv / summary.md, bench_summary.csv / .md and the comparison figures under\n"
-                    "<results>/figures/ (what notebooks/04_compare_runtimes.ipynb does). Unreadable files are\n"
-                    "skipped with a warning.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default="results", help="the results folder to read and write into "
-                                                             "(default: results)")
-    p.add_argument("--no-figures", dest="figures", action="store_false", help="write the tables only")
-    p.set_defaults(func=_run_report_cli)
-    return p
-
-
-def _run_report_cli(args) -> int:
-    from . import plots, report
-
-    results = report.load_results(args.results_dir)
-    out = report.write_summary(args.results_dir, results=results)
-    print(f"{len(out['table'])} run(s), {len(out['bench'])} timed benchmark case(s); wrote {out['csv']}, "
-          f"{out['markdown']}, {out['bench_csv']}, {out['bench_markdown']}")
-    if args.figures:
-        for path in plots.comparison_figures(results, Path(args.results_dir) / "figures"):
-            print(f"wrote {path}")
-    return 0

@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..functional import check_backward
+from ..multipliers import as_multiplier
+from ..nn import MBMConv2d, MBMLinear, convert
 from . import data as mdata
 from . import runtime
-from .bench import compare
-from .functional import check_backward
 from .models import build_model, model_factory
-from .multipliers import as_multiplier
-from .nn import MBMConv2d, MBMLinear, convert
-from .store import atomic_write, read_json, write_json, write_text
+from .store import atomic_write, write_json, write_text
+from .timing import compare
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -434,8 +434,3 @@ def _progress_bar(cfg: TrainConfig, dist_info: Dist, total: int, epoch: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
-
-
-def load_run(run_dir: str | Path) -> dict:
-    """A finished or running run's ``metrics.json`` as a dict."""
-    return read_json(Path(run_dir) / "metrics.json")

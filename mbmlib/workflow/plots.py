@@ -19,6 +19,8 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..multipliers import as_multiplier, error_map
+from .report import runtime_name
 from .store import atomic_write
 
 __all__ = [
@@ -164,8 +166,6 @@ def run_epochs(metrics: dict, path: str | Path) -> Path:
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
     cfg, rt = metrics.get("config") or {}, metrics.get("runtime") or {}
-    from .report import runtime_name
-
     fig.suptitle(f"{name}: {cfg.get('model')} with multiplier {cfg.get('multiplier')} "
                  f"(backward {cfg.get('backward')}) on {runtime_name(rt)}")
     return save_figure(fig, path)
@@ -392,8 +392,6 @@ def error_maps(multipliers: Iterable[str], path: str | Path, bins: int = 256) ->
     one diverging colour scale, centred on 0, is shared by all panels.
     The dashed line x1 + x2 = 1 is where the mantissa sum carries.
     """
-    from .multipliers import as_multiplier, error_map
-
     names = [as_multiplier(m).name for m in multipliers]
     maps = [error_map(m, bins) for m in names]
     lo = min(float(e.min()) for _, e in maps)
@@ -423,8 +421,6 @@ def error_histograms(multipliers: Iterable[str], path: str | Path, bins: int = 5
 
     Dotted vertical lines mark each multiplier's mean (its bias).
     """
-    from .multipliers import as_multiplier, error_map
-
     names = [as_multiplier(m).name for m in multipliers]
     fig = _figure(9, 4.8)
     ax = fig.add_subplot()

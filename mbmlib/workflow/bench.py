@@ -7,21 +7,17 @@ run, because this kind of machine is shared and noisy.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from .. import functional as AF
+from .. import kernels
+from ..multipliers import approx_mul
 from . import runtime
-from .multipliers import approx_mul
 from .store import write_json
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .timing import compare
 
 
 def bench_elementwise(n: int = 10_000_000, device: str = "auto", repeat: int = 7) -> dict:
@@ -68,8 +64,6 @@ REFERENCE_MAC_LIMIT = 1e9  # the eager reference runs at ~0.05 G MAC/s: bigger c
 
 def _layer_case(kind: str, x_shape, w_shape, padding: int, device: torch.device):
     """Inputs, MAC count and call builders (exact, approximate) of one layer case."""
-    from . import functional as AF
-
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*x_shape, generator=gen).to(device)
     w = (torch.randn(*w_shape, generator=gen) * 0.1).to(device)
@@ -91,8 +85,6 @@ def _layer_case(kind: str, x_shape, w_shape, padding: int, device: torch.device)
 
 def available_backends(device: torch.device) -> dict[str, str | None]:
     """Backend name -> None if usable on ``device``, else the reason it is skipped."""
-    from . import kernels
-
     status: dict[str, str | None] = {"reference": None, "compiled": None}
     if device.type != "cuda":
         status["triton"] = "needs a CUDA device"
@@ -103,39 +95,6 @@ def available_backends(device: torch.device) -> dict[str, str | None]:
         except ImportError as err:
             status["triton"] = f"not importable: {err}"
     return status
-
-
-def compare(fns: dict, device: torch.device, baseline: str, rounds: int = 5, warmup: int = 1,
-            rounds_of: dict | None = None) -> dict:
-    """Time several callables interleaved, round by round, against ``fns[baseline]``.
-
-    Each round runs every callable once, so slow phases of a shared machine hit
-    all of them alike; a callable's ratio is the median over rounds of its time
-    divided by the baseline's time in the same round.  ``rounds_of`` caps the
-    rounds of slow callables (they still get ratios from the rounds they ran in).
-    """
-    rounds_of = rounds_of or {}
-    for name, fn in fns.items():
-        for _ in range(0 if rounds_of.get(name, 2) <= 1 else warmup):  # a capped one-off is not warmed up
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    ratios: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(rounds):
-        this_round = {}
-        for name, fn in fns.items():
-            if r >= rounds_of.get(name, rounds):
-                continue
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            this_round[name] = time.perf_counter() - t0
-        for name, t in this_round.items():
-            times[name].append(t)
-            ratios[name].append(t / this_round[baseline])
-    return {name: {"median_s": statistics.median(times[name]), "min_s": min(times[name]),
-                   "repeats": len(times[name]), "ratio_to_exact": statistics.median(ratios[name])}
-            for name in fns}
 
 
 def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
