@@ -14,14 +14,24 @@ import torch
 
 from .. import functional as AF
 from .. import kernels
-from ..multipliers import approx_mul
+from ..multipliers import approx_mul, as_multiplier
 from . import runtime
 from .store import write_json
 from .timing import compare
 
 
+def _check_counts(**counts) -> None:
+    """ValueError unless every count is an integer >= 1 (a zero or negative size measures nothing)."""
+    for name, value in counts.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"{name} must be {'integers' if isinstance(value, (list, tuple)) else 'an integer'} "
+                             f">= 1, got {value!r}")
+
+
 def bench_elementwise(n: int = 10_000_000, device: str = "auto", repeat: int = 7) -> dict:
     """Time ``mitchell_mul`` / ``mbm_mul`` on ``n`` elements against ``torch.mul``, interleaved."""
+    _check_counts(elements=n, repeat=repeat)
     dev = runtime.resolve_device(device)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, generator=gen).to(dev)
@@ -101,10 +111,18 @@ def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
                  multipliers=("mitchell", "mbm"), backends=None, rounds: int = 5,
                  progress: bool = True) -> dict:
     """Time exact vs every backend x multiplier on the SeedNet layers and one square GEMM."""
+    _check_counts(batches=list(batches), rounds=rounds)
+    if gemm_size < 0:
+        raise ValueError(f"gemm_size must be >= 0 (0 skips the GEMM), got {gemm_size}")
+    multipliers = tuple(as_multiplier(m).name for m in multipliers)
     dev = runtime.resolve_device(device)
     status = available_backends(dev)
     if backends is not None:
-        status = {b: status.get(b, "unknown backend") for b in backends}
+        unknown = sorted(set(backends) - set(kernels.BACKENDS))
+        if unknown:
+            raise ValueError(f"unknown backend(s) {', '.join(unknown)}; valid backends are "
+                             f"{', '.join(kernels.BACKENDS)}")
+        status = {b: status[b] for b in backends}
     cases = [(f"{n}@b{b}", kind, (b, *xs), ws, pad) for b in batches for n, kind, xs, ws, pad in SEEDNET_LAYERS]
     if gemm_size:
         cases.append((f"gemm{gemm_size}", "gemm", (gemm_size, gemm_size), (gemm_size, gemm_size), 0))
@@ -130,5 +148,6 @@ def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
             if progress:
                 print(f"{case:>20} {mult:>9} {backend:>9}: {rows[-1]['G_MAC_per_s']:8.3f} G MAC/s "
                       f"({r['ratio_to_exact']:5.1f}x exact)", flush=True)
-    return {"benchmark": "layers", "batches": list(batches), "gemm_size": gemm_size, "rounds": rounds,
+    subset = "" if backends is None else "-" + "-".join(backends)  # a partial run never replaces the full one
+    return {"benchmark": f"layers{subset}", "batches": list(batches), "gemm_size": gemm_size, "rounds": rounds,
             "results": rows}

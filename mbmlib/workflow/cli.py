@@ -1,19 +1,29 @@
-"""Command line: ``python -m mbmlib bench|train|sweep``."""
+"""Command line: ``python -m mbmlib train|bench|sweep|report``.
+
+:func:`main` is the one error boundary: every expected failure becomes a one-line
+message on stderr and a documented exit status (see ``EXIT_CODES``).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-
 from pathlib import Path
 from typing import Sequence
 
 from . import bench
+from .config import add_config_arguments, config_from_args
 from .sweep import KERNEL, run_sweep
+from .train import TrainingDiverged, train
+
+EXIT_CODES = """exit status: 0 done, 1 training diverged (loss NaN/inf), 2 bad input (options, files, data),
+3 interrupted or another failure (MBMLIB_DEBUG=1 shows its traceback)"""
 
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure throughput on this machine and write JSON to results/bench/",
-                       description="Time exact vs approximate ops in one run; ratios are to the exact op.")
+                       description="Time exact vs approximate ops in one run; ratios are to the exact op.",
+                       epilog=EXIT_CODES)
     p.add_argument("what", nargs="?", default="all", choices=["all", "elementwise", "layers"],
                    help="which benchmark to run (default: all)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
@@ -44,72 +54,18 @@ def _run_bench(args) -> int:
 
 
 def _add_train(sub) -> None:
-    from ..multipliers import MAX_TRUNCATION
-
     p = sub.add_parser(
         "train", help="train a model on MNIST with an approximate multiplier",
         description="Train / validate / test a small CNN on MNIST with every multiplication approximate. "
                     "Writes results/runs/<run-name>/ (config.json, metrics.json, history.csv, checkpoint.pt). "
                     "Under `torchrun --nproc-per-node N` it trains with DistributedDataParallel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model and arithmetic")
-    g.add_argument("--preset", choices=["seed"], default=None,
-                   help="'seed': the original experiment (SeedNet, batch 16, Adam lr 3e-3, StepLR(7, 0.1), "
-                        "stratified 80/20 split with seed 123); explicit options override it")
-    g.add_argument("--model", default=None, help="seednet, lenet5 or example (default: seednet)")
-    g.add_argument("--multiplier", default=None,
-                   help=f"exact, mitchell, mbm, or with truncation mbm-t16 / mitchell-t8 (t = 0..{MAX_TRUNCATION}); "
-                        "default: mbm")
-    g.add_argument("--backward", choices=["exact", "approx"], default=None,
-                   help="gradient products exact (straight-through) or approximate too (default: exact)")
-    g.add_argument("--exact-linear", dest="approx_linear", action="store_false", default=None,
-                   help="keep the linear layers exact (only convolutions approximate)")
-    g.add_argument("--backend", choices=["auto", "reference", "compiled", "triton"], default=None,
-                   help="kernel backend (default: auto, or env MBMLIB_BACKEND)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="epochs (default: 1)")
-    g.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: 16)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3)")
-    g.add_argument("--optimizer", choices=["adam", "sgd"], default=None, help="optimiser (default: adam)")
-    g.add_argument("--step-size", type=int, default=None, help="StepLR step size in epochs (default: 7)")
-    g.add_argument("--gamma", type=float, default=None, help="StepLR decay factor (default: 0.1)")
-    g.add_argument("--seed", type=int, default=None, help="seed for initialisation, shuffling, dropout (default: 0)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in total")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=None,
-                   help="torchvision-style root holding MNIST/raw/ (default: env MBMLIB_DATA, else ./data)")
-    g.add_argument("--data-csv", default=None, help="train from a Kaggle-style CSV (label + 784 pixels) instead")
-    g.add_argument("--train-samples", type=int, default=None,
-                   help="use a stratified subset of this many training samples (default: all 48000)")
-    g.add_argument("--val-samples", type=int, default=None, help="stratified subset of the validation split")
-    g.add_argument("--test-samples", type=int, default=None, help="stratified subset of the test set")
-    g.add_argument("--split-seed", type=int, default=None, help="seed of the stratified split (default: 123)")
-    g = p.add_argument_group("run and output")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: auto)")
-    g.add_argument("--run-name", default=None,
-                   help="folder name under --results-dir (default: <model>-<multiplier>-<backward>-b<batch>-<runtime>)")
-    g.add_argument("--results-dir", default=None, help="where run folders go (default: results/runs)")
-    g.add_argument("--resume", action="store_true", default=None, help="continue the run from its last checkpoint")
-    g.add_argument("--log-interval", type=int, default=None, help="log the loss every N steps (default: 100)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bar: one log line per epoch (for notebooks and logs)")
-    g.add_argument("--speed-ratio-steps", type=int, default=None,
-                   help="steps used to time the model against its exact twin at the end (0 = skip; default: 10)")
+        epilog=EXIT_CODES)
+    add_config_arguments(p)
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> int:
-    from .train import TrainingDiverged, config_with_preset, train
-
-    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "preset")}
-    if options.get("backend") == "auto":
-        options["backend"] = None
-    try:
-        cfg = config_with_preset(args.preset, **options)
-        train(cfg)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, TrainingDiverged) else 2
+    train(config_from_args(args))
     return 0
 
 
@@ -122,7 +78,11 @@ def parse_overrides(items: Sequence[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(err).split())}); "
+                             "quote it or fix the brackets, e.g. --set 'multiplier=[exact, mbm]'") from None
     return out
 
 
@@ -177,13 +137,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_sweep_cli(args) -> int:
-    try:
-        summary = run_sweep(args.config, parse_overrides(args.overrides), dry_run=args.dry_run, root=args.root,
-                            results_dir=args.results_dir, kernel_name=args.kernel, timeout=args.timeout,
-                            run_after=args.run_after)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    summary = run_sweep(args.config, parse_overrides(args.overrides), dry_run=args.dry_run, root=args.root,
+                        results_dir=args.results_dir, kernel_name=args.kernel, timeout=args.timeout,
+                        run_after=args.run_after)
     return 1 if summary["failed"] else 0
 
 
@@ -208,6 +164,9 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
 def _run_report_cli(args) -> int:
     from . import plots, report  # pandas and matplotlib (the notebooks extra): only when a report is asked for
 
+    if not Path(args.results_dir).is_dir():
+        raise FileNotFoundError(f"results folder {args.results_dir} does not exist; pass --results-dir with the "
+                                "folder that holds runs/ and bench/")
     results = report.load_results(args.results_dir)
     out = report.write_summary(args.results_dir, results=results)
     print(f"{len(out['table'])} run(s), {len(out['bench'])} timed benchmark case(s); wrote {out['csv']}, "
@@ -230,8 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; expected failures become one line on stderr and the exit status of ``EXIT_CODES``."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as err:
+        if os.environ.get("MBMLIB_DEBUG") == "1":
+            raise
+        code, message = _failure(err)
+    except KeyboardInterrupt:
+        code, message = 3, "interrupted; a run continues from its last finished epoch with --resume"
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _failure(err: Exception) -> tuple[int, str]:
+    """(exit status, message) of an exception that ended a command."""
+    if isinstance(err, TrainingDiverged):
+        return 1, str(err)
+    if isinstance(err, OSError) and err.filename is not None:
+        return 2, f"cannot create or open {err.filename}: {err.strerror}; check the path given (e.g. --results-dir)"
+    if isinstance(err, (ValueError, TypeError, FileNotFoundError)):
+        return 2, str(err)
+    first = (str(err).splitlines() or [""])[0]
+    return 3, f"{type(err).__name__}: {first} (MBMLIB_DEBUG=1 shows the traceback)"
 
 
 if __name__ == "__main__":

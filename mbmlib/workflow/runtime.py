@@ -13,12 +13,20 @@ import torch
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` means CUDA when available, else CPU; anything else is passed to torch."""
+    """``"auto"`` means CUDA when available, else CPU; anything else must name a device this machine has.
+
+    ValueError (with what to use instead) for a name torch does not know or a CUDA device that is absent.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or auto") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu or auto")
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 
 

@@ -47,3 +47,16 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files a killed writer left in ``folder``; returns what was removed.
+
+    Call it only where no other process is writing (e.g. when a run is resumed: one writer per run folder).
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed

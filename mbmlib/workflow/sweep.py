@@ -86,7 +86,10 @@ def load_sweep(config: str | os.PathLike | Mapping) -> dict:
         if not source.is_file():
             raise FileNotFoundError(f"sweep file {source} does not exist")
         with open(source) as f:
-            spec = yaml.safe_load(f) or {}
+            try:
+                spec = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{source} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(spec, dict):
             raise ValueError(f"{source}: a sweep file is a mapping with keys notebook, base, grid, name, after")
     known = {"sweep", "notebook", "base", "grid", "name", "after", "description"}
@@ -96,6 +99,10 @@ def load_sweep(config: str | os.PathLike | Mapping) -> dict:
                          f"valid keys are {', '.join(sorted(known))}")
     if not spec.get("notebook"):
         raise ValueError("the sweep description needs 'notebook': the notebook to run for every grid point")
+    for key in ("base", "grid"):
+        if not isinstance(spec.get(key) or {}, Mapping):
+            raise ValueError(f"'{key}' must be a mapping of parameter names to values (e.g. {key}: "
+                             f"{{multiplier: [exact, mbm]}}), got {spec[key]!r}")
     spec["base"] = dict(spec.get("base") or {})
     grid = dict(spec.get("grid") or {})
     for key, values in grid.items():

@@ -3,9 +3,12 @@
 A run writes ``<results_dir>/<run_name>/`` with ``config.json``, ``metrics.json``
 (per-epoch and final figures plus the runtime description) and ``history.csv``
 (step, epoch, loss, lr, elapsed), all written atomically, and a checkpoint
-after every epoch that ``resume=True`` continues from.  Under ``torchrun`` the
-same loop trains with DistributedDataParallel, each rank on its own shard and
-rank 0 writing the results.
+after every epoch that ``resume=True`` continues from.  A run folder belongs to
+one config: a rerun into it is refused unless it resumes that very config or
+asks to ``overwrite`` (the old folder is then moved to ``<results>/.replaced/``
+first, so nothing is lost or mixed).  Under ``torchrun`` the same loop trains
+with DistributedDataParallel, each rank on its own shard and rank 0 writing the
+results.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import functools
 import io
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,97 +29,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..functional import check_backward
 from ..multipliers import as_multiplier
 from ..nn import MBMConv2d, MBMLinear, convert
 from . import data as mdata
 from . import runtime
-from .models import build_model, model_factory
-from .store import atomic_write, write_json, write_text
+from .config import PRESETS, TrainConfig, config_with_preset, default_run_name, identity_differences
+from .models import build_model
+from .store import atomic_write, read_json, remove_stale_temporaries, write_json, write_text
 from .timing import compare
 
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "train", "evaluate",
+           "TrainingDiverged", "RunFolderError", "CHECKPOINT"]
 
-# The original experiment's hyper-parameters (SPEC.md section 2).
-PRESETS = {
-    "seed": dict(model="seednet", batch_size=16, lr=3e-3, optimizer="adam", step_size=7, gamma=0.1,
-                 split_seed=123, val_fraction=0.2),
-}
+CHECKPOINT = "checkpoint.pt"
+REPLACED = ".replaced"  # where --overwrite moves an earlier run, inside the results folder
+_RUN_FILES = ("config.json", "metrics.json", "history.csv", CHECKPOINT)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the run is stopped and its results say so."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; saved as ``config.json``."""
-
-    model: str = "seednet"
-    multiplier: str = "mbm"
-    backward: str = "exact"
-    approx_linear: bool = True
-    backend: Optional[str] = None
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 3e-3
-    optimizer: str = "adam"
-    step_size: int = 7
-    gamma: float = 0.1
-    seed: int = 0
-    split_seed: int = 123
-    val_fraction: float = 0.2
-    device: str = "auto"
-    data_dir: Optional[str] = None
-    data_csv: Optional[str] = None
-    train_samples: Optional[int] = None
-    val_samples: Optional[int] = None
-    test_samples: Optional[int] = None
-    max_steps: Optional[int] = None
-    log_interval: int = 100
-    run_name: Optional[str] = None
-    results_dir: str = "results/runs"
-    resume: bool = False
-    progress: bool = True
-    speed_ratio_steps: int = 10
-    preset: Optional[str] = None
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> "TrainConfig":
-        """Check values early (before any data is loaded), with messages that say what to change."""
-        model_factory(self.model)
-        as_multiplier(self.multiplier)
-        check_backward(self.backward)
-        for name in ("epochs", "batch_size", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("train_samples", "val_samples", "test_samples", "max_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number (or omitted), got {value}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        return self
-
-
-def config_with_preset(preset: Optional[str] = None, **overrides) -> TrainConfig:
-    """A config from the defaults, then the preset's values, then explicit ``overrides`` (not None)."""
-    values = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; valid presets are {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
-        values["preset"] = preset
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values).validate()
-
-
-def default_run_name(cfg: TrainConfig, runtime_label: str) -> str:
-    """e.g. ``seednet-mbm-exact-b16-cpu-amd-epyc``."""
-    name = f"{cfg.model}-{as_multiplier(cfg.multiplier).name}-{cfg.backward}-b{cfg.batch_size}-{runtime_label}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+class RunFolderError(ValueError):
+    """The run folder holds another run (or an unreadable checkpoint); the message says what to pass instead."""
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -187,6 +121,8 @@ def _load_data(cfg: TrainConfig, device: torch.device) -> mdata.MNISTData:
         train_idx, val_idx = mdata.stratified_split(y, cfg.val_fraction, cfg.split_seed)
         if cfg.train_samples:
             train_idx = train_idx[mdata.stratified_subset(y[train_idx], cfg.train_samples, cfg.split_seed)]
+        if cfg.val_samples:
+            val_idx = val_idx[mdata.stratified_subset(y[val_idx], cfg.val_samples, cfg.split_seed)]
         data = mdata.MNISTData(x[train_idx], y[train_idx], x[val_idx], y[val_idx], x[val_idx[:0]], y[val_idx[:0]],
                                train_idx, val_idx)
         return data.to(device)
@@ -278,8 +214,81 @@ def _log(msg: str, dist_info: Dist) -> None:
         print(msg, flush=True)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the training described by ``cfg``; return the final metrics (also written to disk)."""
+# ----------------------------------------------------------------------------- the run folder
+
+
+def claim_run_folder(cfg: TrainConfig, run_dir: Path) -> None:
+    """Make ``run_dir`` this config's: refuse another run's folder, check a resume, move aside on overwrite."""
+    holds_run = any((run_dir / name).exists() for name in _RUN_FILES)
+    if cfg.resume:
+        if not (run_dir / CHECKPOINT).exists():
+            raise RunFolderError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}; run without --resume first, "
+                                 "or pass the --run-name of the run to continue")
+        _check_same_config(cfg, run_dir)
+        remove_stale_temporaries(run_dir)
+    elif holds_run and cfg.overwrite:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        aside = run_dir.parent / REPLACED / f"{run_dir.name}-{stamp}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run_dir, aside)
+        print(f"--overwrite: moved the earlier run {run_dir.name} to {aside}", flush=True)
+    elif holds_run:
+        raise RunFolderError(f"run folder {run_dir} already holds a run; pass --resume to continue it, "
+                             "--overwrite to replace it (the old one is moved aside), or another --run-name")
+
+
+def _check_same_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """RunFolderError unless the saved config equals ``cfg`` in everything but epochs and run control."""
+    try:
+        saved = read_json(run_dir / "config.json")
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"--resume: cannot read {run_dir / 'config.json'} ({err}); the run cannot be "
+                             "continued safely: use --overwrite to start it again") from err
+    diffs = identity_differences(saved, cfg)
+    if diffs:
+        listed = ", ".join(f"{k}: {old!r} in the run, {new!r} now" for k, (old, new) in diffs.items())
+        raise RunFolderError(f"--resume: the run {run_dir.name} was started with another config ({listed}); "
+                             "resume with the same options (only --epochs may change), or use another --run-name")
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # a truncated or foreign file: pickle, zip and torch errors all mean the same here
+        raise RunFolderError(f"checkpoint {path} cannot be read ({type(err).__name__}); it is damaged: use "
+                             "--overwrite to start the run again") from err
+
+
+# ----------------------------------------------------------------------------- one session
+
+
+@dataclass
+class Session:
+    """Everything one run holds while it trains: config, device, data, model, optimiser and its records."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dist: Dist
+    info: dict
+    writer: RunWriter
+    data: mdata.MNISTData
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    history: list = field(default_factory=list)
+    epochs: list = field(default_factory=list)
+    start_epoch: int = 1
+    global_step: int = 0
+    elapsed_before: float = 0.0
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def _setup(cfg: TrainConfig) -> Session:
+    """Validate, pick the device, claim the run folder, load data, build model and optimiser; resume if asked."""
     cfg.validate()
     device = runtime.resolve_device(cfg.device)
     dist_info = init_distributed(device)
@@ -289,7 +298,8 @@ def train(cfg: TrainConfig) -> dict:
     info = runtime.describe(device)
     run_name = cfg.run_name or default_run_name(cfg, info["runtime"])
     writer = RunWriter(Path(cfg.results_dir) / run_name, dist_info.is_main)
-
+    if dist_info.is_main:
+        claim_run_folder(cfg, writer.dir)
     torch.manual_seed(cfg.seed)
     data = _load_data(cfg, device)
     model = build_model(cfg.model, multiplier=cfg.multiplier, backward=cfg.backward,
@@ -299,122 +309,141 @@ def train(cfg: TrainConfig) -> dict:
     train_model = model
     if dist_info.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    history: list[dict] = []
-    epochs: list[dict] = []
-    start_epoch, global_step, elapsed_before = 1, 0, 0.0
-    ckpt_path = writer.dir / CHECKPOINT
+    s = Session(cfg, device, dist_info, info, writer, data, model, train_model, optimizer, scheduler)
     if cfg.resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; run without --resume first, "
-                                    "or pass the --run-name of the run to continue")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        history, epochs, elapsed_before = state["history"], state["epochs"], state["elapsed"]
-        _log(f"resuming {run_name} after epoch {state['epoch']} (step {global_step})", dist_info)
+        _restore(s, _load_checkpoint(writer.dir / CHECKPOINT, device))
+        _log(f"resuming {run_name} after epoch {s.start_epoch - 1} (step {s.global_step})", dist_info)
     writer.config(cfg)
+    return s
 
-    n_train = len(data.y_train)
-    steps_per_epoch = mdata.num_batches(n_train, cfg.batch_size, world_size=dist_info.world_size)
-    metrics = {"run_name": run_name, "status": "running", "config": dataclasses.asdict(cfg), "runtime": info,
-               "world_size": dist_info.world_size, "data": data.sizes(), "epochs": epochs}
-    _log(f"run {run_name}: {cfg.model} with multiplier {as_multiplier(cfg.multiplier).name} "
-         f"(backward {cfg.backward}) on {info['device_name']} ({info['device']}), "
-         f"{n_train} training samples, {steps_per_epoch} steps/epoch", dist_info)
-    _warm_up(model, data.x_train, data.y_train, cfg.batch_size)
-    t_start = time.perf_counter() - elapsed_before
-    stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if cfg.max_steps is not None and global_step >= cfg.max_steps:
-            stopped_early = True
-            break
-        train_model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # same shuffle on every rank and on resume
-        bar = _progress_bar(cfg, dist_info, steps_per_epoch, epoch)
-        t_epoch, seen, loss_sum, steps_this_epoch = time.perf_counter(), 0, 0.0, 0
-        for xb, yb in mdata.batches(data.x_train, data.y_train, cfg.batch_size, shuffle=True, generator=gen,
-                                    rank=dist_info.rank, world_size=dist_info.world_size):
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(train_model(xb), yb)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                metrics.update(status="diverged", error=f"loss became {loss_value} at epoch {epoch}, "
-                                                        f"step {global_step + 1}")
-                writer.metrics(metrics)
-                writer.history(history)
-                raise TrainingDiverged(
-                    f"training stopped: the loss became {loss_value} at epoch {epoch}, step {global_step + 1} "
-                    f"(multiplier {cfg.multiplier}, lr {optimizer.param_groups[0]['lr']:g}). Try a lower --lr, "
-                    "or backward 'exact'; the history up to here is in " + str(writer.dir))
-            loss.backward()
-            optimizer.step()
-            global_step += 1
-            steps_this_epoch += 1
-            seen += len(yb)
-            loss_sum += loss_value * len(yb)
-            history.append({"step": global_step, "epoch": epoch, "loss": loss_value,
-                            "lr": optimizer.param_groups[0]["lr"], "elapsed": round(time.perf_counter() - t_start, 4)})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            if global_step % cfg.log_interval == 0 or steps_this_epoch == steps_per_epoch:
-                done = min(seen * dist_info.world_size, n_train)
-                msg = (f"Train Epoch: {epoch} [{done}/{n_train} ({100.0 * done / n_train:.0f}%)] "
-                       f"Loss: {loss_value:.6f}")
-                (bar.write(msg) if bar is not None else _log(msg, dist_info))
-            if cfg.max_steps is not None and global_step >= cfg.max_steps:
-                stopped_early = True
-                break
+
+def _restore(s: Session, state: dict) -> None:
+    """Put a checkpoint's weights, optimiser, schedule, RNG and records back into the session."""
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if s.device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], s.device)
+    s.start_epoch, s.global_step = state["epoch"] + 1, state["global_step"]
+    s.history, s.epochs, s.elapsed_before = state["history"], state["epochs"], state["elapsed"]
+
+
+def _save_checkpoint(s: Session, epoch: int, elapsed: float) -> None:
+    s.writer.checkpoint({"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+                         "scheduler": s.scheduler.state_dict(), "epoch": epoch, "global_step": s.global_step,
+                         "history": s.history, "epochs": s.epochs, "elapsed": elapsed,
+                         "rng_cpu": torch.get_rng_state(),
+                         "rng_cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None})
+
+
+def _diverged(s: Session, metrics: dict, loss_value: float, epoch: int) -> TrainingDiverged:
+    """Record a non-finite loss in the run's files and return the error to raise."""
+    where = f"epoch {epoch}, step {s.global_step + 1}"
+    metrics.update(status="diverged", error=f"loss became {loss_value} at {where}")
+    s.writer.metrics(metrics)
+    s.writer.history(s.history)
+    return TrainingDiverged(f"training stopped: the loss became {loss_value} at {where} (multiplier "
+                            f"{s.cfg.multiplier}, lr {s.lr:g}). Try a lower --lr, or backward 'exact'; the history "
+                            f"up to here is in {s.writer.dir}")
+
+
+def _train_epoch(s: Session, epoch: int, metrics: dict, t_start: float) -> tuple[dict, bool]:
+    """One pass over this rank's shard; returns (the epoch's training figures, whether max_steps stopped it)."""
+    cfg, n_train = s.cfg, len(s.data.y_train)
+    steps_per_epoch = mdata.num_batches(n_train, cfg.batch_size, world_size=s.dist.world_size)
+    s.train_model.train()
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # same shuffle on every rank and on resume
+    bar = _progress_bar(cfg, s.dist, steps_per_epoch, epoch)
+    t_epoch, seen, loss_sum, steps, stopped = time.perf_counter(), 0, 0.0, 0, False
+    for xb, yb in mdata.batches(s.data.x_train, s.data.y_train, cfg.batch_size, shuffle=True, generator=gen,
+                                rank=s.dist.rank, world_size=s.dist.world_size):
+        s.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(s.train_model(xb), yb)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise _diverged(s, metrics, loss_value, epoch)
+        loss.backward()
+        s.optimizer.step()
+        s.global_step, steps, seen, loss_sum = s.global_step + 1, steps + 1, seen + len(yb), loss_sum + loss_value * len(yb)
+        s.history.append({"step": s.global_step, "epoch": epoch, "loss": loss_value, "lr": s.lr,
+                          "elapsed": round(time.perf_counter() - t_start, 4)})
         if bar is not None:
-            bar.close()
-        epoch_time = time.perf_counter() - t_epoch
-        scheduler.step()
-        val = evaluate(model, data.x_val, data.y_val)
-        record = {"epoch": epoch, "steps": steps_this_epoch, "train_loss": _all_mean(loss_sum / max(1, seen),
-                                                                                    dist_info, device),
-                  "val_loss": val["loss"], "val_accuracy": val["accuracy"], "epoch_time_s": epoch_time,
-                  "samples": seen * dist_info.world_size,
-                  "samples_per_s": seen * dist_info.world_size / epoch_time,
-                  "time_per_sample_s": epoch_time / max(1, seen * dist_info.world_size)}
-        epochs.append(record)
-        _log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, val loss {val['loss']:.4f}, "
-             f"val accuracy {val['accuracy']:.2f}%, {epoch_time:.1f} s, {record['samples_per_s']:.0f} samples/s",
-             dist_info)
-        elapsed = time.perf_counter() - t_start
-        writer.checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch, "global_step": global_step,
-                           "history": history, "epochs": epochs, "elapsed": elapsed,
-                           "rng_cpu": torch.get_rng_state(),
-                           "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
-        metrics.update(epochs=epochs, elapsed_s=elapsed)
-        writer.metrics(metrics)
-        writer.history(history)
-        if stopped_early:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        if s.global_step % cfg.log_interval == 0 or steps == steps_per_epoch:
+            done = min(seen * s.dist.world_size, n_train)
+            msg = f"Train Epoch: {epoch} [{done}/{n_train} ({100.0 * done / n_train:.0f}%)] Loss: {loss_value:.6f}"
+            (bar.write(msg) if bar is not None else _log(msg, s.dist))
+        if cfg.max_steps is not None and s.global_step >= cfg.max_steps:
+            stopped = True
             break
+    if bar is not None:
+        bar.close()
+    epoch_time, samples = time.perf_counter() - t_epoch, seen * s.dist.world_size
+    return {"epoch": epoch, "steps": steps, "train_loss": _all_mean(loss_sum / max(1, seen), s.dist, s.device),
+            "epoch_time_s": epoch_time, "samples": samples, "samples_per_s": samples / epoch_time,
+            "time_per_sample_s": epoch_time / max(1, samples)}, stopped
 
-    final = _final_metrics(cfg, model, data, epochs, device)
-    if dist_info.is_main and cfg.speed_ratio_steps > 0:
-        final["speed"] = _step_time_ratio(model, data.x_train, data.y_train, cfg.batch_size,
-                                          cfg.speed_ratio_steps, device)
-    metrics.update(status="finished", stopped_at_max_steps=stopped_early, global_step=global_step,
+
+def _end_epoch(s: Session, record: dict, metrics: dict, t_start: float) -> None:
+    """Step the schedule, validate, log, and write the checkpoint and the records of this epoch."""
+    s.scheduler.step()
+    val = evaluate(s.model, s.data.x_val, s.data.y_val)
+    record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+    s.epochs.append(record)
+    _log(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val['loss']:.4f}, "
+         f"val accuracy {val['accuracy']:.2f}%, {record['epoch_time_s']:.1f} s, "
+         f"{record['samples_per_s']:.0f} samples/s", s.dist)
+    elapsed = time.perf_counter() - t_start
+    _save_checkpoint(s, record["epoch"], elapsed)
+    metrics.update(epochs=s.epochs, elapsed_s=elapsed)
+    s.writer.metrics(metrics)
+    s.writer.history(s.history)
+
+
+def _finish(s: Session, metrics: dict, stopped_early: bool, t_start: float) -> dict:
+    """Final validation/test figures, the approx-vs-exact step time, and the finished metrics."""
+    cfg = s.cfg
+    final = _final_metrics(s.model, s.data, s.epochs)
+    if s.dist.is_main and cfg.speed_ratio_steps > 0:
+        final["speed"] = _step_time_ratio(s.model, s.data.x_train, s.data.y_train, cfg.batch_size,
+                                          cfg.speed_ratio_steps, s.device)
+    metrics.update(status="finished", stopped_at_max_steps=stopped_early, global_step=s.global_step,
                    elapsed_s=time.perf_counter() - t_start, final=final,
                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    writer.metrics(metrics)
-    writer.history(history)
+    s.writer.metrics(metrics)
+    s.writer.history(s.history)
     _log(f"finished: val accuracy {final['val_accuracy']:.2f}%"
          + (f", test accuracy {final['test_accuracy']:.2f}%" if final.get("test_accuracy") is not None else "")
-         + f"; results in {writer.dir}", dist_info)
+         + f"; results in {s.writer.dir}", s.dist)
     return metrics
 
 
-def _final_metrics(cfg: TrainConfig, model: nn.Module, data: mdata.MNISTData, epochs: list[dict],
-                   device: torch.device) -> dict:
+def train(cfg: TrainConfig) -> dict:
+    """Run the training described by ``cfg``; return the final metrics (also written to disk)."""
+    s = _setup(cfg)
+    n_train = len(s.data.y_train)
+    metrics = {"run_name": s.writer.dir.name, "status": "running", "config": dataclasses.asdict(cfg),
+               "runtime": s.info, "world_size": s.dist.world_size, "data": s.data.sizes(), "epochs": s.epochs}
+    _log(f"run {s.writer.dir.name}: {cfg.model} with multiplier {as_multiplier(cfg.multiplier).name} "
+         f"(backward {cfg.backward}) on {s.info['device_name']} ({s.info['device']}), {n_train} training samples, "
+         f"{mdata.num_batches(n_train, cfg.batch_size, world_size=s.dist.world_size)} steps/epoch", s.dist)
+    _warm_up(s.model, s.data.x_train, s.data.y_train, cfg.batch_size)
+    t_start = time.perf_counter() - s.elapsed_before
+    stopped_early = False
+    for epoch in range(s.start_epoch, cfg.epochs + 1):
+        if cfg.max_steps is not None and s.global_step >= cfg.max_steps:
+            stopped_early = True
+            break
+        record, stopped_early = _train_epoch(s, epoch, metrics, t_start)
+        _end_epoch(s, record, metrics, t_start)
+        if stopped_early:
+            break
+    return _finish(s, metrics, stopped_early, t_start)
+
+
+def _final_metrics(model: nn.Module, data: mdata.MNISTData, epochs: list[dict]) -> dict:
     val = evaluate(model, data.x_val, data.y_val)
     test = evaluate(model, data.x_test, data.y_test) if len(data.y_test) else None
     train_time = sum(e["epoch_time_s"] for e in epochs)
