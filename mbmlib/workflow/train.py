@@ -119,9 +119,9 @@ def _load_data(cfg: TrainConfig, device: torch.device) -> mdata.MNISTData:
     if cfg.data_csv:
         x, y = mdata.load_csv(cfg.data_csv)
         train_idx, val_idx = mdata.stratified_split(y, cfg.val_fraction, cfg.split_seed)
-        if cfg.train_samples:
+        if cfg.train_samples and cfg.train_samples != len(train_idx):
             train_idx = train_idx[mdata.stratified_subset(y[train_idx], cfg.train_samples, cfg.split_seed)]
-        if cfg.val_samples:
+        if cfg.val_samples and cfg.val_samples != len(val_idx):
             val_idx = val_idx[mdata.stratified_subset(y[val_idx], cfg.val_samples, cfg.split_seed)]
         data = mdata.MNISTData(x[train_idx], y[train_idx], x[val_idx], y[val_idx], x[val_idx[:0]], y[val_idx[:0]],
                                train_idx, val_idx)
