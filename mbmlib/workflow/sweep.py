@@ -246,8 +246,33 @@ def run_sweep(config: str | os.PathLike | Mapping, overrides: Optional[Mapping] 
     root = repo_root(root)
     results = resolve_results_dir(results_dir or "results", root)
     runs = plan_sweep(spec, overrides, root, results)
+    after = _plan_after(spec, root, results) if run_after else []
+    summary = {"sweep": spec["sweep"], "config": spec["_source"], "notebook": spec["notebook"],
+               "root": str(root), "results_dir": str(results), "overrides": dict(overrides or {}),
+               "dry_run": dry_run, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "finished_at": None, "elapsed_s": 0.0, "ok": 0, "failed": 0,
+               "runs": [{**r, "status": "planned", "seconds": None, "error": None} for r in runs],
+               "after": [{**r, "status": "planned", "seconds": None, "error": None} for r in after]}
+    if dry_run:
+        log(f"sweep {spec['sweep']} (dry run): {len(runs)} run(s) of {spec['notebook']}, then "
+            f"{len(after)} notebook(s) once; outputs under {results}")
+        for r in summary["runs"] + summary["after"]:
+            log(f"  {r['name']}: " + ", ".join(f"{k}={v!r}" for k, v in r["parameters"].items()))
+        return summary
+    if spec.get("description"):
+        log(f"sweep {spec['sweep']}: {spec['description']}")
+    summary_path = results / "runs" / f"sweep-{spec['sweep']}.json"
+    _execute(summary, root, kernel_name, timeout, summary_path, log)
+    summary["summary_path"] = str(summary_path)
+    _print_summary(summary, log)
+    log(f"summary: {summary_path}")
+    return summary
+
+
+def _plan_after(spec: Mapping, root: Path, results: Path) -> list[dict]:
+    """The sweep's ``after`` notebooks as runs (each gets the results folder if it takes one)."""
     after = []
-    for entry in spec["after"] if run_after else []:
+    for entry in spec["after"]:
         if isinstance(entry, str):
             nb_rel, params = entry, {}
         else:
@@ -259,24 +284,14 @@ def run_sweep(config: str | os.PathLike | Mapping, overrides: Optional[Mapping] 
             params["results_dir"] = str(results)
         after.append({"name": f"after:{nb.stem}", "notebook": str(nb), "parameters": params,
                       "output": str(results / "runs" / f"sweep-{spec['sweep']}-{nb.stem}.ipynb")})
-    summary = {"sweep": spec["sweep"], "config": spec["_source"], "notebook": spec["notebook"],
-               "root": str(root), "results_dir": str(results), "overrides": dict(overrides or {}),
-               "dry_run": dry_run, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "finished_at": None, "elapsed_s": 0.0, "ok": 0, "failed": 0,
-               "runs": [{**r, "status": "planned", "seconds": None, "error": None} for r in runs],
-               "after": [{**r, "status": "planned", "seconds": None, "error": None} for r in after]}
-    summary_path = results / "runs" / f"sweep-{spec['sweep']}.json"
-    if dry_run:
-        log(f"sweep {spec['sweep']} (dry run): {len(runs)} run(s) of {spec['notebook']}, then "
-            f"{len(after)} notebook(s) once; outputs under {results}")
-        for r in summary["runs"] + summary["after"]:
-            log(f"  {r['name']}: " + ", ".join(f"{k}={v!r}" for k, v in r["parameters"].items()))
-        return summary
+    return after
 
+
+def _execute(summary: dict, root: Path, kernel_name: str, timeout: Optional[float], summary_path: Path,
+             log: Callable[[str], None]) -> None:
+    """Run every planned notebook in turn, updating and writing the summary after each one."""
     t_start = time.perf_counter()
     todo = summary["runs"] + summary["after"]
-    if spec.get("description"):
-        log(f"sweep {spec['sweep']}: {spec['description']}")
     try:
         for i, r in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {r['name']}: running {Path(r['notebook']).name}")
@@ -297,10 +312,6 @@ def run_sweep(config: str | os.PathLike | Mapping, overrides: Optional[Mapping] 
         summary["elapsed_s"] = round(time.perf_counter() - t_start, 2)
         summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(summary_path, summary)
-    summary["summary_path"] = str(summary_path)
-    _print_summary(summary, log)
-    log(f"summary: {summary_path}")
-    return summary
 
 
 def archive_results(results_dir: str | os.PathLike, archive: str | os.PathLike,
