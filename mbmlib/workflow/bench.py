@@ -55,8 +55,12 @@ def stamp(report: dict, device: str = "auto") -> dict:
 
 
 def save_report(report: dict, out_dir: str | Path = "results/bench") -> Path:
-    """Write a stamped report as ``<benchmark>-<runtime>.json`` (atomically)."""
-    name = f"{report['benchmark']}-{report['runtime']['runtime']}.json"
+    """Write a stamped report as ``<benchmark>[-<backends>]-<runtime>.json`` (atomically).
+
+    A run limited to some backends gets their names in the file name, so it never replaces the full report.
+    """
+    subset = "".join(f"-{b}" for b in report.get("backends") or [])
+    name = f"{report['benchmark']}{subset}-{report['runtime']['runtime']}.json"
     return write_json(Path(out_dir) / name, report)
 
 
@@ -148,6 +152,5 @@ def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
             if progress:
                 print(f"{case:>20} {mult:>9} {backend:>9}: {rows[-1]['G_MAC_per_s']:8.3f} G MAC/s "
                       f"({r['ratio_to_exact']:5.1f}x exact)", flush=True)
-    subset = "" if backends is None else "-" + "-".join(backends)  # a partial run never replaces the full one
-    return {"benchmark": f"layers{subset}", "batches": list(batches), "gemm_size": gemm_size, "rounds": rounds,
-            "results": rows}
+    return {"benchmark": "layers", "backends": None if backends is None else list(backends),
+            "batches": list(batches), "gemm_size": gemm_size, "rounds": rounds, "results": rows}
