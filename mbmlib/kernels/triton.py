@@ -1,27 +1,37 @@
-"""Triton backend: hand-tiled approximate GEMM and implicit-GEMM convolution kernels (CUDA).
+"""Triton backend: rank-1-update approximate GEMM, convolution and convolution gradients (CUDA).
 
-Every operand is split once per tensor, outside the kernels, into the float
-``scale`` (``sign * 2**k``) and the int32 (truncated) mantissa field ``mant``
-(:func:`mbmlib.multipliers.split_operand`).  The inner loop then only does
+Every operand is split once per tensor, outside the kernels, into the float ``scale``
+(``sign * 2**k``) and the int32 (truncated) mantissa field ``mant``
+(:func:`mbmlib.multipliers.split_operand`), and the two fields are packed into one
+64-bit word (scale bits low, mantissa high), so one load brings both.  The words
+of the operand broadcast along N also carry the float exponent bias ``0x3F800000``
+in their mantissa, so the sum of two mantissa fields is at once the bit pattern of
+the product's significand ``G * 2**-23`` in most cases (SPEC section 1 rules 4-6):
 
-    s = mant_a + mant_b;  G = integer formula of ``mantissa_product``;
-    acc += (scale_a * scale_b) * (float(G) * 2**-23)
+* Mitchell: ``bits(ma + mb + 0x3F800000)`` is ``G * 2**-23`` exactly (carry or not);
+* MBM, carry: the same bits plus the halved correction (or none in the corner case);
+* MBM, no carry: ``G = trunc24(mant sum + 1 + correction)``, a round-toward-zero int-to-float
+  conversion on CUDA (``RZ``), ``m & ~(m >> 24)`` then an exact conversion in the interpreter.
 
-on a ``(BLOCK_M, BLOCK_N, BLOCK_K)`` broadcast tile reduced over K with
-``tl.sum`` in registers (nothing of size M*N*K is stored).  FMA contraction is
-disabled, so each product is rounded exactly as in the reference.  ``tl.dot`` is never used: approximate products cannot
-run on tensor cores.  The multiplier kind and its two corrections are
-``tl.constexpr``, so Mitchell and MBM (and each truncation's corrections)
-compile to separate specialised kernels.
+Each product is then ``(scale_a * scale_b) * F`` with ``F = G * 2**-23``, rounded exactly
+as in the reference (FMA contraction is disabled).  ``tl.dot`` is never used:
+approximate products cannot run on tensor cores.
 
-On CUDA the tile shape is autotuned per (M, N, K); under ``TRITON_INTERPRET=1``
-(CPU testing; read once, at import) a single small tile is used, because the
-interpreter would otherwise benchmark every configuration very slowly.
+Loop shape (all kernels): an output tile is (BLOCK_N, BLOCK_M), BLOCK_M = TM * 32 *
+num_warps along the lanes, so every thread owns a TN x TM register tile
+(BLOCK_N = TN); each step of the K loop loads one word per owned row and column
+and does ``acc[n, m] += product(a[m, k], b[k, n])``: no shuffles, no shared memory.
+GEMM operands are stored K-major and padded to the tile, so the GEMM K loop has
+no masks; the convolution kernels mask input loads at the padding only.
+If a kernel fails to compile or launch on the user's GPU, the call warns once and
+runs the ``compiled`` backend instead.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
+from typing import NamedTuple
 
 try:
     import triton
@@ -35,239 +45,247 @@ except ImportError as err:  # the backend picker (mbmlib.kernels.default_backend
 import torch
 
 from ..multipliers import Multiplier, split_operand
-from .lowering import conv2d_grads_via_gemm, output_size
+from .lowering import output_size
 
 name = "triton"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # decided once: triton reads it at decoration time
 
-_MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (the batch/group axis); larger batches go in chunks
+_MAX_GRID_Z = 65535  # CUDA limit on grid axes 1 and 2; more groups / batches are launched in chunks
 
 # Fixed-point constants of SPEC.md section 1, as compile-time constants of the kernels.
 _ONE = tl.constexpr(1 << 23)  # 1.0 in 23-bit fixed point
 _TWO = tl.constexpr(1 << 24)  # 2.0
+_BIAS = tl.constexpr(0x3F800000)  # bits of 1.0f: mantissa field + _BIAS = bits of 1 + x
 _ULP = tl.constexpr(2.0**-23)  # G * 2**-23 is exact in float32 (G has at most 24 significant bits)
+BIAS = 0x3F800000  # host copy of _BIAS, added to the words of the N-side operand
 
 
 # --------------------------------------------------------------------------- tile configurations
 
-def _config(bm, bn, bk, warps, stages=2, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+class Tile(NamedTuple):
+    """Per-thread register tile TM x TN and warps; BLOCK_M = TM * 32 * num_warps rows along the lanes."""
+    tm: int
+    tn: int
+    num_warps: int
+
+    @property
+    def block_m(self) -> int:
+        return 16 if INTERPRET else self.tm * 32 * self.num_warps
+
+    @property
+    def block_n(self) -> int:
+        return self.tn
+
+    def meta(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": 1}
 
 
-if INTERPRET:
-    # One small tile: the interpreter runs each program in numpy, so autotuning would only cost time.
-    # 16 x 16 x 8 still gives several, partly masked tiles on the small shapes the tests use.
-    _CONFIGS = [_config(16, 16, 8, warps=1, stages=1)]
-else:
-    # The 3-D product tile lives in registers, BLOCK_M * BLOCK_N * BLOCK_K / (32 * num_warps) products per
-    # thread, so tiles stay at 8-32 K products: compiled ahead of time for sm_90 these use 130-255
-    # registers a thread and do not spill (Triton's default layout spreads K over 4-8 lanes, so the
-    # K reduction ends in a few warp shuffles per output).  A narrow-N tile serves depthwise / few-channel
-    # convolutions, a short-K one first layers (K = C*kh*kw = 9).  Not yet tuned on real hardware.
-    _CONFIGS = [
-        _config(64, 64, 4, warps=4),
-        _config(64, 32, 8, warps=4),
-        _config(32, 64, 8, warps=4),
-        _config(32, 32, 16, warps=4),
-        _config(128, 64, 2, warps=8),
-        _config(64, 64, 8, warps=8, stages=3),
-        _config(128, 16, 8, warps=4),
-        _config(256, 16, 4, warps=4),
-    ]
+# Tiles the host picks from (see pick_tile).  8 x 4 / 8 x 8 a thread keep 0.4 or fewer loads per MAC;
+# 4 x 4 and one warp serve small problems (linear layers of a small batch, grad_w of a first layer).
+TILES = (Tile(8, 4, 4), Tile(8, 8, 2), Tile(4, 8, 2), Tile(8, 4, 1), Tile(4, 4, 1))
+DEFAULT_TILE = TILES[0]
+_INTERPRET_TILE = Tile(1, 4, 1)  # BLOCK_M 16 under the interpreter: a few, partly padded tiles in tests
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (e.g. BLOCK_N = 64 for a depthwise conv, N = 1)."""
-    m, n, k = named_args["M"], named_args["N"], named_args["K"]
-
-    def fits(c):
-        kw = c.kwargs
-        return (kw["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
-                and kw["BLOCK_N"] <= max(16, triton.next_power_of_2(n))
-                and kw["BLOCK_K"] <= max(2, triton.next_power_of_2(k)))
-
-    kept = [c for c in configs if fits(c)]
-    if not kept:
-        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
-    return kept
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-_PRUNE = None if INTERPRET else {"early_config_prune": _prune_configs}
+def pick_tile(m: int, n: int) -> Tile:
+    """The tile for an (m, n) output: least padded work, a little penalty for thin tiles, then the largest."""
+    if INTERPRET:
+        return _INTERPRET_TILE
+
+    def cost(t: Tile):
+        padded = _cdiv(m, t.block_m) * t.block_m * _cdiv(n, t.block_n) * t.block_n
+        return padded * (1.0 + 0.5 / t.tm + 0.5 / t.tn), -t.block_m * t.block_n
+
+    return min(TILES, key=cost)
 
 
 # --------------------------------------------------------------------------- device helpers
 
 @triton.jit
-def _significand(s, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
-    """G (int32, < 2**25, <= 24 significant bits) from the mantissa sum s: same integers as mantissa_product."""
-    carry = s >= _ONE
+def _rz_float(m):
+    """float32(m) rounded toward zero (one cvt.rz instruction): m & ~(m >> 24) for m < 2**25."""
+    return tl.inline_asm_elementwise("cvt.rz.f32.s32 $0, $1;", "=r,r", [m], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _significand(x, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr):
+    """F = G * 2**-23 (float32) from x = mant_a + mant_b + _BIAS: the same G as mantissa_product."""
     if IS_MBM:
-        m0 = s + (_ONE + C0)  # no carry: 1 + x1 + x2 + c, may reach 2
-        g0 = m0 & ~(m0 >> 24)  # >= 2: clear the bit the truncating normalisation drops
-        t1 = s + C1  # carry: 2 * (x1 + x2 + c/2) ...
-        g1 = tl.where(t1 < _TWO, t1, s) << 1  # ... unless that overflows: skip the correction
-        g = tl.where(carry, g1, g0)
+        carry = x >= _BIAS + _ONE  # x1 + x2 >= 1
+        f1 = tl.where(x < _BIAS + _TWO - C1, x + C1, x).to(tl.float32, bitcast=True)  # corner case: no correction
+        m0 = x + (_ONE + C0 - _BIAS)  # no carry: 2**23 * (1 + x1 + x2 + c), maybe >= 2: truncated
+        if RZ:
+            g0 = _rz_float(m0)
+        else:
+            g0 = (m0 & ~(m0 >> 24)).to(tl.float32)
+        f = tl.where(carry, f1, g0 * _ULP)
     else:
-        g = tl.where(carry, s << 1, s + _ONE)  # Mitchell: 2 (x1 + x2) after a carry, else 1 + x1 + x2
-    return g
+        f = x.to(tl.float32, bitcast=True)  # Mitchell: 1 + x1 + x2, or 2 (x1 + x2) after a carry
+    return f
 
 
 @triton.jit
-def _load_fields(scale_ptr, mant_ptr, offsets, mask):
-    """A tile of an operand's (scale, mantissa) fields; masked places load as the fields of +0."""
-    return tl.load(scale_ptr + offsets, mask=mask, other=0.0), tl.load(mant_ptr + offsets, mask=mask, other=0)
+def _rank1(acc, wa, wb, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) += product(a, b) for one k: wa (BLOCK_M,) words of A, wb (BLOCK_N,) of B (biased)."""
+    sa = wa.to(tl.int32).to(tl.float32, bitcast=True)[None, :]  # low half: scale bits
+    sb = wb.to(tl.int32).to(tl.float32, bitcast=True)[:, None]
+    x = (wa >> 32).to(tl.int32)[None, :] + (wb >> 32).to(tl.int32)[:, None]  # (BLOCK_N, BLOCK_M)
+    return acc + (sa * sb) * _significand(x, IS_MBM, C0, C1, RZ)  # same order of rounding as the reference
 
 
-@triton.jit
-def _tile_sum(sa, ma, sb, mb, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr):
-    """sum_k product(a[m, k], b[n, k]) of a (BLOCK_M, BLOCK_K) and a (BLOCK_N, BLOCK_K) tile of fields.
+# --------------------------------------------------------------------------- batched GEMM, K-major
 
-    (BLOCK_M, BLOCK_N, BLOCK_K) broadcast with K last, the axis each tile was loaded along (no
-    transpose; Triton still converts the small operand tiles into slices of the 3-D layout), reduced
-    over K at once: nothing of size M*N*K leaves registers.  (Accumulating the 3-D tile and reducing
-    after the loop, or putting K first so the sum stays within a thread, made the sm_90 code spill.)
-    """
-    s = ma[:, None, :] + mb[None, :, :]
-    gsig = _significand(s, IS_MBM, C0, C1).to(tl.float32)
-    p = (sa[:, None, :] * sb[None, :, :]) * (gsig * _ULP)  # same order of rounding as the reference
-    return tl.sum(p, axis=2)
-
-
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program; GROUP_M row-tiles are visited together so operand tiles stay in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
-    return pid_m, pid_n
-
-
-# --------------------------------------------------------------------------- batched GEMM, NT layout
-
-@triton.jit
-def _bmm_nt_kernel(
-    as_ptr, am_ptr, bs_ptr, bm_ptr, out_ptr,  # fields of a (scale, mant), of b, and the output
+@triton.jit(do_not_specialize=["stride_ak"])  # an unknown row stride keeps A's loads scalar, in the acc layout
+def _gemm_kernel(
+    a_ptr, b_ptr, out_ptr,  # words of A (G, K, Mp), of B (G, K, Np), K-major; output
     M, N, K, g_offset,
-    stride_ag, stride_am, stride_ak,  # a's fields (scale and mant share strides)
-    stride_bg, stride_bn, stride_bk,  # b's fields
+    stride_ag, stride_ak, stride_bg, stride_bk,
     stride_og, stride_om, stride_on,
-    IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    g = (tl.program_id(1) + g_offset).to(tl.int64)  # int64 offsets: a batch may exceed 2**31 elements
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    # Row bases, int64, computed once.  Both operands are (rows, K) with K the reduction axis: in the
-    # usual NT layout K is the contiguous axis of a and of b, so each (BLOCK_M, BLOCK_K) / (BLOCK_N,
-    # BLOCK_K) tile load is coalesced along its last axis (strides equal to 1 are specialised by triton).
-    a_rows = g * stride_ag + offs_m.to(tl.int64)[:, None] * stride_am  # (BLOCK_M, 1)
-    b_rows = g * stride_bg + offs_n.to(tl.int64)[:, None] * stride_bn  # (BLOCK_N, 1)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        mask_k = ks < K
-        a_off = a_rows + ks[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
-        b_off = b_rows + ks[None, :] * stride_bk  # (BLOCK_N, BLOCK_K)
-        a_mask = mask_m[:, None] & mask_k[None, :]
-        b_mask = mask_n[:, None] & mask_k[None, :]
-        # Masked elements load as scale 0, mantissa 0: their products are exactly 0 (both sides are masked
-        # on K, so a 0 never meets an inf there); masked rows / columns are never stored.
-        sa, ma = _load_fields(as_ptr, am_ptr, a_off, a_mask)
-        sb, mb = _load_fields(bs_ptr, bm_ptr, b_off, b_mask)
-        acc += _tile_sum(sa, ma, sb, mb, IS_MBM, C0, C1)
-
-    # The output tile is stored row-major: N is the contiguous axis of the (G, M, N) result.
-    o_off = g * stride_og + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptr + o_off, acc, mask=mask_m[:, None] & mask_n[None, :])
-
-
-_bmm_nt_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "IS_MBM"],
-                                prune_configs_by=_PRUNE)(_bmm_nt_kernel)
+    g = (tl.program_id(2) + g_offset).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pa = a_ptr + g * stride_ag + offs_m  # M and N are padded to the tile: no masks in the K loop
+    pb = b_ptr + g * stride_bg + offs_n
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for _ in range(K):
+        acc = _rank1(acc, tl.load(pa), tl.load(pb), IS_MBM, C0, C1, RZ)
+        pa += stride_ak
+        pb += stride_bk
+    o_off = g * stride_og + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None] * stride_on
+    tl.store(out_ptr + o_off, acc, mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
 
 
 # --------------------------------------------------------------------------- implicit-GEMM convolution
 
 @triton.jit
 def _conv2d_kernel(
-    xs_ptr, xm_ptr, ws_ptr, wm_ptr, out_ptr,  # fields of x (B, C, H, W), of w (O, Cg, KH, KW); output
-    M, N, K, g_offset,  # M = B*Ho*Wo, N = O // groups, K = Cg*KH*KW (per group)
-    Cg, H, W, Ho, Wo,
-    stride_xb, stride_xc, stride_xh, stride_xw,
-    stride_wo, stride_wc, stride_wh, stride_ww,
-    stride_ob, stride_oc,  # output (B, O, Ho, Wo): (Ho, Wo) contiguous, indexed by oh * Wo + ow
+    x_ptr, w_ptr, out_ptr,  # words of x (B, C, H, W); of w, K-major (G, KH, KW, Cg, Np); output (B, O, Ho, Wo)
+    M, N, Cg, H, W, Ho, Wo, g_offset,  # M = B*Ho*Wo, N = O // groups
+    stride_xb, stride_xc, stride_xh, stride_xw, stride_wg, stride_wk, stride_ob, stride_oc,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
-    IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    grp = (tl.program_id(1) + g_offset).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    # GEMM row m = (b, oh, ow), decoded once per tile.  Consecutive m are consecutive output columns,
-    # i.e. input columns conv_sw apart in NCHW: the x tile is loaded (nearly) coalesced along M.
-    hw = Ho * Wo
-    b = offs_m // hw
-    r = offs_m % hw  # oh * Wo + ow
+    grp = (tl.program_id(2) + g_offset).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Row m = (b, oh, ow), decoded once; consecutive m are neighbouring output columns (loads along M).
+    b = offs_m // (Ho * Wo)
+    r = offs_m % (Ho * Wo)  # oh * Wo + ow
     ih0 = (r // Wo) * conv_sh - pad_h
     iw0 = (r % Wo) * conv_sw - pad_w
-    x_rows = b.to(tl.int64) * stride_xb + (grp * Cg) * stride_xc  # (BLOCK_M,), int64
-    # GEMM column n = output channel grp*N + n; its weights are one contiguous run of K values.
-    w_rows = (grp * N + offs_n.to(tl.int64)) * stride_wo  # (BLOCK_N,)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        # K is ordered (c, i, j), the natural order of the weight tensor (O, Cg, KH, KW): the weight tile
-        # is coalesced along K, and KH, KW are constexpr so the decode is cheap shifts/multiplies.
-        ks = k0 + offs_k
-        mask_k = ks < K
-        c = ks // (KH * KW)
-        rk = ks % (KH * KW)
-        i = rk // KW
-        j = rk % KW
-        ih = ih0[:, None] + (i * dil_h)[None, :]  # (BLOCK_M, BLOCK_K) input coordinates
-        iw = iw0[:, None] + (j * dil_w)[None, :]
-        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_mask = mask_m[:, None] & mask_k[None, :] & inside
-        x_off = x_rows[:, None] + (c * stride_xc)[None, :] + ih * stride_xh + iw * stride_xw
-        w_off = w_rows[:, None] + (c * stride_wc + i * stride_wh + j * stride_ww)[None, :]
-        w_mask = mask_n[:, None] & mask_k[None, :]
-        # Padding positions load as the field of +0 (scale 0, mantissa 0): exactly what an explicit
-        # zero-padded input gives, including 0 * inf = NaN against an infinite weight.
-        sa, ma = _load_fields(xs_ptr, xm_ptr, x_off, x_mask)
-        sb, mb = _load_fields(ws_ptr, wm_ptr, w_off, w_mask)
-        acc += _tile_sum(sa, ma, sb, mb, IS_MBM, C0, C1)
-
-    # Store straight into (B, O, Ho, Wo): along M the addresses are contiguous within an image, so the
-    # tile store is coalesced along M, and no permute of a (G, B*Ho*Wo, N) result is needed afterwards.
-    o_off = (b.to(tl.int64) * stride_ob + r)[:, None] + ((grp * N + offs_n.to(tl.int64)) * stride_oc)[None, :]
-    tl.store(out_ptr + o_off, acc, mask=mask_m[:, None] & mask_n[None, :])
+    x_rows = x_ptr + b.to(tl.int64) * stride_xb + grp * Cg * stride_xc
+    w_cols = w_ptr + grp * stride_wg + offs_n  # weights (i, j, c)-major, output channel contiguous
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        for j in tl.static_range(KW):
+            ih = ih0 + i * dil_h
+            iw = iw0 + j * dil_w
+            # Padding and rows past M load the word 0 (+0): what a zero-padded input gives, 0 * inf included.
+            inside = (offs_m < M) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            px = x_rows + ih * stride_xh + iw * stride_xw
+            pw = w_cols + (i * KW + j) * Cg * stride_wk
+            for _ in range(Cg):  # the K loop: input channels at this kernel offset
+                acc = _rank1(acc, tl.load(px, mask=inside, other=0), tl.load(pw), IS_MBM, C0, C1, RZ)
+                px += stride_xc
+                pw += stride_wk
+    o_off = (b.to(tl.int64) * stride_ob + r)[None, :] + ((grp * N + offs_n) * stride_oc)[:, None]
+    tl.store(out_ptr + o_off, acc, mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
 
 
-_conv2d_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "KH", "KW", "IS_MBM"],
-                                prune_configs_by=_PRUNE)(_conv2d_kernel)
+# --------------------------------------------------------------------------- convolution gradients
+
+@triton.jit
+def _conv2d_grad_input_kernel(
+    g_ptr, w_ptr, out_ptr,  # words of grad (B, O, Ho, Wo); of w, K-major (G, KH, KW, Og, Np); grad_x (B, C, H, W)
+    M, N, Og, H, W, Ho, Wo, g_offset,  # M = B*H*W, N = C // groups
+    stride_gb, stride_go, stride_gh, stride_gw, stride_wg, stride_wk, stride_ob, stride_oc,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Transposed convolution: grad_x[b, c, h, w] = sum over (i, j, o) of approx(grad[b, o, oh, ow], w[o, c, i, j])."""
+    grp = (tl.program_id(2) + g_offset).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = offs_m // (H * W)
+    r = offs_m % (H * W)  # h * W + w: input position receiving the gradient
+    th0 = r // W + pad_h
+    tw0 = r % W + pad_w
+    g_rows = g_ptr + b.to(tl.int64) * stride_gb + grp * Og * stride_go
+    w_cols = w_ptr + grp * stride_wg + offs_n
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        for j in tl.static_range(KW):
+            th = th0 - i * dil_h  # = oh * conv_sh for the output position that read (h, w) through (i, j)
+            tw = tw0 - j * dil_w
+            oh = tl.maximum(th, 0) // conv_sh
+            ow = tl.maximum(tw, 0) // conv_sw
+            hit = ((offs_m < M) & (th >= 0) & (tw >= 0) & (oh * conv_sh == th) & (ow * conv_sw == tw)
+                   & (oh < Ho) & (ow < Wo))
+            pg = g_rows + oh * stride_gh + ow * stride_gw
+            pw = w_cols + (i * KW + j) * Og * stride_wk
+            for _ in range(Og):  # the K loop: output channels of the group
+                acc = _rank1(acc, tl.load(pg, mask=hit, other=0), tl.load(pw), IS_MBM, C0, C1, RZ)
+                pg += stride_go
+                pw += stride_wk
+    o_off = (b.to(tl.int64) * stride_ob + r)[None, :] + ((grp * N + offs_n) * stride_oc)[:, None]
+    tl.store(out_ptr + o_off, acc, mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
 
 
-# --------------------------------------------------------------------------- host wrappers
+@triton.jit
+def _conv2d_grad_weight_kernel(
+    g_ptr, x_ptr, out_ptr,  # words of grad, channels last (B, Ho, Wo, G, Mp); of x, zero-padded (B, C, Hp, Wp)
+    M, N, KHW, Ho, Wo, b_per, n_batch, n_groups,  # M = O // groups, N = Cg*KH*KW; b_per images a program
+    stride_gb, stride_gp, stride_gg, stride_xb, stride_xc, stride_xh, stride_xw, stride_os, stride_og,
+    conv_sh, conv_sw, dil_h, dil_w,
+    KW: tl.constexpr,
+    IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Partial grad_w[o, (c, i, j)] = sum over b in this program's images, oh, ow of approx(grad, x_pad)."""
+    pid_z = tl.program_id(2)  # (batch split, group)
+    split = pid_z // n_groups
+    grp = (pid_z % n_groups).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = tl.minimum(offs_n, N - 1)  # padded columns read a real column and are never stored
+    c = n_ok // KHW
+    ij = n_ok % KHW
+    x_cols = x_ptr + (grp * (N // KHW) + c) * stride_xc + (ij // KW) * dil_h * stride_xh + (ij % KW) * dil_w * stride_xw
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    b0 = split * b_per
+    pg_b = g_ptr + grp * stride_gg + offs_m + b0.to(tl.int64) * stride_gb  # pointers are 64-bit
+    px_b = x_cols + b0.to(tl.int64) * stride_xb
+    for _ in range(b0, tl.minimum(b0 + b_per, n_batch)):
+        pg_r = pg_b
+        px_r = px_b
+        for _ in range(Ho):
+            pg = pg_r
+            px = px_r
+            for _ in range(Wo):  # the K loop: output columns of this row
+                acc = _rank1(acc, tl.load(pg), tl.load(px), IS_MBM, C0, C1, RZ)
+                pg += stride_gp
+                px += conv_sw * stride_xw
+            pg_r += Wo * stride_gp
+            px_r += conv_sh * stride_xh
+        pg_b += stride_gb
+        px_b += stride_xb
+    o_off = split * stride_os + grp * stride_og + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+    tl.store(out_ptr + o_off, acc, mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+
+
+# --------------------------------------------------------------------------- host: operands
 
 def _check_tensors(op: str, **tensors: torch.Tensor) -> torch.device:
     """float32 tensors on one device, CUDA unless running under the Triton interpreter."""
@@ -287,129 +305,237 @@ def _check_tensors(op: str, **tensors: torch.Tensor) -> torch.device:
     return device
 
 
-def _kind_args(multiplier: Multiplier) -> dict:
+def kind_args(multiplier: Multiplier) -> dict:
+    """The kernels' multiplier constexprs and compile options (also used by mbmlib.workflow.sass)."""
     if multiplier.is_exact:
         raise ValueError("the 'exact' multiplier has no approximate kernel; mbmlib.functional runs torch's own ops "
                          "for it")
     c0, c1 = multiplier.corrections
     # enable_fp_fusion=False: no FMA contraction, so every product is rounded on its own exactly as in
-    # the reference before it is summed (and Triton 3.9 does not warn about the unset default).
-    return {"IS_MBM": multiplier.kind == "mbm", "C0": c0, "C1": c1, "enable_fp_fusion": False}
+    # the reference before it is summed.  RZ: the cvt.rz instruction exists on CUDA, not in the interpreter.
+    return {"IS_MBM": multiplier.kind == "mbm", "C0": c0, "C1": c1, "RZ": not INTERPRET, "enable_fp_fusion": False}
 
 
-def _meta(config):
-    """Launch meta-parameters of an explicit tile config (bypasses autotuning; used by tests)."""
-    if isinstance(config, triton.Config):
-        return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    return dict(config)
+def words(x: torch.Tensor, multiplier: Multiplier, bias: int = 0) -> torch.Tensor:
+    """int64 words of x's fields, same shape: scale bits low, (mantissa + bias) high; +0 is the word 0."""
+    scale, mant = split_operand(x, multiplier)
+    low = scale.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return ((mant.to(torch.int64) + bias) << 32) | low
 
 
-def _on(device: torch.device):
-    """Launch on the operands' GPU (triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+def _pad_last(t: torch.Tensor, block: int) -> torch.Tensor:
+    """t with its last axis zero-padded to a multiple of ``block`` (word 0 = +0), contiguous."""
+    n = t.shape[-1]
+    out = t.new_zeros(*t.shape[:-1], _cdiv(n, block) * block)
+    out[..., :n] = t
+    return out
 
 
-def _fields(x: torch.Tensor, multiplier: Multiplier):
-    """(scale, mant) of x, once per tensor, with one shared set of strides (the kernels take one set).
-
-    split_operand makes a contiguous copy of a strided x anyway; handing it the copy keeps the
-    scale (which would otherwise follow x's strides) in the same layout as the mantissa.
-    """
-    scale, mant = split_operand(x.contiguous(), multiplier)
-    if scale.stride() != mant.stride():
-        scale, mant = scale.contiguous(), mant.contiguous()
-    return scale, mant
+def _z_chunks(n: int):
+    """(start, count) chunks of a grid axis limited to 65535 programs."""
+    for start in range(0, n, _MAX_GRID_Z):
+        yield start, min(_MAX_GRID_Z, n - start)
 
 
-def _grid_chunks(n_batch: int):
-    for start in range(0, n_batch, _MAX_GRID_Y):
-        yield start, min(_MAX_GRID_Y, n_batch - start)
+# --------------------------------------------------------------------------- host: fallback
+
+_FALLBACK = "compiled"
+_FAILED: dict[str, str] = {}  # kernel name -> why it failed on this machine (then never tried again)
 
 
-def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier, *, _config=None) -> torch.Tensor:
-    """Batched approximate ``a @ b.T``: a (G, M, K), b (G, N, K) -> (G, M, N), float32 sums.
+def _gpu_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (sm_{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+    return "the CPU (Triton interpreter)"
 
-    Any strides.
-    """
+
+def _guarded(op: str, device: torch.device, launch, args: tuple, fallback_args: tuple):
+    """Run ``launch(*args)``; if the Triton kernel fails to compile or launch, warn once and use ``compiled``."""
+    if op not in _FAILED:
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                return launch(*args)
+        except Exception as err:  # any compiler / driver error: the run must go on
+            _FAILED[op] = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"mbmlib: the Triton kernel for {op} failed on {_gpu_name(device)} ({_FAILED[op][:300]}); "
+                f"using the '{_FALLBACK}' backend instead from now on. To choose a backend yourself pass "
+                f"backend='compiled' (or 'reference') or set the environment variable MBMLIB_BACKEND=compiled.",
+                RuntimeWarning, stacklevel=3)
+    from . import load  # the package's loader; imported here, it imports this module
+
+    return getattr(load(_FALLBACK), op)(*fallback_args)
+
+
+# --------------------------------------------------------------------------- host: batched GEMM
+
+def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier, *, _tile: Tile | None = None) -> torch.Tensor:
+    """Batched approximate ``a @ b.T``: a (G, M, K), b (G, N, K) -> (G, M, N), float32 sums.  Any strides."""
     device = _check_tensors("bmm_nt", a=a, b=b)
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         raise ValueError(f"triton.bmm_nt expects a (G, M, K) and b (G, N, K), got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
     G, M, K = a.shape
     N = b.shape[1]
+    kind = kind_args(multiplier)
     out = torch.empty(G, M, N, dtype=torch.float32, device=device)
-    if out.numel() == 0:
-        return out
-    if K == 0:
+    if out.numel() == 0 or K == 0:
         return out.zero_()
-    sa, ma = _fields(a, multiplier)
-    sb, mb = _fields(b, multiplier)
-    kernel, meta = (_bmm_nt_tuned, {}) if _config is None else (_bmm_nt_kernel, _meta(_config))
-    with _on(device):
-        _launch_bmm(kernel, meta, sa, ma, sb, mb, out, multiplier)
+    return _guarded("bmm_nt", device, _bmm_nt_launch, (a, b, multiplier, kind, out, _tile), (a, b, multiplier))
+
+
+def _bmm_nt_launch(a, b, multiplier, kind, out, tile):
+    """Lanes run along the longer of M and N (the other operand is the broadcast one): a swap if N > M."""
+    swap = b.shape[1] > a.shape[1]
+    rows, cols = (b, a) if swap else (a, b)
+    G, M, K = rows.shape
+    N = cols.shape[1]
+    tile = tile or pick_tile(M, N)
+    wa = _pad_last(words(rows, multiplier).transpose(1, 2), tile.block_m)  # (G, K, Mp), K-major
+    wb = _pad_last(words(cols, multiplier, BIAS).transpose(1, 2), tile.block_n)  # (G, K, Np)
+    stride_om, stride_on = out.stride()[1:] if not swap else out.stride()[:0:-1]
+    for g0, ng in _z_chunks(G):
+        _gemm_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
+            wa, wb, out, M, N, K, g0, wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1),
+            out.stride(0), stride_om, stride_on, **kind, **tile.meta())
     return out
 
 
-def _launch_bmm(kernel, meta, sa, ma, sb, mb, out, multiplier):
-    G, M, K = sa.shape
-    N = sb.shape[1]
-    for g0, ng in _grid_chunks(G):
-        def grid(META):
-            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), ng)
-        kernel[grid](
-            sa, ma, sb, mb, out, M, N, K, g0,
-            *sa.stride(), *sb.stride(), *out.stride(),
-            **_kind_args(multiplier), **meta,
-        )
+# --------------------------------------------------------------------------- host: convolution
 
-
-def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
-           multiplier: Multiplier, *, _config=None) -> torch.Tensor:
-    """Approximate 2-D convolution as an implicit GEMM: x (B, C, H, W), w (O, C/groups, kh, kw).
-
-    ``padding`` is explicit and symmetric (zeros).  Returns (B, O, Ho, Wo) float32, contiguous.
-    No im2col is materialised: the kernel derives input coordinates from the GEMM indices.
-    """
-    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)  # pairs, checked by functional
-    device = _check_tensors("conv2d", x=x, w=w)
+def _check_conv(op, x, w, stride, padding, dilation, groups):
+    """(B, C, H, W), (O, Cg, KH, KW) and (Ho, Wo) of a valid convolution, or a one-line error."""
     if x.dim() != 4 or w.dim() != 4:
-        raise ValueError(f"triton.conv2d expects x (B, C, H, W) and w (O, C/groups, kh, kw), got "
+        raise ValueError(f"triton.{op} expects x (B, C, H, W) and w (O, C/groups, kh, kw), got "
                          f"{tuple(x.shape)} and {tuple(w.shape)}")
     B, C, H, W = x.shape
     O, Cg, KH, KW = w.shape
     if groups < 1 or C % groups or O % groups or Cg != C // groups:
-        raise ValueError(f"triton.conv2d: {C} input channels, {O} output channels and weight {tuple(w.shape)} "
+        raise ValueError(f"triton.{op}: {C} input channels, {O} output channels and weight {tuple(w.shape)} "
                          f"do not fit groups={groups}")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"triton.conv2d: invalid stride {stride}, padding {padding} or dilation {dilation}")
+        raise ValueError(f"triton.{op}: invalid stride {stride}, padding {padding} or dilation {dilation}")
     Ho, Wo = output_size((H, W), (KH, KW), stride, padding, dilation)
     if Ho <= 0 or Wo <= 0:
-        raise ValueError(f"triton.conv2d: kernel {KH}x{KW} (dilation {dilation}) is larger than the padded "
+        raise ValueError(f"triton.{op}: kernel {KH}x{KW} (dilation {dilation}) is larger than the padded "
                          f"input {H + 2 * padding[0]}x{W + 2 * padding[1]}")
+    return (B, C, H, W), (O, Cg, KH, KW), (Ho, Wo)
+
+
+def _conv_args(stride, padding, dilation):
+    return (*stride, *padding, *dilation)
+
+
+def _kmajor_weights(w, groups, multiplier, block, channels_out: bool):
+    """Biased weight words K-major: (G, KH, KW, Cg, Np) [o contiguous] or (G, KH, KW, Og, Np) [c contiguous]."""
+    O, Cg, KH, KW = w.shape
+    ww = words(w, multiplier, BIAS).view(groups, O // groups, Cg, KH, KW)
+    ww = ww.permute(0, 3, 4, 2, 1) if channels_out else ww.permute(0, 3, 4, 1, 2)
+    return _pad_last(ww, block)
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
+           multiplier: Multiplier, *, _tile: Tile | None = None) -> torch.Tensor:
+    """Approximate 2-D convolution as an implicit GEMM: x (B, C, H, W), w (O, C/groups, kh, kw) -> (B, O, Ho, Wo).
+
+    ``padding`` is explicit and symmetric (zeros).  No im2col is materialised: the kernel derives
+    input coordinates from the GEMM indices and masks the padding.
+    """
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)  # pairs, checked by functional
+    device = _check_tensors("conv2d", x=x, w=w)
+    (B, C, H, W), (O, Cg, KH, KW), (Ho, Wo) = _check_conv("conv2d", x, w, stride, padding, dilation, groups)
+    kind = kind_args(multiplier)
     out = torch.empty(B, O, Ho, Wo, dtype=torch.float32, device=device)
-    M, N, K = B * Ho * Wo, O // groups, Cg * KH * KW
-    if out.numel() == 0:
-        return out
-    if K == 0:
+    if out.numel() == 0 or Cg * KH * KW == 0:
         return out.zero_()
-    sx, mx = _fields(x, multiplier)  # (B, C, H, W), once for the whole input
-    sw, mw = _fields(w, multiplier)  # (O, Cg, KH, KW)
-    kernel, meta = (_conv2d_tuned, {}) if _config is None else (_conv2d_kernel, _meta(_config))
-    with _on(device):
-        for g0, ng in _grid_chunks(groups):
-            def grid(META):
-                return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), ng)
-            kernel[grid](
-                sx, mx, sw, mw, out, M, N, K, g0,
-                Cg, H, W, Ho, Wo,
-                *sx.stride(), *sw.stride(), out.stride(0), out.stride(1),
-                stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-                KH=KH, KW=KW, **_kind_args(multiplier), **meta,
-            )
+    args = (x, w, stride, padding, dilation, groups, multiplier)
+    return _guarded("conv2d", device, _conv2d_launch, args + (kind, out, _tile), args)
+
+
+def _conv2d_launch(x, w, stride, padding, dilation, groups, multiplier, kind, out, tile):
+    B, O, Ho, Wo = out.shape
+    Cg, KH, KW = w.shape[1:]
+    M, N = B * Ho * Wo, O // groups
+    tile = tile or pick_tile(M, N)
+    wx = words(x.contiguous(), multiplier)  # (B, C, H, W)
+    ww = _kmajor_weights(w, groups, multiplier, tile.block_n, channels_out=True)  # (G, KH, KW, Cg, Np)
+    for g0, ng in _z_chunks(groups):
+        _conv2d_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
+            wx, ww, out, M, N, Cg, x.shape[2], x.shape[3], Ho, Wo, g0,
+            *wx.stride(), ww.stride(0), ww.stride(3), out.stride(0), out.stride(1),
+            *_conv_args(stride, padding, dilation), KH=KH, KW=KW, **kind, **tile.meta())
     return out
 
 
+# --------------------------------------------------------------------------- host: convolution gradients
+
 def conv2d_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
-                 multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and weight gradients with approximate products (im2col / col2im around :func:`bmm_nt`)."""
-    return conv2d_grads_via_gemm(grad, x, w, stride, padding, dilation, groups, multiplier, bmm_nt)
+                 multiplier: Multiplier, *, _tile: Tile | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_w) of an approximate convolution, every gradient product approximate, no im2col / col2im.
+
+    grad (B, O, Ho, Wo), x (B, C, H, W), w (O, C/groups, kh, kw), float32.  grad_x sums
+    approx(grad, w) over (i, j, o) (a transposed convolution); grad_w sums approx(grad, x) over
+    (b, oh, ow), the batch split across programs and the partial sums added afterwards.
+    """
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    device = _check_tensors("conv2d_grads", grad=grad, x=x, w=w)
+    _, _, out_hw = _check_conv("conv2d_grads", x, w, stride, padding, dilation, groups)
+    if grad.shape != (x.shape[0], w.shape[0], *out_hw):
+        raise ValueError(f"triton.conv2d_grads: grad has shape {tuple(grad.shape)}, the convolution's output "
+                         f"is {(x.shape[0], w.shape[0], *out_hw)}")
+    kind = kind_args(multiplier)
+    grad_x = torch.zeros(x.shape, dtype=torch.float32, device=device)
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=device)
+    if grad.numel() == 0 or x.numel() == 0 or w.numel() == 0:
+        return grad_x, grad_w
+    args = (grad, x, w, stride, padding, dilation, groups, multiplier)
+    return _guarded("conv2d_grads", device, _conv2d_grads_launch, args + (kind, grad_x, grad_w, _tile), args)
+
+
+def _conv2d_grads_launch(grad, x, w, stride, padding, dilation, groups, multiplier, kind, grad_x, grad_w, tile):
+    wg = words(grad.contiguous(), multiplier)  # (B, O, Ho, Wo)
+    _grad_input_launch(wg, w, stride, padding, dilation, groups, multiplier, kind, grad_x, tile)
+    grad_w.copy_(_grad_weight_launch(wg, x, w.shape, stride, padding, dilation, groups, multiplier, kind, tile))
+    return grad_x, grad_w
+
+
+def _grad_input_launch(wg, w, stride, padding, dilation, groups, multiplier, kind, grad_x, tile):
+    B, C, H, W = grad_x.shape
+    O, Cg, KH, KW = w.shape
+    M, N = B * H * W, Cg
+    tile = tile or pick_tile(M, N)
+    ww = _kmajor_weights(w, groups, multiplier, tile.block_n, channels_out=False)  # (G, KH, KW, Og, Np)
+    for g0, ng in _z_chunks(groups):
+        _conv2d_grad_input_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
+            wg, ww, grad_x, M, N, O // groups, H, W, wg.shape[2], wg.shape[3], g0,
+            *wg.stride(), ww.stride(0), ww.stride(3), grad_x.stride(0), grad_x.stride(1),
+            *_conv_args(stride, padding, dilation), KH=KH, KW=KW, **kind, **tile.meta())
+
+
+def _batch_splits(n_batch: int, programs: int) -> int:
+    """How many parts the batch of a grad_w reduction is split into: enough programs to fill a large GPU."""
+    if INTERPRET:
+        return min(n_batch, 2)
+    return max(1, min(n_batch, _MAX_GRID_Z, 1024 // max(1, programs)))
+
+
+def _grad_weight_launch(wg, x, w_shape, stride, padding, dilation, groups, multiplier, kind, tile):
+    B, O, Ho, Wo = wg.shape
+    _, Cg, KH, KW = w_shape
+    M, N = O // groups, Cg * KH * KW
+    if groups > _MAX_GRID_Z:
+        raise ValueError(f"triton.conv2d_grads supports at most {_MAX_GRID_Z} groups, got {groups}")
+    tile = tile or pick_tile(M, N)
+    gl = _pad_last(wg.view(B, groups, M, Ho, Wo).permute(0, 3, 4, 1, 2), tile.block_m)  # (B, Ho, Wo, G, Mp)
+    xp = torch.nn.functional.pad(words(x.contiguous(), multiplier, BIAS),
+                                 (padding[1], padding[1], padding[0], padding[0]))  # (B, C, Hp, Wp), word 0 = +0
+    grid_mn = (_cdiv(M, tile.block_m), _cdiv(N, tile.block_n))
+    splits = max(1, min(_batch_splits(B, grid_mn[0] * grid_mn[1] * groups), _MAX_GRID_Z // groups))
+    b_per = _cdiv(B, splits)
+    splits = _cdiv(B, b_per)
+    part = torch.empty(splits, groups, M, N, dtype=torch.float32, device=wg.device)
+    _conv2d_grad_weight_kernel[(*grid_mn, splits * groups)](
+        gl, xp, part, M, N, KH * KW, Ho, Wo, b_per, B, groups,
+        gl.stride(0), gl.stride(2), gl.stride(3), *xp.stride(), part.stride(0), part.stride(1),
+        *stride, *dilation, KW=KW, **kind, **tile.meta())
+    return part.sum(0).view(w_shape)  # (G, Og, Cg*KH*KW) -> (O, Cg, KH, KW)

@@ -1,0 +1,194 @@
+"""Static speed report of the Triton kernels: compiled ahead of time, no GPU needed.
+
+Every kernel of :mod:`mbmlib.kernels.triton` (GEMM, convolution forward, both convolution
+gradients), for MBM and Mitchell and every tile the host may pick, is compiled with
+``triton.compile`` for a ``GPUTarget`` (sm_75, sm_80, sm_90), disassembled with the
+``cuobjdump`` shipped with Triton, and its K loop (the innermost loop: a backward branch
+whose body holds the float accumulations) is read instruction by instruction.  Per MAC:
+instructions, global loads, warp shuffles and shared-memory operations; per kernel:
+registers and local-memory (spill) bytes.  The implied ceiling assumes every SM issues
+4 warp instructions per clock, 32 lanes each: SMs x 4 x 32 x clock / instructions per MAC.
+It is a bound from the code, not a timing.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+__all__ = ["CHIPS", "KERNELS", "compile_kernel", "k_loop_stats", "analyse", "write_reports"]
+
+# Named chip per architecture: (name, SMs, clock in GHz) -- boost clocks from the vendors' data sheets.
+CHIPS = {
+    "sm_75": ("Tesla T4", 40, 1.59),
+    "sm_80": ("A100 SXM", 108, 1.41),
+    "sm_90": ("H100 SXM", 132, 1.75),
+}
+ISSUE_SLOTS = 4 * 32  # warp instructions per SM and clock x lanes
+
+# Report name -> kernel attribute of mbmlib.kernels.triton and its shape constexprs (3 x 3: SeedNet's convolutions).
+KERNELS = {
+    "gemm": ("_gemm_kernel", {}),
+    "conv2d": ("_conv2d_kernel", {"KH": 3, "KW": 3}),
+    "conv2d_grad_input": ("_conv2d_grad_input_kernel", {"KH": 3, "KW": 3}),
+    "conv2d_grad_weight": ("_conv2d_grad_weight_kernel", {"KW": 3}),
+}
+MULTIPLIERS = ("mbm", "mitchell")
+_SHARED_OPS = ("LDS", "STS", "LDSM", "ATOMS", "BAR", "LDGSTS")
+
+
+def _tools() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_kernel(kernel: str, multiplier: str, tile, arch: str):
+    """triton.compile one kernel for one tile and architecture; returns the CompiledKernel."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("mbmlib.workflow.sass compiles for a GPU: run it without TRITON_INTERPRET=1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..kernels import triton as tk
+    from ..multipliers import as_multiplier
+
+    attr, shape = KERNELS[kernel]
+    fn = getattr(tk, attr)
+    kind = tk.kind_args(as_multiplier(multiplier))
+    options = {"num_warps": tile.num_warps, "num_stages": 1, "enable_fp_fusion": kind.pop("enable_fp_fusion")}
+    consts = dict(kind, RZ=True, BLOCK_M=tile.tm * 32 * tile.num_warps, BLOCK_N=tile.tn, **shape)
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    sig = {n: "constexpr" if n in consts else ("*fp32" if n == "out_ptr" else "*i64") if n.endswith("_ptr")
+           else "i32" for n in fn.arg_names}
+    aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n.endswith("_ptr")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", int(arch[3:]), 32), options=options)
+
+
+def _disassemble(cubin: bytes, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(_tools() / "cuobjdump"), flag, f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+
+
+def _opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def k_loop_stats(sass: str) -> dict:
+    """Instruction counts of the K loops of a SASS listing.
+
+    Loops are backward branches; a K loop is an innermost one whose body holds float adds (the
+    accumulations, one per MAC: the kernels' only FADDs).  Returns the counts of the loop with the
+    most instructions per MAC (the worst of, e.g., the KH x KW loops of a convolution).
+    """
+    ins = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTR.match, sass.splitlines()) if m]
+    index = {addr: i for i, (addr, _) in enumerate(ins)}
+    loops = [(index[int(m.group(1), 16)], i) for i, (addr, text) in enumerate(ins)
+             if (m := _BRANCH.search(text)) and int(m.group(1), 16) < addr and int(m.group(1), 16) in index]
+    innermost = [(s, e) for s, e in loops if not any(s <= s2 and e2 < e for s2, e2 in loops if (s2, e2) != (s, e))]
+    best = None
+    for s, e in innermost:
+        ops = collections.Counter(_opcode(t) for _, t in ins[s:e + 1])
+        macs = ops["FADD"]
+        if macs == 0:
+            continue
+        stats = {"instructions": e + 1 - s, "macs": macs, "instructions_per_mac": round((e + 1 - s) / macs, 3),
+                 "loads_per_mac": round(ops["LDG"] / macs, 3), "shuffles_per_mac": round(ops["SHFL"] / macs, 3),
+                 "shared_ops_per_mac": round(sum(ops[o] for o in _SHARED_OPS) / macs, 3),
+                 "spill_ops": ops["LDL"] + ops["STL"], "k_loops": 0, "opcodes": dict(ops.most_common())}
+        if best is None or stats["instructions_per_mac"] > best["instructions_per_mac"]:
+            best = stats
+    if best is None:
+        raise ValueError("no K loop (backward branch with float accumulations) found in the SASS listing")
+    best["k_loops"] = sum(1 for s, e in innermost if any(_opcode(t) == "FADD" for _, t in ins[s:e + 1]))
+    return best
+
+
+def _resources(cubin: bytes) -> dict:
+    usage = _disassemble(cubin, "-res-usage")
+    regs = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    return {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1))}
+
+
+def analyse(kernel: str, multiplier: str, tile, arch: str) -> tuple[dict, str]:
+    """(report entry, SASS listing) of one kernel / multiplier / tile on one architecture."""
+    compiled = compile_kernel(kernel, multiplier, tile, arch)
+    cubin = compiled.asm["cubin"]
+    sass = _disassemble(cubin, "-sass")
+    stats = k_loop_stats(sass)
+    _, sms, ghz = CHIPS[arch]
+    entry = {"kernel": kernel, "multiplier": multiplier,
+             "tile": {"tm": tile.tm, "tn": tile.tn, "num_warps": tile.num_warps,
+                      "block_m": tile.tm * 32 * tile.num_warps, "block_n": tile.tn},
+             **_resources(cubin), **stats,
+             "ceiling_tmac_per_s": round(sms * ISSUE_SLOTS * ghz * 1e9 / stats["instructions_per_mac"] / 1e12, 3)}
+    return entry, sass
+
+
+def _report(arch: str, tiles) -> tuple[dict, str]:
+    import triton
+
+    name, sms, ghz = CHIPS[arch]
+    entries, default_sass = [], ""
+    for kernel in KERNELS:
+        for mult in MULTIPLIERS:
+            for tile in tiles:
+                entry, sass = analyse(kernel, mult, tile, arch)
+                entries.append(entry)
+                if kernel == "gemm" and mult == "mbm" and tile == tiles[0]:
+                    default_sass = sass
+    report = {
+        "arch": arch, "triton": triton.__version__,
+        "chip": {"name": name, "sms": sms, "clock_ghz": ghz, "issue_slots_per_sm_clock": ISSUE_SLOTS},
+        "ceiling": "SMs x 4 issue slots x 32 lanes x clock / K-loop instructions per MAC (a bound, not a timing)",
+        "default_tile": {"tm": tiles[0].tm, "tn": tiles[0].tn, "num_warps": tiles[0].num_warps},
+        "conv_kernel_size": "3x3", "kernels": entries,
+    }
+    return report, default_sass
+
+
+def write_reports(out_dir: str | Path = "results/bench", archs=("sm_75", "sm_80", "sm_90")) -> list[Path]:
+    """Write ``sass-<arch>.json`` per architecture and the default MBM GEMM's listing; print a table."""
+    from ..kernels.triton import TILES
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for arch in archs:
+        report, sass = _report(arch, TILES)
+        paths.append(out / f"sass-{arch}.json")
+        paths[-1].write_text(json.dumps(report, indent=1) + "\n")
+        paths.append(out / f"sass-{arch}-gemm-mbm.sass")
+        paths[-1].write_text(sass)
+        print(format_table(report))
+    return paths
+
+
+def format_table(report: dict) -> str:
+    """One line per kernel / multiplier / tile: instructions, loads, shuffles, shared ops per MAC, ceiling."""
+    chip = report["chip"]
+    lines = [f"{report['arch']} ({chip['name']}, {chip['sms']} SMs, {chip['clock_ghz']} GHz)",
+             f"{'kernel':20} {'mult':9} {'tile':9} {'instr/MAC':>9} {'LDG/MAC':>8} {'SHFL':>5} {'smem':>5} "
+             f"{'regs':>5} {'spill':>6} {'T MAC/s':>8}"]
+    for e in report["kernels"]:
+        t = e["tile"]
+        lines.append(f"{e['kernel']:20} {e['multiplier']:9} {t['tm']}x{t['tn']}/{t['num_warps']}w".ljust(41)
+                     + f"{e['instructions_per_mac']:>9.2f} {e['loads_per_mac']:>8.3f} {e['shuffles_per_mac']:>5.2f} "
+                     f"{e['shared_ops_per_mac']:>5.2f} {e['registers']:>5} {e['spill_bytes']:>6} "
+                     f"{e['ceiling_tmac_per_s']:>8.2f}")
+    return "\n".join(lines)
