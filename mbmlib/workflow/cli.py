@@ -36,10 +36,20 @@ def _add_bench(sub) -> None:
     p.add_argument("--multipliers", nargs="+", default=["mitchell", "mbm"], help="layers: multipliers to time")
     p.add_argument("--backends", nargs="+", default=None,
                    help="layers: backends to time (default: every one usable on the device)")
+    p.add_argument("--sass", action="store_true",
+                   help="instead of timing: compile every Triton kernel ahead of time for sm_75/sm_80/sm_90 (no GPU "
+                        "needed), read its K loop's SASS and write results/bench/sass-<arch>.json (ceilings, not "
+                        "timings)")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args) -> int:
+    if args.sass:
+        from . import sass  # loads Triton and its compiler: only for this report
+
+        for path in sass.write_reports(args.out):
+            print(f"wrote {path}")
+        return 0
     if args.what in ("all", "elementwise"):
         report = bench.stamp(bench.bench_elementwise(args.elements, args.device, args.repeat), args.device)
         path = bench.save_report(report, args.out)
