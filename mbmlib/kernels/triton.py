@@ -64,18 +64,18 @@ BIAS = 0x3F800000  # host copy of _BIAS, added to the words of the N-side operan
 # --------------------------------------------------------------------------- tile configurations
 
 class Tile(NamedTuple):
-    """Per-thread register tile TM x TN and warps; BLOCK_M = TM * 32 * num_warps rows along the lanes."""
-    tm: int
-    tn: int
+    """An output tile of BLOCK_N x BLOCK_M: TN x TM per thread, TM = BLOCK_M / (32 * num_warps) rows along the lanes."""
+    block_m: int
+    block_n: int
     num_warps: int
 
     @property
-    def block_m(self) -> int:
-        return 16 if INTERPRET else self.tm * 32 * self.num_warps
+    def tm(self) -> int:
+        return max(1, self.block_m // (32 * self.num_warps))
 
     @property
-    def block_n(self) -> int:
-        return self.tn
+    def tn(self) -> int:
+        return self.block_n
 
     def meta(self) -> dict:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": 1}
@@ -83,25 +83,27 @@ class Tile(NamedTuple):
 
 # Tiles the host picks from (see pick_tile).  8 x 4 / 8 x 8 a thread keep 0.4 or fewer loads per MAC;
 # 4 x 4 and one warp serve small problems (linear layers of a small batch, grad_w of a first layer).
-TILES = (Tile(8, 4, 4), Tile(8, 8, 2), Tile(4, 8, 2), Tile(8, 4, 1), Tile(4, 4, 1))
+TILES = (Tile(1024, 4, 4), Tile(512, 8, 2), Tile(256, 8, 2), Tile(256, 4, 1), Tile(128, 4, 1))
 DEFAULT_TILE = TILES[0]
-_INTERPRET_TILE = Tile(1, 4, 1)  # BLOCK_M 16 under the interpreter: a few, partly padded tiles in tests
+_INTERPRET_TILE = Tile(16, 4, 1)  # under the interpreter: a few, partly padded tiles on the tests' shapes
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def pick_tile(m: int, n: int) -> Tile:
+def pick_tile(m: int, n: int, tiles=TILES) -> Tile:
     """The tile for an (m, n) output: least padded work, a little penalty for thin tiles, then the largest."""
-    if INTERPRET:
-        return _INTERPRET_TILE
-
     def cost(t: Tile):
         padded = _cdiv(m, t.block_m) * t.block_m * _cdiv(n, t.block_n) * t.block_n
         return padded * (1.0 + 0.5 / t.tm + 0.5 / t.tn), -t.block_m * t.block_n
 
-    return min(TILES, key=cost)
+    return min(tiles, key=cost)
+
+
+def _tile_for(m: int, n: int, tile: Tile | None) -> Tile:
+    """The caller's tile (tests), the interpreter's small one, or pick_tile's."""
+    return tile or (_INTERPRET_TILE if INTERPRET else pick_tile(m, n))
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -138,6 +140,13 @@ def _rank1(acc, wa, wb, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr
     return acc + (sa * sb) * _significand(x, IS_MBM, C0, C1, RZ)  # same order of rounding as the reference
 
 
+@triton.jit
+def _program_tile(g_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(group or batch index as int64, rows, columns) of this program's output tile."""
+    g = (tl.program_id(2) + g_offset).to(tl.int64)
+    return g, tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
 # --------------------------------------------------------------------------- batched GEMM, K-major
 
 @triton.jit(do_not_specialize=["stride_ak"])  # an unknown row stride keeps A's loads scalar, in the acc layout
@@ -149,9 +158,7 @@ def _gemm_kernel(
     IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    g = (tl.program_id(2) + g_offset).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, offs_m, offs_n = _program_tile(g_offset, BLOCK_M, BLOCK_N)
     pa = a_ptr + g * stride_ag + offs_m  # M and N are padded to the tile: no masks in the K loop
     pb = b_ptr + g * stride_bg + offs_n
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -175,9 +182,8 @@ def _conv2d_kernel(
     IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    grp = (tl.program_id(2) + g_offset).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """out[b, o, oh, ow] = sum over (i, j, c) of approx(x[b, c, ih, iw], w[o, c, i, j]), padding masked."""
+    grp, offs_m, offs_n = _program_tile(g_offset, BLOCK_M, BLOCK_N)
     # Row m = (b, oh, ow), decoded once; consecutive m are neighbouring output columns (loads along M).
     b = offs_m // (Ho * Wo)
     r = offs_m % (Ho * Wo)  # oh * Wo + ow
@@ -210,14 +216,12 @@ def _conv2d_grad_input_kernel(
     M, N, Og, H, W, Ho, Wo, g_offset,  # M = B*H*W, N = C // groups
     stride_gb, stride_go, stride_gh, stride_gw, stride_wg, stride_wk, stride_ob, stride_oc,
     conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, NONFINITE_W: tl.constexpr,
     IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Transposed convolution: grad_x[b, c, h, w] = sum over (i, j, o) of approx(grad[b, o, oh, ow], w[o, c, i, j])."""
-    grp = (tl.program_id(2) + g_offset).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    grp, offs_m, offs_n = _program_tile(g_offset, BLOCK_M, BLOCK_N)
     b = offs_m // (H * W)
     r = offs_m % (H * W)  # h * W + w: input position receiving the gradient
     th0 = r // W + pad_h
@@ -236,7 +240,9 @@ def _conv2d_grad_input_kernel(
             pg = g_rows + oh * stride_gh + ow * stride_gw
             pw = w_cols + (i * KW + j) * Og * stride_wk
             for _ in range(Og):  # the K loop: output channels of the group
-                acc = _rank1(acc, tl.load(pg, mask=hit, other=0), tl.load(pw), IS_MBM, C0, C1, RZ)
+                new = _rank1(acc, tl.load(pg, mask=hit, other=0), tl.load(pw), IS_MBM, C0, C1, RZ)
+                # A miss has no product at all (0 * inf would be NaN): kept out, when w has infinities or NaN.
+                acc = tl.where(hit[None, :], new, acc) if NONFINITE_W else new
                 pg += stride_go
                 pw += stride_wk
     o_off = (b.to(tl.int64) * stride_ob + r)[None, :] + ((grp * N + offs_n) * stride_oc)[:, None]
@@ -390,7 +396,7 @@ def _bmm_nt_launch(a, b, multiplier, kind, out, tile):
     rows, cols = (b, a) if swap else (a, b)
     G, M, K = rows.shape
     N = cols.shape[1]
-    tile = tile or pick_tile(M, N)
+    tile = _tile_for(M, N, tile)
     wa = _pad_last(words(rows, multiplier).transpose(1, 2), tile.block_m)  # (G, K, Mp), K-major
     wb = _pad_last(words(cols, multiplier, BIAS).transpose(1, 2), tile.block_n)  # (G, K, Np)
     stride_om, stride_on = out.stride()[1:] if not swap else out.stride()[:0:-1]
@@ -456,7 +462,7 @@ def _conv2d_launch(x, w, stride, padding, dilation, groups, multiplier, kind, ou
     B, O, Ho, Wo = out.shape
     Cg, KH, KW = w.shape[1:]
     M, N = B * Ho * Wo, O // groups
-    tile = tile or pick_tile(M, N)
+    tile = _tile_for(M, N, tile)
     wx = words(x.contiguous(), multiplier)  # (B, C, H, W)
     ww = _kmajor_weights(w, groups, multiplier, tile.block_n, channels_out=True)  # (G, KH, KW, Cg, Np)
     for g0, ng in _z_chunks(groups):
@@ -503,13 +509,14 @@ def _grad_input_launch(wg, w, stride, padding, dilation, groups, multiplier, kin
     B, C, H, W = grad_x.shape
     O, Cg, KH, KW = w.shape
     M, N = B * H * W, Cg
-    tile = tile or pick_tile(M, N)
+    tile = _tile_for(M, N, tile)
     ww = _kmajor_weights(w, groups, multiplier, tile.block_n, channels_out=False)  # (G, KH, KW, Og, Np)
     for g0, ng in _z_chunks(groups):
         _conv2d_grad_input_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
             wg, ww, grad_x, M, N, O // groups, H, W, wg.shape[2], wg.shape[3], g0,
             *wg.stride(), ww.stride(0), ww.stride(3), grad_x.stride(0), grad_x.stride(1),
-            *_conv_args(stride, padding, dilation), KH=KH, KW=KW, **kind, **tile.meta())
+            *_conv_args(stride, padding, dilation), KH=KH, KW=KW,
+            NONFINITE_W=not bool(torch.isfinite(w).all()), **kind, **tile.meta())
 
 
 def _batch_splits(n_batch: int, programs: int) -> int:
@@ -525,7 +532,7 @@ def _grad_weight_launch(wg, x, w_shape, stride, padding, dilation, groups, multi
     M, N = O // groups, Cg * KH * KW
     if groups > _MAX_GRID_Z:
         raise ValueError(f"triton.conv2d_grads supports at most {_MAX_GRID_Z} groups, got {groups}")
-    tile = tile or pick_tile(M, N)
+    tile = _tile_for(M, N, tile)
     gl = _pad_last(wg.view(B, groups, M, Ho, Wo).permute(0, 3, 4, 1, 2), tile.block_m)  # (B, Ho, Wo, G, Mp)
     xp = torch.nn.functional.pad(words(x.contiguous(), multiplier, BIAS),
                                  (padding[1], padding[1], padding[0], padding[0]))  # (B, C, Hp, Wp), word 0 = +0

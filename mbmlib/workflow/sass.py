@@ -34,7 +34,7 @@ ISSUE_SLOTS = 4 * 32  # warp instructions per SM and clock x lanes
 KERNELS = {
     "gemm": ("_gemm_kernel", {}),
     "conv2d": ("_conv2d_kernel", {"KH": 3, "KW": 3}),
-    "conv2d_grad_input": ("_conv2d_grad_input_kernel", {"KH": 3, "KW": 3}),
+    "conv2d_grad_input": ("_conv2d_grad_input_kernel", {"KH": 3, "KW": 3, "NONFINITE_W": False}),
     "conv2d_grad_weight": ("_conv2d_grad_weight_kernel", {"KW": 3}),
 }
 MULTIPLIERS = ("mbm", "mitchell")
@@ -62,7 +62,7 @@ def compile_kernel(kernel: str, multiplier: str, tile, arch: str):
     fn = getattr(tk, attr)
     kind = tk.kind_args(as_multiplier(multiplier))
     options = {"num_warps": tile.num_warps, "num_stages": 1, "enable_fp_fusion": kind.pop("enable_fp_fusion")}
-    consts = dict(kind, RZ=True, BLOCK_M=tile.tm * 32 * tile.num_warps, BLOCK_N=tile.tn, **shape)
+    consts = dict(kind, RZ=True, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **shape)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {n: "constexpr" if n in consts else ("*fp32" if n == "out_ptr" else "*i64") if n.endswith("_ptr")
            else "i32" for n in fn.arg_names}
@@ -134,7 +134,7 @@ def analyse(kernel: str, multiplier: str, tile, arch: str) -> tuple[dict, str]:
     _, sms, ghz = CHIPS[arch]
     entry = {"kernel": kernel, "multiplier": multiplier,
              "tile": {"tm": tile.tm, "tn": tile.tn, "num_warps": tile.num_warps,
-                      "block_m": tile.tm * 32 * tile.num_warps, "block_n": tile.tn},
+                      "block_m": tile.block_m, "block_n": tile.block_n},
              **_resources(cubin), **stats,
              "ceiling_tmac_per_s": round(sms * ISSUE_SLOTS * ghz * 1e9 / stats["instructions_per_mac"] / 1e12, 3)}
     return entry, sass
