@@ -11,6 +11,7 @@ The ops are defined with ``torch.library.custom_op`` + ``register_fake`` +
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -40,7 +41,7 @@ def check_backward(backward: str) -> str:
 def _bmm_nt(a: Tensor, b: Tensor, multiplier: str, backward: str, backend: str) -> Tensor:
     """(G, M, K), (G, N, K) -> (G, M, N): approximate ``a @ b.T``, computed in float32."""
     mult = as_multiplier(multiplier)
-    if mult.is_exact:
+    if mult.is_exact or a.shape[2] == 0:  # K = 0: empty sums are zeros, as torch.bmm gives
         return torch.bmm(a, b.transpose(1, 2))
     return kernels.load(backend).bmm_nt(a.float(), b.float(), mult).to(a.dtype)
 
@@ -139,14 +140,31 @@ _conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
 
 
 def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) == 1:
-        return (int(v[0]), int(v[0]))
-    if len(v) != 2:
-        raise RuntimeError(f"expected {name} to be a single integer or a list of 2 values, got {list(v)}")
-    return (int(v[0]), int(v[1]))
+    """One int or a sequence of 1 or 2 ints -> a pair, with F.conv2d's error types."""
+    values = (v,) if not isinstance(v, (tuple, list, torch.Size)) else tuple(v)
+    if len(values) not in (1, 2):
+        raise RuntimeError(f"expected {name} to be a single integer or a list of 2 values, got {list(values)}")
+    if not all(isinstance(x, int) for x in values):
+        raise TypeError(f"{name} must be an integer or a pair of integers, got {v!r}")
+    return (values[0], values[-1])
+
+
+def _conv_args(stride, padding, dilation, groups):
+    """Stride/dilation/padding as pairs, checked with the error types and wording F.conv2d uses."""
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride) <= 0:
+        raise RuntimeError(f"non-positive stride is not supported: got stride={list(stride)}; use strides >= 1")
+    if min(dilation) <= 0:
+        raise RuntimeError(f"non-positive dilation is not supported: got dilation={list(dilation)}; use dilations "
+                           ">= 1")
+    if not isinstance(padding, str):
+        padding = _pair(padding, "padding")
+        if min(padding) < 0:
+            raise RuntimeError(f"negative padding is not supported: got padding={list(padding)}; crop the input "
+                               "instead")
+    if not isinstance(groups, int) or groups <= 0:
+        raise RuntimeError(f"non-positive groups is not supported: got groups={groups!r}; use an integer >= 1")
+    return stride, padding, dilation
 
 
 def _check_tensors(named: dict) -> None:
@@ -163,8 +181,8 @@ def _check_tensors(named: dict) -> None:
                                f"{first.device} and {name} on {t.device}; move them with .to(device)")
 
 
-def _check_conv_shapes(input: Tensor, weight: Tensor, groups: int) -> None:
-    """Rank and channel checks with the messages F.conv2d gives (its meta kernel's are terser)."""
+def _check_conv_shapes(input: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> None:
+    """Rank, channel and bias checks with the messages F.conv2d gives (its meta kernel's are terser or absent)."""
     if weight.dim() != 4:
         raise RuntimeError(f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape "
                            f"{list(weight.shape)}")
@@ -172,10 +190,13 @@ def _check_conv_shapes(input: Tensor, weight: Tensor, groups: int) -> None:
         raise RuntimeError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: "
                            f"{list(input.shape)}")
     channels = input.shape[-3]
-    if isinstance(groups, int) and groups > 0 and channels != weight.shape[1] * groups:
+    if channels != weight.shape[1] * groups:
         raise RuntimeError(f"Given groups={groups}, weight of size {list(weight.shape)}, expected input"
                            f"{list(input.shape)} to have {weight.shape[1] * groups} channels, but got "
                            f"{channels} channels instead")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise RuntimeError(f"Given weight of size {list(weight.shape)}, expected bias to be 1-dimensional with "
+                           f"{weight.shape[0]} elements, but got bias of size {list(bias.shape)} instead")
 
 
 def _resolve(multiplier: MultiplierLike, backward: str, backend: Optional[str], device) -> tuple[str, str, str]:
@@ -196,18 +217,15 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     (C, H, W); weight (O, C/groups, kh, kw).
     """
     _check_tensors({"input": input, "weight": weight, "bias": bias})
-    _check_conv_shapes(input, weight, groups)
-    # PyTorch's own checks (rank, channels, groups, kernel vs input size), without computing anything
-    F.conv2d(input.to("meta"), weight.to("meta"), None if bias is None else bias.to("meta"),
-             stride, padding, dilation, groups)
+    stride, padding, dilation = _conv_args(stride, padding, dilation, groups)
+    _check_conv_shapes(input, weight, bias, groups)
+    # PyTorch's own checks (padding strings, kernel vs input size), without computing anything
+    F.conv2d(input.to("meta"), weight.to("meta"), None, stride, padding, dilation, groups)
     mult, backward, backend = _resolve(multiplier, backward, backend, input.device)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input  # (B, C, H, W)
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     if isinstance(padding, str):
         x, padding = _string_padding(x, weight.shape[2:], dilation, padding)
-    else:
-        padding = _pair(padding, "padding")
     out = _conv2d(x, weight, list(stride), list(padding), list(dilation), groups, mult, backward, backend)
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
@@ -233,8 +251,9 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mult
     _check_tensors({"input": input, "weight": weight, "bias": bias})
     F.linear(input.to("meta"), weight.to("meta"), None if bias is None else bias.to("meta"))
     mult, backward, backend = _resolve(multiplier, backward, backend, input.device)
-    x2d = input.reshape(1, -1, input.shape[-1])  # (1, M, K)
-    w2d = weight.reshape(1, weight.shape[0] if weight.dim() == 2 else 1, -1)  # (1, N, K)
+    K = input.shape[-1]
+    x2d = input.reshape(1, math.prod(input.shape[:-1]), K)  # (1, M, K)
+    w2d = weight.reshape(1, weight.shape[0] if weight.dim() == 2 else 1, K)  # (1, N, K)
     out = _bmm_nt(x2d, w2d, mult, backward, backend)  # (1, M, N)
     out = out.reshape(*input.shape[:-1], *weight.shape[:-1])
     return out if bias is None else out + bias
@@ -250,6 +269,7 @@ def matmul(a: Tensor, b: Tensor, *, multiplier: MultiplierLike = "mbm", backward
     b2 = b.unsqueeze(-1) if b.dim() == 1 else b  # (..., K, N)
     batch = torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
     M, K, N = a2.shape[-2], a2.shape[-1], b2.shape[-1]
-    a3 = a2.expand(*batch, M, K).reshape(-1, M, K)  # (G, M, K)
-    b3 = b2.expand(*batch, K, N).transpose(-1, -2).reshape(-1, N, K)  # (G, N, K)
+    G = math.prod(batch)
+    a3 = a2.expand(*batch, M, K).reshape(G, M, K)  # (G, M, K)
+    b3 = b2.expand(*batch, K, N).transpose(-1, -2).reshape(G, N, K)  # (G, N, K)
     return _bmm_nt(a3, b3, mult, backward, backend).reshape(out_shape)

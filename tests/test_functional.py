@@ -274,3 +274,38 @@ def test_half_precision_inputs_computed_in_float32():
         assert got.dtype == dt
         want = AF.conv2d(x.to(dt).float(), w.to(dt).float(), multiplier="mbm", backend="reference").to(dt)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(padding=-1), RuntimeError, "negative padding"),
+    (dict(padding=(1, -1)), RuntimeError, "negative padding"),
+    (dict(padding=(1, 2, 3)), RuntimeError, "single integer or a list of 2"),
+    (dict(padding=1.5), TypeError, "padding must be an integer"),
+    (dict(dilation=0), RuntimeError, "non-positive dilation"),
+    (dict(stride=0), RuntimeError, "non-positive stride"),
+    (dict(stride=(1, -2)), RuntimeError, "non-positive stride"),
+    (dict(groups=0), RuntimeError, "non-positive groups"),
+    (dict(bias=(6, 1)), RuntimeError, "expected bias to be 1-dimensional with 6 elements"),
+    (dict(bias=(5,)), RuntimeError, "expected bias to be 1-dimensional with 6 elements"),
+])
+def test_conv2d_rejects_what_torch_rejects(kwargs, error, message):
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(6, 3, 3, 3)
+    kwargs = dict(kwargs)
+    bias = torch.randn(*kwargs.pop("bias")) if "bias" in kwargs else None
+    with pytest.raises(error):
+        F.conv2d(x, w, bias, **kwargs)
+    with pytest.raises(error, match=message):
+        AF.conv2d(x, w, bias, **kwargs, backend="reference")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("multiplier", ["mbm", "exact"])
+def test_empty_sums_are_zeros_as_in_torch(backend, multiplier):
+    x, w, b = torch.randn(3, 0, requires_grad=True), torch.randn(4, 0), torch.randn(4)
+    got = AF.linear(x, w, b, multiplier=multiplier, backend=backend)
+    assert torch.equal(got, F.linear(x, w, b))
+    got.sum().backward()
+    assert x.grad.shape == (3, 0)
+    assert torch.equal(AF.linear(x, w, multiplier=multiplier, backend=backend), torch.zeros(3, 4))
+    a, m = torch.randn(2, 3, 0), torch.randn(0, 5)
+    assert torch.equal(AF.matmul(a, m, multiplier=multiplier, backend=backend), torch.zeros(2, 3, 5))
