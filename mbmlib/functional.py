@@ -82,20 +82,20 @@ _bmm_nt.register_autograd(_bmm_nt_backward, setup_context=_bmm_nt_setup)
 
 
 @torch.library.custom_op("mbmlib::conv2d", mutates_args=())
-def _conv2d(x: Tensor, w: Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
-            multiplier: str, backward: str, backend: str) -> Tensor:
-    """Approximate convolution, explicit symmetric zero padding, no bias."""
+def _conv2d(x: Tensor, w: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
+            dilation: List[int], groups: int, multiplier: str, backward: str, backend: str) -> Tensor:
+    """Approximate convolution, explicit symmetric zero padding, the bias added exactly."""
     mult = as_multiplier(multiplier)
     if mult.is_exact:
-        return F.conv2d(x, w, None, stride, padding, dilation, groups)
+        return F.conv2d(x, w, bias, stride, padding, dilation, groups)
     out = kernels.load(backend).conv2d(x.float().contiguous(), w.float().contiguous(), tuple(stride),
-                                       tuple(padding), tuple(dilation), groups, mult)
-    return out.to(x.dtype)
+                                       tuple(padding), tuple(dilation), groups, mult).to(x.dtype)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
 @_conv2d.register_fake
-def _(x, w, stride, padding, dilation, groups, multiplier, backward, backend):
-    return F.conv2d(x, w, None, stride, padding, dilation, groups)
+def _(x, w, bias, stride, padding, dilation, groups, multiplier, backward, backend):
+    return F.conv2d(x, w, bias, stride, padding, dilation, groups)
 
 
 @torch.library.custom_op("mbmlib::conv2d_grad_approx", mutates_args=())
@@ -113,24 +113,33 @@ def _(grad, x, w, stride, padding, dilation, groups, multiplier, backend):
     return [torch.empty_like(x), torch.empty_like(w)]
 
 
+def conv2d_exact_grads(grad: Tensor, x: Tensor, w: Tensor, has_bias: bool, stride, padding, dilation, groups,
+                       mask) -> tuple:
+    """(grad_x, grad_w, grad_bias) of the exact convolution, as ``nn.Conv2d``'s own backward computes them.
+
+    ``mask`` says which of the three are wanted (the others come back None).
+    """
+    bias_sizes = [w.shape[0]] if has_bias else None
+    return torch.ops.aten.convolution_backward(grad, x, w, bias_sizes, stride, padding, dilation, False, [0, 0],
+                                               groups, list(mask))
+
+
 def _conv2d_setup(ctx, inputs, output):
-    x, w, stride, padding, dilation, groups, multiplier, backward, backend = inputs
+    x, w, bias, stride, padding, dilation, groups, multiplier, backward, backend = inputs
     ctx.save_for_backward(x, w)
-    ctx.opts = (stride, padding, dilation, groups, multiplier, backward, backend)
+    ctx.opts = (bias is not None, stride, padding, dilation, groups, multiplier, backward, backend)
 
 
 def _conv2d_backward(ctx, grad):
     x, w = ctx.saved_tensors
-    stride, padding, dilation, groups, multiplier, backward, backend = ctx.opts
-    grad_x = grad_w = None
-    if backward == "approx" and not as_multiplier(multiplier).is_exact:
+    has_bias, stride, padding, dilation, groups, multiplier, backward, backend = ctx.opts
+    needs = ctx.needs_input_grad[:3]
+    approx = backward == "approx" and not as_multiplier(multiplier).is_exact
+    mask = (False, False, needs[2]) if approx else needs
+    grad_x, grad_w, grad_b = conv2d_exact_grads(grad, x, w, has_bias, stride, padding, dilation, groups, mask)
+    if approx and (needs[0] or needs[1]):
         grad_x, grad_w = _conv2d_grad_approx(grad, x, w, stride, padding, dilation, groups, multiplier, backend)
-    else:
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, w, grad, stride, padding, dilation, groups)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.nn.grad.conv2d_weight(x, w.shape, grad, stride, padding, dilation, groups)
-    return grad_x, grad_w, None, None, None, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 _conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
@@ -226,9 +235,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     x = input.unsqueeze(0) if unbatched else input  # (B, C, H, W)
     if isinstance(padding, str):
         x, padding = _string_padding(x, weight.shape[2:], dilation, padding)
-    out = _conv2d(x, weight, list(stride), list(padding), list(dilation), groups, mult, backward, backend)
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
+    out = _conv2d(x, weight, bias, list(stride), list(padding), list(dilation), groups, mult, backward, backend)
     return out.squeeze(0) if unbatched else out
 
 

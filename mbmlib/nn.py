@@ -7,14 +7,17 @@ replace the forward computation with :mod:`mbmlib.functional`.
 from __future__ import annotations
 
 import copy
+import fnmatch
+import warnings
 from typing import Optional
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import functional as AF
 from .multipliers import MultiplierLike, as_multiplier
 
-__all__ = ["MBMConv2d", "MBMLinear", "convert"]
+__all__ = ["MBMConv2d", "MBMLinear", "convert", "NotConvertedWarning", "UNCONVERTIBLE"]
 
 
 class _ApproxMixin:
@@ -67,41 +70,96 @@ class MBMLinear(_ApproxMixin, nn.Linear):
         return super().extra_repr() + ", " + self._approx_repr()
 
 
-def _convert_layer(layer: nn.Module, opts: dict) -> nn.Module:
-    """An approximate twin of one Conv2d/Linear layer, sharing nothing, holding the same weights."""
-    if isinstance(layer, nn.Conv2d):
-        new = MBMConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                        layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-                        layer.weight.device, layer.weight.dtype, **opts)
-    elif isinstance(layer, nn.Linear):
-        new = MBMLinear(layer.in_features, layer.out_features, layer.bias is not None, layer.weight.device,
-                        layer.weight.dtype, **opts)
-    else:
-        raise TypeError(f"convert() can replace nn.Conv2d and nn.Linear layers, not {type(layer).__name__}")
-    new.load_state_dict(layer.state_dict())
-    new.train(layer.training)
-    return new
+# Layers that multiply but have no approximate twin: convert() leaves them exact and says so.
+UNCONVERTIBLE = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+                 nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)
 
 
-def convert(model: nn.Module, multiplier: MultiplierLike = "mbm", backward: str = "exact",
-            layers=(nn.Conv2d, nn.Linear), inplace: bool = False, backend: Optional[str] = None) -> nn.Module:
-    """Swap every layer of the types in ``layers`` for its approximate twin, keeping the weights.
+class NotConvertedWarning(UserWarning):
+    """``convert()`` met layers it has no approximate version of; they stay exact."""
 
-    Already-approximate layers get the new multiplier/backward.  Returns the
-    converted model (a deep copy unless ``inplace``).
+
+def _walk(module: nn.Module, prefix: str = ""):
+    """(name, module) of ``module`` and everything below it, not entering MultiheadAttention.
+
+    MultiheadAttention computes with its ``out_proj`` weights directly
+    (``F.multi_head_attention_forward``), so swapping that submodule would change nothing.
     """
-    opts = dict(multiplier=as_multiplier(multiplier), backward=AF.check_backward(backward), backend=backend)
+    yield prefix, module
+    if isinstance(module, nn.MultiheadAttention):
+        return
+    for attr, child in module.named_children():
+        yield from _walk(child, f"{prefix}.{attr}" if prefix else attr)
+
+
+def _make_approx(layer: nn.Module, opts: dict) -> None:
+    """Turn one Conv2d/Linear into its approximate twin in place: same object, parameters, hooks, mode."""
+    if parametrize.is_parametrized(layer):
+        raise TypeError(f"convert() cannot convert a parametrized {type(layer).__name__}; call "
+                        "torch.nn.utils.parametrize.remove_parametrizations on it first")
+    twin = MBMConv2d if isinstance(layer, nn.Conv2d) else MBMLinear
+    if not isinstance(layer, twin):
+        layer.__class__ = twin  # the twins add no parameters, only the attributes _init_approx sets
+    layer._init_approx(**opts)
+
+
+def _chooser(multiplier, names: list[str]):
+    """name -> Multiplier (or None: leave the layer as it is) from one multiplier or a {glob: multiplier} dict."""
+    if not isinstance(multiplier, dict):
+        mult = as_multiplier(multiplier)
+        return lambda name: mult
+    table = [(pattern, as_multiplier(m)) for pattern, m in multiplier.items()]
+    for pattern, _ in table:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"multiplier pattern {pattern!r} matches no convertible layer; the layers are "
+                             f"{', '.join(repr(n) for n in names) or '(none)'}")
+    return lambda name: next((m for pattern, m in table if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def _warn_not_converted(skipped: list[tuple[str, nn.Module]]) -> None:
+    if skipped:
+        listed = ", ".join(f"{name or '(model)'!r} ({type(m).__name__})" for name, m in skipped)
+        warnings.warn(NotConvertedWarning(
+            f"convert() left {len(skipped)} layer(s) exact, having no approximate version of them: {listed}"),
+            stacklevel=3)
+
+
+def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=(nn.Conv2d, nn.Linear),
+            inplace: bool = False, backend: Optional[str] = None) -> nn.Module:
+    """Make every layer of the types in ``layers`` approximate, keeping its weights; return the model.
+
+    ``multiplier`` is one multiplier for all, or a dict of per-layer choices keyed by
+    glob patterns (:func:`fnmatch.fnmatchcase`) on the module names of
+    ``model.named_modules()``, e.g. ``{"features.0": "exact", "*": "mbm"}``: the
+    first pattern that matches a layer's name, in dict order, wins; a layer no
+    pattern matches stays as it is; a pattern that matches no layer is a
+    ValueError.  A bare layer's name is ``""``.
+
+    Layers turn into :class:`MBMConv2d` / :class:`MBMLinear` in place (their class
+    changes; parameters, hooks and train/eval mode stay), on a deep copy of
+    ``model`` unless ``inplace`` -- so ``convert(layer, inplace=True) is layer``.
+    Already-approximate layers get the new settings.  Layers that multiply but
+    have no approximate version (``UNCONVERTIBLE``: Conv1d/3d, transposed convs,
+    Bilinear, MultiheadAttention, RNNs) stay exact and are named in one
+    :class:`NotConvertedWarning`; MultiheadAttention is left whole, its
+    ``out_proj`` included, since it never calls that submodule.  Products a model
+    computes in its own ``forward`` (``F.linear``, ``torch.matmul``) are not seen.
+    """
+    opts = dict(backward=AF.check_backward(backward), backend=backend)
     layers = tuple(layers)
     for kind in layers:
         if kind not in (nn.Conv2d, nn.Linear, MBMConv2d, MBMLinear):
             raise TypeError(f"convert() can replace nn.Conv2d and nn.Linear layers, not {kind.__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    if isinstance(model, layers):
-        return _convert_layer(model, opts)
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, layers):
-                setattr(parent, child_name, _convert_layer(child, opts))
+    found = list(_walk(model))
+    targets = [(name, m) for name, m in found if isinstance(m, layers)]
+    choose = _chooser(multiplier, [name for name, _ in targets])
+    done = set()
+    for name, layer in targets:
+        mult = choose(name)
+        if mult is not None and id(layer) not in done:  # a shared layer takes its first name's multiplier
+            _make_approx(layer, dict(opts, multiplier=mult))
+            done.add(id(layer))
+    _warn_not_converted([(name, m) for name, m in found if isinstance(m, UNCONVERTIBLE)])
     return model
-

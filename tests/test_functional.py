@@ -147,8 +147,8 @@ def test_conv2d_backward_exact_equals_exact_layer_gradients(case):
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (x, w, b), g)
     want = torch.autograd.grad(F.conv2d(x, w, b, **kwargs), (x, w, b), g)
-    for got_g, want_g in zip(grads, want):
-        torch.testing.assert_close(got_g, want_g, rtol=1e-4, atol=1e-4)
+    for got_g, want_g in zip(grads, want):  # the same aten backward as F.conv2d's, bit for bit
+        assert torch.equal(got_g, want_g)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -217,8 +217,9 @@ def test_opcheck_custom_ops():
     from mbmlib.functional import _bmm_nt, _conv2d
 
     x, w = torch.randn(2, 3, 6, 6, requires_grad=True), torch.randn(4, 3, 3, 3, requires_grad=True)
-    torch.library.opcheck(_conv2d, (x, w, [1, 1], [1, 1], [1, 1], 1, "mbm", "exact", "reference"))
-    torch.library.opcheck(_conv2d, (x, w, [2, 2], [0, 0], [1, 1], 1, "mitchell", "approx", "reference"))
+    b = torch.randn(4, requires_grad=True)
+    torch.library.opcheck(_conv2d, (x, w, b, [1, 1], [1, 1], [1, 1], 1, "mbm", "exact", "reference"))
+    torch.library.opcheck(_conv2d, (x, w, None, [2, 2], [0, 0], [1, 1], 1, "mitchell", "approx", "reference"))
     a, b = torch.randn(2, 5, 7, requires_grad=True), torch.randn(2, 3, 7, requires_grad=True)
     torch.library.opcheck(_bmm_nt, (a, b, "mbm", "approx", "reference"))
 

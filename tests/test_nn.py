@@ -82,11 +82,62 @@ def test_convert_inplace_and_reconvert():
         convert(model, layers=(nn.BatchNorm2d,))
 
 
-def test_module_trains_one_step():
-    model = convert(small_model(), multiplier="mbm", backward="approx", backend="reference")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+def record_layers(model):
+    """Hooks keeping each approximate layer's input and output, both holding their gradient after backward."""
+    seen = {}
+
+    def hook(layer, inputs, output):
+        if inputs[0].requires_grad:
+            inputs[0].retain_grad()
+        output.retain_grad()
+        seen[layer] = (inputs[0], output)
+
+    for m in model.modules():
+        if isinstance(m, (MBMConv2d, MBMLinear)):
+            m.register_forward_hook(hook)
+    return seen
+
+
+def want_grads_exact(layer, x, g):
+    """(grad_x, grad_w, grad_b) of the plain PyTorch layer with the same weights."""
+    twin = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                     layer.dilation, layer.groups) if isinstance(layer, nn.Conv2d) else nn.Linear(
+        layer.in_features, layer.out_features)
+    twin.load_state_dict(layer.state_dict())
+    x = x.detach().requires_grad_()
+    return torch.autograd.grad(twin(x), (x, twin.weight, twin.bias), g)
+
+
+def want_grads_approx(layer, x, g):
+    """(grad_x, grad_w) from the reference backend's approximate gradient kernels; grad_b has no products."""
+    ref, mult, x, w = mbmlib.kernels.load("reference"), layer.multiplier, x.detach(), layer.weight.detach()
+    if isinstance(layer, nn.Conv2d):
+        gx, gw = ref.conv2d_grads(g, x, w, layer.stride, layer.padding, layer.dilation, layer.groups, mult)
+        return gx, gw, want_grads_exact(layer, x, g)[2]
+    gx = ref.bmm_nt(g[None], w.T.contiguous()[None], mult)[0]  # (M, N) x (N, K) -> (M, K)
+    gw = ref.bmm_nt(g.T.contiguous()[None], x.T.contiguous()[None], mult)[0]  # (N, M) x (M, K) -> (N, K)
+    return gx, gw, g.sum(0)
+
+
+@pytest.mark.parametrize("backward", ["exact", "approx"])
+def test_module_gradients_equal_the_exact_layer_or_the_reference_approximate_kernels(backward):
+    torch.manual_seed(0)
+    model = convert(small_model(), multiplier="mbm", backward=backward, backend="reference")
+    seen = record_layers(model)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert len(seen) == 3
+    want = want_grads_exact if backward == "exact" else want_grads_approx
+    for layer, (inp, out) in seen.items():
+        gx, gw, gb = want(layer, inp, out.grad)
+        assert torch.equal(layer.weight.grad, gw)
+        assert torch.equal(layer.bias.grad, gb)
+        if inp.requires_grad:
+            assert torch.equal(inp.grad, gx)
+    if backward == "approx":  # the approximate gradients are not the exact ones
+        layer, (inp, out) = next(iter(seen.items()))
+        assert not torch.equal(layer.weight.grad, want_grads_exact(layer, inp, out.grad)[1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [layer.weight.detach().clone() for layer in seen]
     opt.step()
+    assert all(not torch.equal(w, layer.weight) for w, layer in zip(before, seen))

@@ -1,0 +1,123 @@
+"""convert(): in place on bare layers, a warning naming every layer left exact, per-layer multipliers by glob."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mbmlib import MBMConv2d, MBMLinear, convert
+from mbmlib import functional as AF
+from mbmlib.nn import NotConvertedWarning
+
+
+def approx_layers(model):
+    return {name: m.multiplier.name for name, m in model.named_modules() if isinstance(m, (MBMConv2d, MBMLinear))}
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(2, 3, 3, padding=1), lambda: nn.Linear(5, 4)])
+def test_inplace_on_a_bare_layer_converts_that_object(make):
+    torch.manual_seed(0)
+    layer = make().eval()
+    calls = []
+    layer.register_forward_hook(lambda m, i, o: calls.append(1))
+    weight = layer.weight
+    x = torch.randn(2, 2, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(3, 5)
+    same = convert(layer, multiplier="mitchell", inplace=True, backend="reference")
+    assert same is layer and isinstance(layer, (MBMConv2d, MBMLinear)) and layer.weight is weight
+    assert layer.multiplier.name == "mitchell" and not layer.training
+    want = (AF.conv2d(x, weight, layer.bias, padding=1, multiplier="mitchell", backend="reference")
+            if isinstance(layer, nn.Conv2d) else AF.linear(x, weight, layer.bias, multiplier="mitchell", backend="reference"))
+    assert torch.equal(layer(x), want)
+    assert calls == [1]  # hooks stay
+    fresh = make()
+    copy = convert(fresh)
+    assert copy is not fresh and type(fresh) in (nn.Conv2d, nn.Linear)
+
+
+def test_convert_refuses_parametrized_layers():
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))
+    with pytest.raises(TypeError, match="remove_parametrizations"):
+        convert(layer)
+
+
+class Zoo(nn.Module):
+    """One of every layer kind convert() cannot make approximate, and two it can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+        self.fc = nn.Linear(4, 4)
+        self.c1 = nn.Conv1d(2, 2, 3)
+        self.c3 = nn.Conv3d(2, 2, 3)
+        self.t1 = nn.ConvTranspose1d(2, 2, 3)
+        self.t2 = nn.ConvTranspose2d(2, 2, 3)
+        self.t3 = nn.ConvTranspose3d(2, 2, 3)
+        self.bil = nn.Bilinear(3, 3, 2)
+        self.block = nn.Sequential(nn.MultiheadAttention(4, 2), nn.LSTM(4, 4))
+
+
+def test_one_warning_names_every_layer_left_exact():
+    with pytest.warns(NotConvertedWarning) as record:
+        model = convert(Zoo())
+    assert len(record) == 1
+    message = str(record[0].message)
+    for name, kind in [("c1", "Conv1d"), ("c3", "Conv3d"), ("t1", "ConvTranspose1d"), ("t2", "ConvTranspose2d"),
+                       ("t3", "ConvTranspose3d"), ("bil", "Bilinear"), ("block.0", "MultiheadAttention"),
+                       ("block.1", "LSTM")]:
+        assert f"'{name}' ({kind})" in message
+    assert approx_layers(model) == {"conv": "mbm", "fc": "mbm"}
+
+
+def test_multihead_attention_is_left_whole_and_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(4, 2))
+    q = torch.randn(3, 1, 4)
+    want = model[0](q, q, q)[0]
+    with pytest.warns(NotConvertedWarning, match="'0' .MultiheadAttention"):
+        converted = convert(model)
+    assert type(converted[0].out_proj) is type(model[0].out_proj)  # not shown as an approximate layer
+    assert torch.equal(converted[0](q, q, q)[0], want)
+    with pytest.warns(NotConvertedWarning, match=r"'\(model\)' .MultiheadAttention"):
+        convert(model[0])
+
+
+def test_no_warning_when_everything_converts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)))
+
+
+def net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1)),
+                         nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_per_layer_multipliers_first_match_wins():
+    model = convert(net(), multiplier={"0": "exact", "2.*": "mitchell", "*": "mbm"})
+    assert approx_layers(model) == {"0": "exact", "2.0": "mitchell", "2.1": "mitchell", "4": "mbm"}
+    model = convert(net(), multiplier={"*": "mbm", "0": "exact"})  # "*" comes first and takes everything
+    assert set(approx_layers(model).values()) == {"mbm"}
+
+
+def test_layers_no_pattern_matches_stay_as_they_are():
+    model = convert(net(), multiplier={"2.1": "mitchell-t8", "4": "mbm"})
+    assert approx_layers(model) == {"2.1": "mitchell-t8", "4": "mbm"}
+    assert type(model[0]) is nn.Conv2d and type(model[2][0]) is nn.Conv2d
+
+
+def test_a_pattern_matching_nothing_is_an_error_naming_the_layers():
+    with pytest.raises(ValueError, match=r"'features\.\*' matches no convertible layer.*'0', '2.0', '2.1', '4'"):
+        convert(net(), multiplier={"features.*": "exact", "*": "mbm"})
+    with pytest.raises(ValueError, match="valid names"):
+        convert(net(), multiplier={"*": "booth"})
+
+
+def test_per_layer_multipliers_compute_what_they_say():
+    torch.manual_seed(0)
+    model = net().eval()
+    x = torch.randn(2, 1, 7, 7)
+    mixed = convert(model, multiplier={"0": "exact", "*": "mbm"}, backend="reference")
+    h = mixed[0](x)
+    assert torch.equal(h, nn.functional.conv2d(x, model[0].weight, model[0].bias))
+    assert torch.equal(mixed[2][0](h), AF.conv2d(h, model[2][0].weight, model[2][0].bias, multiplier="mbm",
+                                                  backend="reference"))
