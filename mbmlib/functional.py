@@ -23,7 +23,8 @@ from .multipliers import MultiplierLike, as_multiplier, check_float_tensor
 
 BACKWARD_MODES = ("exact", "approx")
 
-__all__ = ["conv2d", "linear", "matmul", "BACKWARD_MODES", "check_backward"]
+__all__ = ["conv2d", "linear", "matmul", "BACKWARD_MODES", "check_backward", "conv2d_args", "linear_args",
+           "conv2d_exact_grads", "bmm_nt_exact_grads"]
 
 
 def check_backward(backward: str) -> str:
@@ -57,16 +58,20 @@ def _bmm_nt_setup(ctx, inputs, output):
     ctx.opts = (multiplier, backward, backend)
 
 
+def bmm_nt_exact_grads(grad: Tensor, a: Tensor, b: Tensor, needs) -> tuple:
+    """(grad_a, grad_b) of the exact ``a @ b.T``, each only where ``needs`` says (else None)."""
+    grad_a = torch.bmm(grad, b.to(grad.dtype)) if needs[0] else None  # (G, M, N) @ (G, N, K)
+    grad_b = torch.bmm(grad.transpose(1, 2), a.to(grad.dtype)) if needs[1] else None  # (G, N, M) @ (G, M, K)
+    return grad_a, grad_b
+
+
 def _bmm_nt_backward(ctx, grad):
     a, b = ctx.saved_tensors
     multiplier, backward, backend = ctx.opts
-    grad_a = grad_b = None
     if backward == "exact":
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.bmm(grad, b.to(grad.dtype))  # (G, M, N) @ (G, N, K)
-        if ctx.needs_input_grad[1]:
-            grad_b = torch.bmm(grad.transpose(1, 2), a.to(grad.dtype))  # (G, N, M) @ (G, M, K)
+        grad_a, grad_b = bmm_nt_exact_grads(grad, a, b, ctx.needs_input_grad)
     else:
+        grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_a = _bmm_nt(grad, b.transpose(1, 2).contiguous(), multiplier, "approx", backend)
         if ctx.needs_input_grad[1]:
@@ -217,6 +222,24 @@ def _resolve(multiplier: MultiplierLike, backward: str, backend: Optional[str], 
 # ----------------------------------------------------------------------------- public API
 
 
+def conv2d_args(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups):
+    """Check a conv2d call as F.conv2d would; return ``(x, stride, padding, dilation, unbatched)``.
+
+    ``x`` is (B, C, H, W) -- unbatched input gets a batch of one, lopsided
+    ``"same"`` padding is applied to it -- so that ``padding`` is explicit and symmetric.
+    """
+    _check_tensors({"input": input, "weight": weight, "bias": bias})
+    stride, padding, dilation = _conv_args(stride, padding, dilation, groups)
+    _check_conv_shapes(input, weight, bias, groups)
+    # PyTorch's own checks (padding strings, kernel vs input size), without computing anything
+    F.conv2d(input.to("meta"), weight.to("meta"), None, stride, padding, dilation, groups)
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input  # (B, C, H, W)
+    if isinstance(padding, str):
+        x, padding = _string_padding(x, weight.shape[2:], dilation, padding)
+    return x, list(stride), list(padding), list(dilation), unbatched
+
+
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
            padding: Union[str, int, Sequence[int]] = 0, dilation=1, groups: int = 1, *,
            multiplier: MultiplierLike = "mbm", backward: str = "exact", backend: Optional[str] = None) -> Tensor:
@@ -225,17 +248,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     ``padding`` may be ``"same"`` or ``"valid"``.  Input (B, C, H, W) or unbatched
     (C, H, W); weight (O, C/groups, kh, kw).
     """
-    _check_tensors({"input": input, "weight": weight, "bias": bias})
-    stride, padding, dilation = _conv_args(stride, padding, dilation, groups)
-    _check_conv_shapes(input, weight, bias, groups)
-    # PyTorch's own checks (padding strings, kernel vs input size), without computing anything
-    F.conv2d(input.to("meta"), weight.to("meta"), None, stride, padding, dilation, groups)
+    x, stride, padding, dilation, unbatched = conv2d_args(input, weight, bias, stride, padding, dilation, groups)
     mult, backward, backend = _resolve(multiplier, backward, backend, input.device)
-    unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input  # (B, C, H, W)
-    if isinstance(padding, str):
-        x, padding = _string_padding(x, weight.shape[2:], dilation, padding)
-    out = _conv2d(x, weight, bias, list(stride), list(padding), list(dilation), groups, mult, backward, backend)
+    out = _conv2d(x, weight, bias, stride, padding, dilation, groups, mult, backward, backend)
     return out.squeeze(0) if unbatched else out
 
 
@@ -252,17 +267,22 @@ def _string_padding(x: Tensor, kernel_size, dilation, padding: str) -> tuple[Ten
     return x, (left[0], left[1])
 
 
+def linear_args(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, list]:
+    """Check a linear call as F.linear would; return ``(x (1, M, K), w (1, N, K), output shape)``."""
+    _check_tensors({"input": input, "weight": weight, "bias": bias})
+    F.linear(input.to("meta"), weight.to("meta"), None if bias is None else bias.to("meta"))
+    K = input.shape[-1]
+    x = input.reshape(1, math.prod(input.shape[:-1]), K)  # (1, M, K)
+    w = weight.reshape(1, weight.shape[0] if weight.dim() == 2 else 1, K)  # (1, N, K)
+    return x, w, [*input.shape[:-1], *weight.shape[:-1]]
+
+
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, multiplier: MultiplierLike = "mbm",
            backward: str = "exact", backend: Optional[str] = None) -> Tensor:
     """``F.linear`` with every product approximate: input (..., in), weight (out, in) -> (..., out)."""
-    _check_tensors({"input": input, "weight": weight, "bias": bias})
-    F.linear(input.to("meta"), weight.to("meta"), None if bias is None else bias.to("meta"))
+    x, w, out_shape = linear_args(input, weight, bias)
     mult, backward, backend = _resolve(multiplier, backward, backend, input.device)
-    K = input.shape[-1]
-    x2d = input.reshape(1, math.prod(input.shape[:-1]), K)  # (1, M, K)
-    w2d = weight.reshape(1, weight.shape[0] if weight.dim() == 2 else 1, K)  # (1, N, K)
-    out = _bmm_nt(x2d, w2d, mult, backward, backend)  # (1, M, N)
-    out = out.reshape(*input.shape[:-1], *weight.shape[:-1])
+    out = _bmm_nt(x, w, mult, backward, backend).reshape(out_shape)  # (1, M, N) -> (..., N)
     return out if bias is None else out + bias
 
 
