@@ -45,10 +45,15 @@ def test_compiled_matches_reference_on_a_seednet_sized_gemm():
 
 
 def test_compiled_falls_back_to_reference_with_one_warning(monkeypatch):
-    def broken(multiplier):
+    def broken(*args):
         raise RuntimeError("no C++ compiler found")
 
+    def no_native(capability=None):
+        raise compiled.cpu_native.BuildError("c++ not found")
+
     monkeypatch.setattr(compiled, "_kernel", broken)
+    monkeypatch.setattr(compiled.cpu_native, "library", no_native)
+    monkeypatch.setattr(compiled, "_native_reason", None)
     monkeypatch.setattr(compiled, "_fallback_reason", None)
     a, b = torch.randn(1, 5, 7), torch.randn(1, 3, 7)
     mult = as_multiplier("mbm")

@@ -1,0 +1,176 @@
+// Register-blocked bit-exact approximate GEMM (MBM / Mitchell, SPEC section 1) for the CPU.
+//
+// out[g, m, n] = sum_k (sa[m,k] * sb[k,n]) * (G(ma[m,k] + mb[k,n]) * 2^-23), float32 sums.
+// Each call computes a range of tiles; a tile is MR rows x NR columns of outputs held in registers.
+// For every k it broadcasts MR values of A and loads one NR-wide vector of B (packed K-major per
+// column panel, so the load is contiguous), with no horizontal reduction.  The product is formed in
+// the same order as mbmlib.multipliers.products(flush=False); build with -ffp-contract=off.
+// The instruction set is chosen at build time (-mavx512f / -mavx2 / none) by the Python loader.
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VW 16
+typedef __m512 vf;
+typedef __m512i vi;
+static inline vf f_set1(float x) { return _mm512_set1_ps(x); }
+static inline vi i_set1(int32_t x) { return _mm512_set1_epi32(x); }
+static inline vf f_load(const float* p) { return _mm512_loadu_ps(p); }
+static inline vi i_load(const int32_t* p) { return _mm512_loadu_si512(p); }
+static inline void f_store(float* p, vf x) { _mm512_storeu_ps(p, x); }
+static inline vf f_zero() { return _mm512_setzero_ps(); }
+static inline vf f_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf f_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vi i_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
+static inline vi i_shr1(vi a) { return _mm512_srai_epi32(a, 1); }
+// where(x >= y, p, q) and where(x < y, p, q) on int32 lanes
+static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { return _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(x, y), q, p); }
+static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { return _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(x, y), q, p); }
+static inline vf as_f(vi a) { return _mm512_castsi512_ps(a); }
+#define ISA 2
+#define MR 6
+#define FLOAT_MBM 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define VW 8
+typedef __m256 vf;
+typedef __m256i vi;
+static inline vf f_set1(float x) { return _mm256_set1_ps(x); }
+static inline vi i_set1(int32_t x) { return _mm256_set1_epi32(x); }
+static inline vf f_load(const float* p) { return _mm256_loadu_ps(p); }
+static inline vi i_load(const int32_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
+static inline void f_store(float* p, vf x) { _mm256_storeu_ps(p, x); }
+static inline vf f_zero() { return _mm256_setzero_ps(); }
+static inline vf f_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf f_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vi i_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
+static inline vi i_shr1(vi a) { return _mm256_srai_epi32(a, 1); }
+static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { return _mm256_blendv_epi8(q, p, _mm256_cmpgt_epi32(y, x)); }
+static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { return _mm256_blendv_epi8(p, q, _mm256_cmpgt_epi32(y, x)); }
+static inline vf as_f(vi a) { return _mm256_castsi256_ps(a); }
+#define ISA 1
+#else
+#define VW 8
+struct vf { float v[VW]; };
+struct vi { int32_t v[VW]; };
+#define LANES(T, expr) T r; for (int l = 0; l < VW; ++l) r.v[l] = (expr); return r
+static inline vf f_set1(float x) { LANES(vf, x); }
+static inline vi i_set1(int32_t x) { LANES(vi, x); }
+static inline vf f_load(const float* p) { LANES(vf, p[l]); }
+static inline vi i_load(const int32_t* p) { LANES(vi, p[l]); }
+static inline void f_store(float* p, vf x) { for (int l = 0; l < VW; ++l) p[l] = x.v[l]; }
+static inline vf f_zero() { LANES(vf, 0.0f); }
+static inline vf f_add(vf a, vf b) { LANES(vf, a.v[l] + b.v[l]); }
+static inline vf f_mul(vf a, vf b) { LANES(vf, a.v[l] * b.v[l]); }
+static inline vi i_add(vi a, vi b) { LANES(vi, a.v[l] + b.v[l]); }
+static inline vi i_shr1(vi a) { LANES(vi, a.v[l] >> 1); }
+static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { LANES(vi, x.v[l] >= y.v[l] ? p.v[l] : q.v[l]); }
+static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { LANES(vi, x.v[l] < y.v[l] ? p.v[l] : q.v[l]); }
+static inline vf as_f(vi a) { vf r; std::memcpy(r.v, a.v, sizeof r.v); return r; }
+#define ISA 0
+#endif
+
+#ifndef MR
+#define MR 4       // rows of A per tile
+#endif
+#define NV 2       // vectors of B per tile
+#define NR (NV * VW)
+static const int32_t ONE = 1 << 23;
+static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BITS are the bits of 1 + x1 + x2
+
+struct Consts {
+    vi two, four, half, c0, c1;  // bits of 2.0f, 4.0f; bits(2 * (m >> 1)) - (bits(m) >> 1); corrections
+    vf c0f, c1f, fourf;          // corrections as float addends (no carry / carry), 4.0f
+};
+
+// The significand G * 2^-23 of a product as a float, from the bits sb = mant_a + mant_b + ONE_BITS
+// (mantissa_product in floating.py).  As a float, sb is 1 + x1 + x2 below a carry and 2 * (x1 + x2)
+// after one: exactly Mitchell's significand.  MBM adds the correction (halved after a carry),
+// truncating the normalisation, and skips it in the corner case (carry and a sum >= 2).
+template <bool MBM>
+static inline vf significand(vi sb, const Consts& c) {
+    if (!MBM) return as_f(sb);
+#if defined(FLOAT_MBM)
+    __mmask16 carry = _mm512_cmpge_epi32_mask(sb, c.two);
+    vf corr = _mm512_mask_blend_ps(carry, c.c0f, c.c1f);
+    vf r = _mm512_add_round_ps(as_f(sb), corr, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);  // truncating
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, c.fourf, _CMP_GE_OQ), r, as_f(sb));
+#else
+    vi m0 = i_add(sb, c.c0);                                     // 1 + x1 + x2 + c, maybe >= 2
+    vi t1 = i_add(sb, c.c1);                                     // carry: 2 * (x1 + x2 + c/2)
+    vi g1 = i_sel_lt(t1, c.four, t1, sb);                        // corner case: skip the correction
+    return as_f(i_sel_ge(sb, c.two, g1, g0));
+#endif
+}
+
+// One ROWS x NR tile (ROWS <= MR): a rows at stride K, b a packed panel (K, NR).
+template <bool MBM, int ROWS>
+static void tile(const float* sa, const int32_t* ma, const float* sb, const int32_t* mb, float* out,
+                 int64_t K, int64_t ldo, const Consts& c) {
+    vf acc[ROWS][NV];
+    for (int i = 0; i < ROWS; ++i)
+        for (int j = 0; j < NV; ++j) acc[i][j] = f_zero();
+    for (int64_t k = 0; k < K; ++k) {
+        vf bs[NV];
+        vi bm[NV];
+        for (int j = 0; j < NV; ++j) {
+            bs[j] = f_load(sb + k * NR + j * VW);
+            bm[j] = i_load(mb + k * NR + j * VW);
+        }
+        for (int i = 0; i < ROWS; ++i) {
+            vf as = f_set1(sa[i * K + k]);
+            vi am = i_set1(ma[i * K + k] + ONE_BITS);
+            for (int j = 0; j < NV; ++j) {
+                vf g = significand<MBM>(i_add(am, bm[j]), c);
+                acc[i][j] = f_add(acc[i][j], f_mul(f_mul(as, bs[j]), g));
+            }
+        }
+    }
+    for (int i = 0; i < ROWS; ++i)
+        for (int j = 0; j < NV; ++j) f_store(out + i * ldo + j * VW, acc[i][j]);
+}
+
+// A tile of the given number of rows (the last row tile may be short).
+template <bool MBM>
+static void tile_rows(int rows, const float* sa, const int32_t* ma, const float* sb, const int32_t* mb, float* out,
+                      int64_t K, int64_t ldo, const Consts& c) {
+    switch (rows) {
+        case 1: tile<MBM, 1>(sa, ma, sb, mb, out, K, ldo, c); break;
+        case 2: tile<MBM, 2>(sa, ma, sb, mb, out, K, ldo, c); break;
+        case 3: tile<MBM, 3>(sa, ma, sb, mb, out, K, ldo, c); break;
+#if MR > 4
+        case 4: tile<MBM, 4>(sa, ma, sb, mb, out, K, ldo, c); break;
+        case 5: tile<MBM, 5>(sa, ma, sb, mb, out, K, ldo, c); break;
+#endif
+        default: tile<MBM, MR>(sa, ma, sb, mb, out, K, ldo, c);
+    }
+}
+
+extern "C" {
+
+int mbm_isa() { return ISA; }
+int mbm_tile_cols() { return NR; }
+
+// Tiles [begin, end) of G x (Np / NR) x ceil(M / MR), row tiles innermost so a B panel is reused.
+// sa, ma: (G, M, K); sb, mb: (G, Np / NR, K, NR); out: (G, M, Np).  Np % NR == 0.
+void mbm_gemm_tiles(const float* sa, const int32_t* ma, const float* sb, const int32_t* mb, float* out,
+                    int64_t M, int64_t Np, int64_t K, int64_t begin, int64_t end,
+                    int mbm, int32_t c0, int32_t c1) {
+    Consts c{i_set1(ONE_BITS + ONE), i_set1(ONE_BITS + 2 * ONE), i_set1(0x20000000), i_set1(c0), i_set1(c1),
+             f_set1((float)c0 / (float)ONE), f_set1((float)c1 / (float)(ONE / 2)), f_set1(4.0f)};
+    int64_t mt = (M + MR - 1) / MR, nt = Np / NR;
+    for (int64_t t = begin; t < end; ++t) {
+        int64_t m = t % mt, n = (t / mt) % nt, g = t / (mt * nt);
+        int rows = (int)(M - m * MR < MR ? M - m * MR : MR);
+        int64_t a0 = (g * M + m * MR) * K, b0 = (g * nt + n) * K * NR;
+        float* o = out + (g * M + m * MR) * Np + n * NR;
+        if (mbm) tile_rows<true>(rows, sa + a0, ma + a0, sb + b0, mb + b0, o, K, Np, c);
+        else tile_rows<false>(rows, sa + a0, ma + a0, sb + b0, mb + b0, o, K, Np, c);
+    }
+}
+
+// Number of tiles for M rows and Np columns per group.
+int64_t mbm_tiles(int64_t M, int64_t Np) { return ((M + MR - 1) / MR) * (Np / NR); }
+
+}  // extern "C"
