@@ -31,7 +31,9 @@ __all__ = [
     "__version__",
 ]
 
-from . import functional, kernels, nn  # noqa: E402  (layers build on the multipliers above)
-from .nn import MBMConv2d, MBMLinear, convert  # noqa: E402
+from . import functional, kernels, nn, quant  # noqa: E402  (layers build on the multipliers above)
+from .nn import MBMConv2d, MBMLinear, NotConvertedWarning, convert  # noqa: E402
+from .quant import QuantSpec, calibrate  # noqa: E402
 
-__all__ += ["functional", "kernels", "nn", "MBMConv2d", "MBMLinear", "convert"]
+__all__ += ["functional", "kernels", "nn", "quant", "MBMConv2d", "MBMLinear", "NotConvertedWarning", "convert",
+            "QuantSpec", "calibrate"]

@@ -16,17 +16,20 @@ from torch.nn.utils import parametrize
 
 from . import functional as AF
 from .multipliers import MultiplierLike, as_multiplier
+from .quant import QuantSpec, quantiser_for
 
 __all__ = ["MBMConv2d", "MBMLinear", "convert", "NotConvertedWarning", "UNCONVERTIBLE"]
 
 
 class _ApproxMixin:
-    """Holds the multiplier, backward mode and backend of an approximate layer."""
+    """Holds the multiplier, backward mode, backend and (integer multipliers) the quantiser of a layer."""
 
-    def _init_approx(self, multiplier: MultiplierLike, backward: str, backend: Optional[str]) -> None:
+    def _init_approx(self, multiplier: MultiplierLike, backward: str, backend: Optional[str],
+                     quant: Optional[QuantSpec] = None) -> None:
         self.multiplier = as_multiplier(multiplier)
         self.backward = AF.check_backward(backward)
         self.backend = backend
+        self.quantiser = quantiser_for(self, self.multiplier, backward, quant)
 
     def _approx_repr(self) -> str:
         extra = f"multiplier={self.multiplier.name}, backward={self.backward}"
@@ -34,35 +37,47 @@ class _ApproxMixin:
 
 
 class MBMConv2d(_ApproxMixin, nn.Conv2d):
-    """``nn.Conv2d`` whose every product uses ``multiplier`` (default MBM)."""
+    """``nn.Conv2d`` whose every product uses ``multiplier`` (default MBM).
+
+    An integer multiplier (``"mbm-int8"``, a table) makes it a quantised layer
+    (:mod:`mbmlib.quant`): ``quant`` may fix its scales, else they are observed.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 multiplier: MultiplierLike = "mbm", backward: str = "exact", backend: Optional[str] = None):
+                 multiplier: MultiplierLike = "mbm", backward: str = "exact", backend: Optional[str] = None,
+                 quant: Optional[QuantSpec] = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        self._init_approx(multiplier, backward, backend)
+        self._init_approx(multiplier, backward, backend, quant)
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        opts = dict(multiplier=self.multiplier, backward=self.backward, backend=self.backend)
+        padding = self.padding
         if self.padding_mode != "zeros":  # pad explicitly as nn.Conv2d does, then convolve unpadded
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return AF.conv2d(input, weight, bias, self.stride, (0, 0), self.dilation, self.groups, **opts)
-        return AF.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, **opts)
+            padding = (0, 0)
+        args = (input, weight, bias, self.stride, padding, self.dilation, self.groups)
+        if self.quantiser is not None:
+            return self.quantiser.conv2d(*args, multiplier=self.multiplier, backend=self.backend)
+        return AF.conv2d(*args, multiplier=self.multiplier, backward=self.backward, backend=self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._approx_repr()
 
 
 class MBMLinear(_ApproxMixin, nn.Linear):
-    """``nn.Linear`` whose every product uses ``multiplier`` (default MBM)."""
+    """``nn.Linear`` whose every product uses ``multiplier`` (default MBM); quantised as MBMConv2d is."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 multiplier: MultiplierLike = "mbm", backward: str = "exact", backend: Optional[str] = None):
+                 multiplier: MultiplierLike = "mbm", backward: str = "exact", backend: Optional[str] = None,
+                 quant: Optional[QuantSpec] = None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_approx(multiplier, backward, backend)
+        self._init_approx(multiplier, backward, backend, quant)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.quantiser is not None:
+            return self.quantiser.linear(input, self.weight, self.bias, multiplier=self.multiplier,
+                                         backend=self.backend)
         return AF.linear(input, self.weight, self.bias, multiplier=self.multiplier, backward=self.backward,
                          backend=self.backend)
 
@@ -125,7 +140,7 @@ def _warn_not_converted(skipped: list[tuple[str, nn.Module]]) -> None:
 
 
 def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=(nn.Conv2d, nn.Linear),
-            inplace: bool = False, backend: Optional[str] = None) -> nn.Module:
+            inplace: bool = False, backend: Optional[str] = None, quant: Optional[QuantSpec] = None) -> nn.Module:
     """Make every layer of the types in ``layers`` approximate, keeping its weights; return the model.
 
     ``multiplier`` is one multiplier for all, or a dict of per-layer choices keyed by
@@ -144,6 +159,10 @@ def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=
     :class:`NotConvertedWarning`; MultiheadAttention is left whole, its
     ``out_proj`` included, since it never calls that submodule.  Products a model
     computes in its own ``forward`` (``F.linear``, ``torch.matmul``) are not seen.
+
+    An integer multiplier (``"mbm-int8"``) makes quantised layers; ``quant`` (a
+    :class:`~mbmlib.QuantSpec`) fixes their scales, else they are observed -- see
+    :func:`mbmlib.calibrate`.  With a dict, ``quant`` goes to the integer layers only.
     """
     opts = dict(backward=AF.check_backward(backward), backend=backend)
     layers = tuple(layers)
@@ -159,7 +178,8 @@ def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=
     for name, layer in targets:
         mult = choose(name)
         if mult is not None and id(layer) not in done:  # a shared layer takes its first name's multiplier
-            _make_approx(layer, dict(opts, multiplier=mult))
+            layer_quant = quant if getattr(mult, "is_integer", False) or not isinstance(multiplier, dict) else None
+            _make_approx(layer, dict(opts, multiplier=mult, quant=layer_quant))
             done.add(id(layer))
     _warn_not_converted([(name, m) for name, m in found if isinstance(m, UNCONVERTIBLE)])
     return model
