@@ -2,7 +2,10 @@
 
 They subclass ``nn.Conv2d`` / ``nn.Linear`` -- same constructor arguments,
 parameter names and initialisation, so state dicts load both ways -- and only
-replace the forward computation with :mod:`mbmlib.functional`.
+replace the forward computation with :mod:`mbmlib.functional`.  With an integer
+multiplier they are quantised layers (:mod:`mbmlib.quant`): their state dicts add
+``quantiser.*`` scale entries, which a float layer loads with ``strict=False``, and
+they load a float layer's state dict as it is.
 """
 from __future__ import annotations
 
