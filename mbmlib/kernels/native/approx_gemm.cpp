@@ -98,6 +98,7 @@ static inline vf significand(vi sb, const Consts& c) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, c.fourf, _CMP_GE_OQ), r, as_f(sb));
 #else
     vi m0 = i_add(sb, c.c0);                                     // 1 + x1 + x2 + c, maybe >= 2
+    vi g0 = i_sel_lt(m0, c.two, m0, i_add(i_shr1(m0), c.half));  // >= 2: halve, truncating
     vi t1 = i_add(sb, c.c1);                                     // carry: 2 * (x1 + x2 + c/2)
     vi g1 = i_sel_lt(t1, c.four, t1, sb);                        // corner case: skip the correction
     return as_f(i_sel_ge(sb, c.two, g1, g0));

@@ -1,0 +1,153 @@
+"""The C++ CPU GEMM of the compiled backend against the reference: bit-exact products, float32 sums.
+
+Every instruction set this CPU can run (portable C++, AVX2, AVX-512) is built and held against
+``mbmlib.kernels.reference`` / ``products(flush=False)``; odd shapes cover short row tiles and
+padded column panels.
+"""
+import warnings
+
+import pytest
+import torch
+
+from mbmlib.kernels import compiled, cpu_native, reference
+from mbmlib.multipliers import Multiplier, products, split_operand
+
+_ORDER = ("DEFAULT", "AVX2", "AVX512")
+_HERE = torch.backends.cpu.get_cpu_capability()
+CAPABILITIES = list(_ORDER[:_ORDER.index(_HERE) + 1]) if _HERE in _ORDER else [_HERE]
+MULTIPLIERS = [Multiplier("mbm", 0), Multiplier("mitchell", 0), Multiplier("mbm", 18), Multiplier("mbm", 16),
+               Multiplier("mitchell", 5)]
+SPECIAL = [0.0, -0.0, 1e-40, -1e-45, float("inf"), -float("inf"), float("nan"), 1.0, -1.0, 1.5, -2.5, 1.99, 1.999999,
+           3.0e38, -3.4e38, 1.0e-38, 2.0**-126, -(2.0**-126) * 1.5, 2.0**-75, 2.0**64, 1.0e20, 7.0e-20]
+
+
+def _gemm(a, b, mult, capability):
+    return cpu_native.bmm_nt_split(*split_operand(a, mult), *split_operand(b, mult), mult, capability=capability)
+
+
+def _oracle(a, b, mult):
+    """float64 sums of the exact float32 products: (G, M, K), (G, N, K) -> (G, M, N), and sum |p|."""
+    p = products(*split_operand(a[:, :, None], mult), *split_operand(b[:, None], mult), mult, flush=False)
+    return p.double().sum(-1), p.double().abs().sum(-1)
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_each_instruction_set_builds(capability):
+    expected = {"AVX512": "AVX-512", "AVX2": "AVX2"}.get(capability, "portable")
+    assert cpu_native.isa(capability) == expected
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("mult", MULTIPLIERS, ids=str)
+def test_special_values_give_the_reference_products_bit_for_bit(capability, mult):
+    v = torch.tensor(SPECIAL + torch.randn(9).tolist(), dtype=torch.float32)
+    a, b = v.view(1, -1, 1), (v * 0.75).view(1, -1, 1)  # K = 1: every output is one product
+    got = _gemm(a, b, mult, capability)
+    want = products(*split_operand(a, mult), *split_operand(b.transpose(1, 2), mult), mult, flush=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got.isnan().any() and got.isinf().any() and (got == 0).any()
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("mult", MULTIPLIERS, ids=str)
+def test_random_mantissas_bit_for_bit_including_the_corner_case(capability, mult):
+    a = torch.rand(1, 257, 1) * 4 - 2  # (G, M, K): mantissas over the whole range, both signs, K = 1
+    b = torch.rand(1, 263, 1) * 4 - 2
+    a[0, :8, 0] = torch.tensor([1.99, 1.999, 1.98, 1.0, 1.5, -1.97, 1.9999999, 1.96])  # carry + sum >= 2
+    b[0, :8, 0] = a[0, :8, 0]
+    got = _gemm(a, b, mult, capability)
+    want = reference.bmm_nt(a, b, mult)
+    assert torch.equal(got, want)
+
+
+SHAPES = [(1, 1, 1, 1), (1, 1, 1, 20000), (2, 7, 31, 13), (1, 13, 17, 1), (3, 5, 97, 64), (1, 61, 33, 257),
+          (1, 6, 32, 3), (1, 12, 64, 5), (2, 29, 1, 11), (1, 1, 47, 2)]
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mult", MULTIPLIERS[:3], ids=str)
+def test_odd_shapes_match_float64_sums_and_the_reference(capability, shape, mult):
+    G, M, N, K = shape
+    a, b = torch.randn(G, M, K), torch.randn(G, N, K)
+    got = _gemm(a, b, mult, capability)
+    want, size = _oracle(a, b, mult)
+    assert got.shape == (G, M, N) and got.dtype == torch.float32
+    bound = 2 * K * 2.0**-24 * size + 1e-30  # float32 summation in any order
+    assert ((got.double() - want).abs() <= bound).all()
+    torch.testing.assert_close(got, reference.bmm_nt(a, b, mult), rtol=1e-5, atol=1e-4 * K**0.5)
+
+
+@pytest.mark.parametrize("mult", MULTIPLIERS[:2], ids=str)
+def test_sums_through_overflow_and_nan_rows(mult):
+    a, b = torch.randn(1, 9, 70), torch.randn(1, 11, 70)
+    a[0, 2, 5] = float("nan")
+    a[0, 3, :] = 3.0e38  # every product of this row overflows
+    b[0, 0] = b[0, 0].abs() + 1.0  # ... to +inf against this column
+    b[0, 4, 7] = float("inf")
+    got = _gemm(a, b, mult, None)
+    want = reference.bmm_nt(a, b, mult)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, equal_nan=True)
+    assert got[0, 2].isnan().all() and got[0, 3, 0] == float("inf")
+
+
+def test_empty_and_zero_k():
+    mult = Multiplier("mbm", 0)
+    assert _gemm(torch.randn(1, 0, 5), torch.randn(1, 3, 5), mult, None).shape == (1, 0, 3)
+    assert torch.equal(_gemm(torch.randn(2, 4, 0), torch.randn(2, 3, 0), mult, None), torch.zeros(2, 4, 3))
+
+
+def test_non_contiguous_operands():
+    mult = Multiplier("mitchell", 0)
+    a, b = torch.randn(1, 40, 19).transpose(1, 2), torch.randn(1, 40, 23).transpose(1, 2)  # (1, 19, 40), (1, 23, 40)
+    torch.testing.assert_close(_gemm(a, b, mult, None), reference.bmm_nt(a, b, mult), rtol=1e-5, atol=1e-4)
+
+
+def test_threads_split_tiles_without_changing_results():
+    mult = Multiplier("mbm", 0)
+    a, b = torch.randn(3, 301, 96), torch.randn(3, 70, 96)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _gemm(a, b, mult, None)
+        torch.set_num_threads(max(2, before))
+        many = _gemm(a, b, mult, None)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)  # each output is summed by one thread, in k order
+
+
+def test_compiled_backend_uses_the_native_kernel():
+    mult = Multiplier("mbm", 0)
+    a, b = torch.randn(1, 45, 30), torch.randn(1, 21, 30)
+    assert torch.equal(compiled.bmm_nt(a, b, mult), _gemm(a, b, mult, None))
+
+
+def test_a_missing_compiler_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MBMLIB_CACHE_DIR", str(tmp_path))
+    with pytest.raises(cpu_native.BuildError, match="cannot run the C\\+\\+ compiler"):
+        cpu_native._library.__wrapped__("DEFAULT")  # uncached
+
+
+def test_without_the_native_kernel_inductor_serves_without_warning(monkeypatch):
+    def no_native(capability=None):
+        raise cpu_native.BuildError("cannot run the C++ compiler 'c++'")
+
+    monkeypatch.setattr(cpu_native, "library", no_native)
+    monkeypatch.setattr(compiled, "_native_reason", None)
+    mult = Multiplier("mitchell", 0)
+    a, b = torch.randn(1, 6, 9), torch.randn(1, 5, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = compiled.bmm_nt(a, b, mult)
+    assert "compiler" in compiled._native_reason
+    torch.testing.assert_close(got, reference.bmm_nt(a, b, mult), rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiler_error_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("MBMLIB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_native, "BASE_FLAGS", cpu_native.BASE_FLAGS + ["-fno-such-flag"])
+    with pytest.raises(cpu_native.BuildError, match="failed to build"):
+        cpu_native._library.__wrapped__("DEFAULT")
+    assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
