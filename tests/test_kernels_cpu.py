@@ -151,3 +151,39 @@ def test_a_compiler_error_is_reported(monkeypatch, tmp_path):
     with pytest.raises(cpu_native.BuildError, match="failed to build"):
         cpu_native._library.__wrapped__("DEFAULT")
     assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
+
+
+CONVS = [  # x shape, w shape, stride, padding, dilation, groups
+    ((2, 3, 7, 5), (5, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((1, 4, 9, 11), (6, 2, 3, 2), (2, 1), (0, 2), (1, 2), 2),
+    ((3, 1, 6, 6), (7, 1, 1, 1), (1, 1), (0, 0), (1, 1), 1),
+    ((1, 6, 8, 7), (6, 1, 3, 3), (2, 3), (2, 1), (2, 1), 6),
+    ((2, 32, 5, 5), (33, 32, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("case", CONVS, ids=str)
+@pytest.mark.parametrize("mult", MULTIPLIERS[:3], ids=str)
+def test_implicit_gemm_conv_matches_the_reference(capability, case, mult):
+    x_shape, w_shape, *args = case
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    x.view(-1)[::7] = 0.0  # ReLU-like zeros
+    got = cpu_native.conv2d(x, w, *args, mult, capability=capability)
+    torch.testing.assert_close(got, reference.conv2d(x, w, *args, mult), rtol=1e-5, atol=1e-5)
+
+
+def test_implicit_gemm_conv_with_one_input_channel_is_bit_exact():
+    mult = Multiplier("mbm", 0)
+    v = torch.tensor(SPECIAL, dtype=torch.float32)
+    x, w = v.view(1, 1, 2, -1), torch.tensor([-1.25, 0.0, 3.0]).view(3, 1, 1, 1)  # K = 1: one product each
+    got = cpu_native.conv2d(x, w, (1, 1), (0, 0), (1, 1), 1, mult)
+    want = products(*split_operand(x, mult), *split_operand(w.view(1, 3, 1, 1), mult), mult, flush=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # (1, 3, 2, 11)
+
+
+def test_compiled_conv2d_uses_the_implicit_gemm():
+    mult = Multiplier("mitchell", 0)
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3, 3)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    assert torch.equal(compiled.conv2d(x, w, *args, mult), cpu_native.conv2d(x, w, *args, mult))

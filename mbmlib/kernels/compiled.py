@@ -116,7 +116,9 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier) -> torch.Te
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
            multiplier: Multiplier) -> torch.Tensor:
-    """Approximate convolution as im2col + the fused :func:`bmm_nt_split`, chunked over the batch."""
+    """Approximate convolution: the C++ implicit GEMM on the CPU, else im2col + :func:`bmm_nt_split`."""
+    if _native_available(x.device):
+        return cpu_native.conv2d(x, w, stride, padding, dilation, groups, multiplier)
     return conv2d_via_gemm(x, w, stride, padding, dilation, groups, multiplier, bmm_nt_split)
 
 

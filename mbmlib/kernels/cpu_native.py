@@ -19,10 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from ..multipliers import Multiplier
+from ..multipliers import Multiplier, split_operand
+from .lowering import output_size, weight_rows
 
-__all__ = ["library", "isa", "bmm_nt_split", "BuildError"]
+__all__ = ["library", "isa", "gemm", "bmm_nt_split", "conv2d", "BuildError"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {
@@ -81,7 +83,8 @@ def _library(capability: str) -> ctypes.CDLL:
     except OSError as err:
         raise BuildError(f"cannot load {target}: {err}") from err
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.mbm_gemm_tiles.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32, ctypes.c_int32]
+    lib.mbm_gemm_tiles.argtypes = [ptr] * 4 + [i64] + [ptr] * 3 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32,
+                                                                                ctypes.c_int32]
     lib.mbm_gemm_tiles.restype = None
     lib.mbm_tiles.argtypes = [i64, i64]
     lib.mbm_tiles.restype = i64
@@ -114,34 +117,65 @@ def _panels(x: torch.Tensor, cols: int, nr: int) -> torch.Tensor:
 
 
 def _run_tiles(lib, args: tuple, tiles: int, macs: int) -> None:
-    """Run tiles [0, tiles) of ``args`` (pointers, M, Np, K | mbm, c0, c1), one contiguous range a thread."""
+    """Run tiles [0, tiles) of ``args`` (operands, M, Np, K | mbm, c0, c1), one contiguous range a thread."""
     workers = min(tiles, torch.get_num_threads()) if macs >= _MIN_PARALLEL_MACS else 1
     if workers <= 1:
-        lib.mbm_gemm_tiles(*args[:8], 0, tiles, *args[8:])
+        lib.mbm_gemm_tiles(*args[:11], 0, tiles, *args[11:])
         return
     bounds = [tiles * i // workers for i in range(workers + 1)]
-    jobs = [_pool(workers).submit(lib.mbm_gemm_tiles, *args[:8], lo, hi, *args[8:])
+    jobs = [_pool(workers).submit(lib.mbm_gemm_tiles, *args[:11], lo, hi, *args[11:])
             for lo, hi in zip(bounds, bounds[1:])]
     for job in jobs:
         job.result()
 
 
-def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Tensor,
-                 multiplier: Multiplier, capability: str | None = None) -> torch.Tensor:
-    """Approximate ``a @ b.T`` from split CPU operands: (G, M, K), (G, N, K) -> (G, M, N) float32.
+def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col: torch.Tensor, a_group: int,
+         sb: torch.Tensor, mb: torch.Tensor, multiplier: Multiplier, capability: str | None = None) -> torch.Tensor:
+    """Approximate GEMM with a gathered A: (G, M, N), out[g, m, n] = sum_k approx(A[g, m, k], b[g, n, k]).
 
+    A[g, m, k] is element ``g * a_group + a_row[m] + a_col[k]`` of both flat fields ``a_fields``
+    (scale float32, mantissa int32); ``a_row``, ``a_col`` are int64.  b fields are (G, N, K).
     Each product equals ``products(..., flush=False)`` bit for bit; sums are float32 in k order.
     """
     lib = library(capability)
     nr = lib.mbm_tile_cols()
-    G, M, K = sa.shape
-    N = sb.shape[1]
-    Np = -(-N // nr) * nr
-    a_s, a_m = sa.contiguous(), ma.contiguous()  # (G, M, K)
+    G, N, K = sb.shape
+    M, Np = a_row.numel(), -(-N // nr) * nr
     b_s, b_m = _panels(sb, Np, nr), _panels(mb, Np, nr)  # (G, Np/nr, K, nr)
     out = torch.empty(G, M, Np, dtype=torch.float32)
+    keep = (*a_fields, a_row, a_col, b_s, b_m, out)  # all contiguous; alive until the kernel returns
     c0, c1 = multiplier.corrections
-    fields = [t.data_ptr() for t in (a_s, a_m, b_s, b_m, out)]
-    args = (*fields, M, Np, K, int(multiplier.kind == "mbm"), c0, c1)
+    ptrs = [t.data_ptr() for t in keep]
+    args = (*ptrs[:4], a_group, *ptrs[4:], M, Np, K, int(multiplier.kind == "mbm"), c0, c1)
     _run_tiles(lib, args, G * lib.mbm_tiles(M, Np), G * M * N * K)
     return out if Np == N else out[:, :, :N].contiguous()
+
+
+def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Tensor,
+                 multiplier: Multiplier, capability: str | None = None) -> torch.Tensor:
+    """Approximate ``a @ b.T`` from split CPU operands: (G, M, K), (G, N, K) -> (G, M, N) float32."""
+    G, M, K = sa.shape
+    a_row = torch.arange(M, dtype=torch.int64) * K
+    a_col = torch.arange(K, dtype=torch.int64)
+    return gemm((sa.contiguous(), ma.contiguous()), a_row, a_col, M * K, sb, mb, multiplier, capability)
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int, multiplier: Multiplier,
+           capability: str | None = None) -> torch.Tensor:
+    """Approximate convolution as an implicit GEMM: patches are read from the padded image, never copied.
+
+    (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo); same products and k order as im2col + GEMM.
+    """
+    B, C, H, W = x.shape
+    O, Cg, kh, kw = w.shape
+    Ho, Wo = output_size((H, W), (kh, kw), stride, padding, dilation)
+    pads = (0, 0, padding[1], padding[1], padding[0], padding[0])
+    fields = [F.pad(f.permute(0, 2, 3, 1), pads).contiguous() for f in split_operand(x, multiplier)]  # (B, Hp, Wp, C)
+    sB, sH, sW, _ = fields[0].stride()
+    a_row = (torch.arange(B)[:, None, None] * sB + torch.arange(Ho)[:, None] * (stride[0] * sH)
+             + torch.arange(Wo) * (stride[1] * sW)).reshape(-1)  # (B*Ho*Wo,) patch corners
+    a_col = (torch.arange(kh)[:, None, None] * (dilation[0] * sH) + torch.arange(kw)[:, None] * (dilation[1] * sW)
+             + torch.arange(Cg)).reshape(-1)  # (kh*kw*Cg,) in weight_rows order
+    sw, mw = split_operand(weight_rows(w, groups), multiplier)  # (G, O/G, K)
+    res = gemm(fields, a_row, a_col, Cg, sw, mw, multiplier, capability)  # (G, B*Ho*Wo, O/G)
+    return res.view(groups, B, Ho * Wo, O // groups).permute(1, 0, 3, 2).reshape(B, O, Ho, Wo)

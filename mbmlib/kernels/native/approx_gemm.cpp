@@ -105,10 +105,26 @@ static inline vf significand(vi sb, const Consts& c) {
 #endif
 }
 
-// One ROWS x NR tile (ROWS <= MR): a rows at stride K, b a packed panel (K, NR).
+// Where the A operand's elements are: (m, k) at offset row[m] + col[k] (plus a per-group offset).
+// A plain row-major A has row[m] = m * K, col[k] = k; im2col patches read straight from a padded
+// channels-last image have row[m] = the patch's corner, col[k] = the (kh, kw, channel) offset.
+struct AOperand {
+    const float* s;
+    const int32_t* m;
+    const int64_t* row;
+    const int64_t* col;
+};
+
+// One ROWS x NR tile (ROWS <= MR) of rows m0.. of A (offset a0) against a packed B panel (K, NR).
 template <bool MBM, int ROWS>
-static void tile(const float* sa, const int32_t* ma, const float* sb, const int32_t* mb, float* out,
+static void tile(const AOperand& a, int64_t a0, int64_t m0, const float* sb, const int32_t* mb, float* out,
                  int64_t K, int64_t ldo, const Consts& c) {
+    const float* as_row[ROWS];
+    const int32_t* am_row[ROWS];
+    for (int i = 0; i < ROWS; ++i) {
+        as_row[i] = a.s + a0 + a.row[m0 + i];
+        am_row[i] = a.m + a0 + a.row[m0 + i];
+    }
     vf acc[ROWS][NV];
     for (int i = 0; i < ROWS; ++i)
         for (int j = 0; j < NV; ++j) acc[i][j] = f_zero();
@@ -119,9 +135,10 @@ static void tile(const float* sa, const int32_t* ma, const float* sb, const int3
             bs[j] = f_load(sb + k * NR + j * VW);
             bm[j] = i_load(mb + k * NR + j * VW);
         }
+        int64_t kc = a.col[k];
         for (int i = 0; i < ROWS; ++i) {
-            vf as = f_set1(sa[i * K + k]);
-            vi am = i_set1(ma[i * K + k] + ONE_BITS);
+            vf as = f_set1(as_row[i][kc]);
+            vi am = i_set1(am_row[i][kc] + ONE_BITS);
             for (int j = 0; j < NV; ++j) {
                 vf g = significand<MBM>(i_add(am, bm[j]), c);
                 acc[i][j] = f_add(acc[i][j], f_mul(f_mul(as, bs[j]), g));
@@ -134,17 +151,17 @@ static void tile(const float* sa, const int32_t* ma, const float* sb, const int3
 
 // A tile of the given number of rows (the last row tile may be short).
 template <bool MBM>
-static void tile_rows(int rows, const float* sa, const int32_t* ma, const float* sb, const int32_t* mb, float* out,
-                      int64_t K, int64_t ldo, const Consts& c) {
+static void tile_rows(int rows, const AOperand& a, int64_t a0, int64_t m0, const float* sb, const int32_t* mb,
+                      float* out, int64_t K, int64_t ldo, const Consts& c) {
     switch (rows) {
-        case 1: tile<MBM, 1>(sa, ma, sb, mb, out, K, ldo, c); break;
-        case 2: tile<MBM, 2>(sa, ma, sb, mb, out, K, ldo, c); break;
-        case 3: tile<MBM, 3>(sa, ma, sb, mb, out, K, ldo, c); break;
+        case 1: tile<MBM, 1>(a, a0, m0, sb, mb, out, K, ldo, c); break;
+        case 2: tile<MBM, 2>(a, a0, m0, sb, mb, out, K, ldo, c); break;
+        case 3: tile<MBM, 3>(a, a0, m0, sb, mb, out, K, ldo, c); break;
 #if MR > 4
-        case 4: tile<MBM, 4>(sa, ma, sb, mb, out, K, ldo, c); break;
-        case 5: tile<MBM, 5>(sa, ma, sb, mb, out, K, ldo, c); break;
+        case 4: tile<MBM, 4>(a, a0, m0, sb, mb, out, K, ldo, c); break;
+        case 5: tile<MBM, 5>(a, a0, m0, sb, mb, out, K, ldo, c); break;
 #endif
-        default: tile<MBM, MR>(sa, ma, sb, mb, out, K, ldo, c);
+        default: tile<MBM, MR>(a, a0, m0, sb, mb, out, K, ldo, c);
     }
 }
 
@@ -153,25 +170,27 @@ extern "C" {
 int mbm_isa() { return ISA; }
 int mbm_tile_cols() { return NR; }
 
+// Number of tiles for M rows and Np columns per group.
+int64_t mbm_tiles(int64_t M, int64_t Np) { return ((M + MR - 1) / MR) * (Np / NR); }
+
 // Tiles [begin, end) of G x (Np / NR) x ceil(M / MR), row tiles innermost so a B panel is reused.
-// sa, ma: (G, M, K); sb, mb: (G, Np / NR, K, NR); out: (G, M, Np).  Np % NR == 0.
-void mbm_gemm_tiles(const float* sa, const int32_t* ma, const float* sb, const int32_t* mb, float* out,
-                    int64_t M, int64_t Np, int64_t K, int64_t begin, int64_t end,
-                    int mbm, int32_t c0, int32_t c1) {
+// A: element (g, m, k) at g * a_group + a_row[m] + a_col[k] of sa / ma; sb, mb: (G, Np / NR, K, NR)
+// K-major column panels; out: (G, M, Np).  Np % NR == 0.
+void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, const int64_t* a_col, int64_t a_group,
+                    const float* sb, const int32_t* mb, float* out, int64_t M, int64_t Np, int64_t K,
+                    int64_t begin, int64_t end, int mbm, int32_t c0, int32_t c1) {
     Consts c{i_set1(ONE_BITS + ONE), i_set1(ONE_BITS + 2 * ONE), i_set1(0x20000000), i_set1(c0), i_set1(c1),
              f_set1((float)c0 / (float)ONE), f_set1((float)c1 / (float)(ONE / 2)), f_set1(4.0f)};
+    AOperand a{sa, ma, a_row, a_col};
     int64_t mt = (M + MR - 1) / MR, nt = Np / NR;
     for (int64_t t = begin; t < end; ++t) {
         int64_t m = t % mt, n = (t / mt) % nt, g = t / (mt * nt);
         int rows = (int)(M - m * MR < MR ? M - m * MR : MR);
-        int64_t a0 = (g * M + m * MR) * K, b0 = (g * nt + n) * K * NR;
+        int64_t b0 = (g * nt + n) * K * NR;
         float* o = out + (g * M + m * MR) * Np + n * NR;
-        if (mbm) tile_rows<true>(rows, sa + a0, ma + a0, sb + b0, mb + b0, o, K, Np, c);
-        else tile_rows<false>(rows, sa + a0, ma + a0, sb + b0, mb + b0, o, K, Np, c);
+        if (mbm) tile_rows<true>(rows, a, g * a_group, m * MR, sb + b0, mb + b0, o, K, Np, c);
+        else tile_rows<false>(rows, a, g * a_group, m * MR, sb + b0, mb + b0, o, K, Np, c);
     }
 }
-
-// Number of tiles for M rows and Np columns per group.
-int64_t mbm_tiles(int64_t M, int64_t Np) { return ((M + MR - 1) / MR) * (Np / NR); }
 
 }  // extern "C"
