@@ -187,3 +187,14 @@ def test_compiled_conv2d_uses_the_implicit_gemm():
     x, w = torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3, 3)
     args = ((1, 1), (1, 1), (1, 1), 1)
     assert torch.equal(compiled.conv2d(x, w, *args, mult), cpu_native.conv2d(x, w, *args, mult))
+
+
+def test_without_openmp_python_threads_split_the_tiles(monkeypatch, tmp_path):
+    monkeypatch.setenv("MBMLIB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_native, "OPENMP_FLAGS", ["-fno-such-openmp-flag"])  # the OpenMP build fails
+    lib = cpu_native._library.__wrapped__("DEFAULT")
+    assert lib.mbm_has_openmp() == 0
+    monkeypatch.setattr(cpu_native, "_library", lambda capability: lib)
+    mult = Multiplier("mbm", 0)
+    a, b = torch.randn(2, 131, 80), torch.randn(2, 45, 80)
+    torch.testing.assert_close(_gemm(a, b, mult, None), reference.bmm_nt(a, b, mult), rtol=1e-5, atol=1e-4)

@@ -4,8 +4,10 @@ The source is compiled once per instruction set (AVX-512, AVX2 or portable C++, 
 from ``torch.backends.cpu.get_cpu_capability()``) with the system C++ compiler into a cache folder
 (``$MBMLIB_CACHE_DIR``, default ``~/.cache/mbmlib``), then loaded with :mod:`ctypes`.  No torch
 headers are needed, so a build takes about a second.  ``-ffp-contract=off`` keeps every product
-rounded exactly as :func:`mbmlib.multipliers.products` rounds it.  ctypes releases the GIL, so
-tiles run on ``torch.get_num_threads()`` Python threads at once.
+rounded exactly as :func:`mbmlib.multipliers.products` rounds it.  Tiles run on
+``torch.get_num_threads()`` threads: OpenMP ones where the compiler has ``-fopenmp`` (the library
+then binds to the libgomp torch has loaded, so it reuses torch's threads instead of fighting their
+spin-waits for the cores), else Python threads (ctypes releases the GIL).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
+OPENMP_FLAGS = ["-fopenmp"]  # dropped, and threads come from Python, where the compiler lacks OpenMP
 _ISA_NAMES = ("portable", "AVX2", "AVX-512")
 _MIN_PARALLEL_MACS = 1 << 18  # below this, threads cost more than they save
 
@@ -70,21 +73,30 @@ def library(capability: str | None = None) -> ctypes.CDLL:
     return _library(capability or torch.backends.cpu.get_cpu_capability())
 
 
-@functools.lru_cache(maxsize=None)
-def _library(capability: str) -> ctypes.CDLL:
-    compiler = os.environ.get("CXX", "c++")
-    flags = BASE_FLAGS + ISA_FLAGS.get(capability, [])
+def _built(compiler: str, flags: list[str]) -> Path:
+    """The cached library for this compiler, flags and source, compiled if missing."""
     key = hashlib.sha256("\0".join([compiler, *flags, SOURCE.read_text()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"approx_gemm-{key}.so"
     if not target.exists():
         _compile(compiler, flags, target)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _library(capability: str) -> ctypes.CDLL:
+    compiler = os.environ.get("CXX", "c++")
+    flags = BASE_FLAGS + ISA_FLAGS.get(capability, [])
+    try:
+        target = _built(compiler, flags + OPENMP_FLAGS)
+    except BuildError:
+        target = _built(compiler, flags)
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as err:
         raise BuildError(f"cannot load {target}: {err}") from err
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.mbm_gemm_tiles.argtypes = [ptr] * 4 + [i64] + [ptr] * 3 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32,
-                                                                                ctypes.c_int32]
+                                                                                ctypes.c_int32, ctypes.c_int]
     lib.mbm_gemm_tiles.restype = None
     lib.mbm_tiles.argtypes = [i64, i64]
     lib.mbm_tiles.restype = i64
@@ -117,13 +129,13 @@ def _panels(x: torch.Tensor, cols: int, nr: int) -> torch.Tensor:
 
 
 def _run_tiles(lib, args: tuple, tiles: int, macs: int) -> None:
-    """Run tiles [0, tiles) of ``args`` (operands, M, Np, K | mbm, c0, c1), one contiguous range a thread."""
+    """Run tiles [0, tiles) of ``args`` (operands, M, Np, K | mbm, c0, c1) on OpenMP or Python threads."""
     workers = min(tiles, torch.get_num_threads()) if macs >= _MIN_PARALLEL_MACS else 1
-    if workers <= 1:
-        lib.mbm_gemm_tiles(*args[:11], 0, tiles, *args[11:])
+    if workers <= 1 or lib.mbm_has_openmp():
+        lib.mbm_gemm_tiles(*args[:11], 0, tiles, *args[11:], workers)
         return
     bounds = [tiles * i // workers for i in range(workers + 1)]
-    jobs = [_pool(workers).submit(lib.mbm_gemm_tiles, *args[:11], lo, hi, *args[11:])
+    jobs = [_pool(workers).submit(lib.mbm_gemm_tiles, *args[:11], lo, hi, *args[11:], 1)
             for lo, hi in zip(bounds, bounds[1:])]
     for job in jobs:
         job.result()
@@ -170,7 +182,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
     O, Cg, kh, kw = w.shape
     Ho, Wo = output_size((H, W), (kh, kw), stride, padding, dilation)
     pads = (0, 0, padding[1], padding[1], padding[0], padding[0])
-    fields = [F.pad(f.permute(0, 2, 3, 1), pads).contiguous() for f in split_operand(x, multiplier)]  # (B, Hp, Wp, C)
+    fields = split_operand(F.pad(x.permute(0, 2, 3, 1), pads), multiplier)  # (B, Hp, Wp, C); padding: scale 0
     sB, sH, sW, _ = fields[0].stride()
     a_row = (torch.arange(B)[:, None, None] * sB + torch.arange(Ho)[:, None] * (stride[0] * sH)
              + torch.arange(Wo) * (stride[1] * sW)).reshape(-1)  # (B*Ho*Wo,) patch corners

@@ -8,6 +8,11 @@
 // The instruction set is chosen at build time (-mavx512f / -mavx2 / none) by the Python loader.
 #include <cstdint>
 #include <cstring>
+#ifdef _OPENMP
+#define HAS_OPENMP 1  // built with -fopenmp: shares the process's libgomp (and its threads) with torch
+#else
+#define HAS_OPENMP 0
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -168,6 +173,7 @@ static void tile_rows(int rows, const AOperand& a, int64_t a0, int64_t m0, const
 extern "C" {
 
 int mbm_isa() { return ISA; }
+int mbm_has_openmp() { return HAS_OPENMP; }
 int mbm_tile_cols() { return NR; }
 
 // Number of tiles for M rows and Np columns per group.
@@ -175,14 +181,15 @@ int64_t mbm_tiles(int64_t M, int64_t Np) { return ((M + MR - 1) / MR) * (Np / NR
 
 // Tiles [begin, end) of G x (Np / NR) x ceil(M / MR), row tiles innermost so a B panel is reused.
 // A: element (g, m, k) at g * a_group + a_row[m] + a_col[k] of sa / ma; sb, mb: (G, Np / NR, K, NR)
-// K-major column panels; out: (G, M, Np).  Np % NR == 0.
+// K-major column panels; out: (G, M, Np).  Np % NR == 0.  With OpenMP, ``threads`` split the range.
 void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, const int64_t* a_col, int64_t a_group,
                     const float* sb, const int32_t* mb, float* out, int64_t M, int64_t Np, int64_t K,
-                    int64_t begin, int64_t end, int mbm, int32_t c0, int32_t c1) {
+                    int64_t begin, int64_t end, int mbm, int32_t c0, int32_t c1, int threads) {
     Consts c{i_set1(ONE_BITS + ONE), i_set1(ONE_BITS + 2 * ONE), i_set1(0x20000000), i_set1(c0), i_set1(c1),
              f_set1((float)c0 / (float)ONE), f_set1((float)c1 / (float)(ONE / 2)), f_set1(4.0f)};
     AOperand a{sa, ma, a_row, a_col};
     int64_t mt = (M + MR - 1) / MR, nt = Np / NR;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t t = begin; t < end; ++t) {
         int64_t m = t % mt, n = (t / mt) % nt, g = t / (mt * nt);
         int rows = (int)(M - m * MR < MR ? M - m * MR : MR);
