@@ -16,6 +16,8 @@ from .multipliers import (
     error_stats,
     mbm_mul,
     mitchell_mul,
+    table_from_multiplier,
+    write_csv,
 )
 
 __version__ = "0.1.0"
@@ -28,6 +30,8 @@ __all__ = [
     "error_stats",
     "mbm_mul",
     "mitchell_mul",
+    "table_from_multiplier",
+    "write_csv",
     "__version__",
 ]
 

@@ -19,9 +19,9 @@ import warnings
 
 import torch
 
-from ..multipliers import MANT_BITS, Multiplier, mantissa_product, split_operand
+from ..multipliers import MANT_BITS, Multiplier, flat_table, int_fields, int_products, mantissa_product, split_operand
 from . import cpu_native, reference
-from .lowering import conv2d_grads_via_gemm, conv2d_via_gemm
+from .lowering import check_int_gemm, conv2d_grads_via_gemm, conv2d_int_via_gemm, conv2d_via_gemm
 
 name = "compiled"
 
@@ -126,3 +126,44 @@ def conv2d_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, p
                  multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and weight gradients with approximate products (im2col / col2im around :func:`bmm_nt`)."""
     return conv2d_grads_via_gemm(grad, x, w, stride, padding, dilation, groups, multiplier, bmm_nt)
+
+
+# ----------------------------------------------------------------------------- integer multipliers (SPEC section 4)
+
+
+def _fused_bmm_nt_int(a1, a2, b1, b2, table, multiplier: Multiplier):
+    """sum_k sign * P(|a[g, m, k]|, |b[g, n, k]|) from integer fields, float64; written for inductor to fuse."""
+    p = int_products(a1[:, :, None, :], a2[:, :, None, :], b1[:, None, :, :], b2[:, None, :, :], multiplier,
+                     table)  # (G, M, N, K), never stored: inductor reduces it in its K loop
+    return p.sum(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _int_kernel(multiplier: Multiplier):
+    """The fused integer reduction, compiled once per multiplier with every shape dynamic."""
+    fn = functools.partial(_fused_bmm_nt_int, multiplier=multiplier)
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
+
+
+def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
+    """Integer ``qa @ qb.T`` (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums, fused by inductor.
+
+    Falls back to the reference (one warning) where torch.compile does not work.
+    """
+    check_int_gemm(qa, qb, multiplier)
+    if _fallback_reason is not None:
+        return reference.bmm_nt_int(qa, qb, multiplier)
+    table = flat_table(multiplier, qa.device) if multiplier.kind == "table" else None
+    fields = (*int_fields(qa, multiplier), *int_fields(qb, multiplier))
+    try:
+        with torch._dynamo.config.patch(_DYNAMO_LIMITS):
+            return _int_kernel(multiplier)(*fields, table)
+    except Exception as err:  # compilation failed: no compiler, unsupported platform, ...
+        _warn_fallback(err)
+        return reference.bmm_nt_int(qa, qb, multiplier)
+
+
+def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,
+               multiplier: Multiplier) -> torch.Tensor:
+    """Integer convolution (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo) float64: im2col + :func:`bmm_nt_int`."""
+    return conv2d_int_via_gemm(qx, qw, stride, padding, dilation, groups, multiplier, bmm_nt_int)

@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..multipliers import Multiplier, split_operand
+from ..multipliers import EXACT_SUM_LIMIT, Multiplier, check_int_tensor, split_operand
 
 __all__ = ["output_size", "im2col", "col2im", "weight_rows", "conv2d_via_gemm", "conv2d_grads_via_gemm",
-           "DEFAULT_MEMORY_BUDGET"]
+           "conv2d_int_via_gemm", "check_int_gemm", "DEFAULT_MEMORY_BUDGET"]
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for the largest intermediate of a reference/compiled kernel
 _PATCH_COPIES = 3  # bytes of patches alive at once per patch element and field: the padded copy, the
@@ -82,24 +82,65 @@ def batch_chunk(x_shape, kernel_size, stride, padding, dilation, memory_budget: 
     return max(1, memory_budget // max(1, per_image))
 
 
+def _conv_by_batch_chunks(x: torch.Tensor, w_shape, stride, padding, dilation, groups: int, gemm_of_patches,
+                          dtype: torch.dtype, memory_budget: int) -> torch.Tensor:
+    """Convolution output (B, O, Ho, Wo) from ``gemm_of_patches(x_chunk) -> (G, n*L, O/G)``, chunked over the batch."""
+    B = x.shape[0]
+    O, _, kh, kw = w_shape
+    Ho, Wo = output_size(x.shape[2:], (kh, kw), stride, padding, dilation)
+    out = x.new_empty(B, O, Ho, Wo, dtype=dtype)
+    step = batch_chunk(x.shape, (kh, kw), stride, padding, dilation, memory_budget)
+    for b0 in range(0, B, step):
+        n = min(step, B - b0)
+        res = gemm_of_patches(x[b0:b0 + n])  # (G, n*L, O/G)
+        out[b0:b0 + n] = res.view(groups, n, Ho * Wo, O // groups).permute(1, 0, 3, 2).reshape(n, O, Ho, Wo)
+    return out
+
+
 def conv2d_via_gemm(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
                     multiplier: Multiplier, bmm_nt_split: BmmNtSplit,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
     """Approximate convolution as im2col + ``bmm_nt_split``, chunked over the batch: (B, C, H, W) -> (B, O, Ho, Wo)."""
-    B = x.shape[0]
-    O, _, kh, kw = w.shape
-    Ho, Wo = output_size(x.shape[2:], (kh, kw), stride, padding, dilation)
+    kernel_size = tuple(w.shape[2:])
     sw, mw = split_operand(weight_rows(w, groups), multiplier)  # (G, O/G, K)
-    out = x.new_empty(B, O, Ho, Wo, dtype=torch.float32)
-    step = batch_chunk(x.shape, (kh, kw), stride, padding, dilation, memory_budget)
-    for b0 in range(0, B, step):
-        xb = x[b0:b0 + step]
-        n = xb.shape[0]
-        sx, mx = (im2col(f, (kh, kw), stride, padding, dilation, groups) for f in split_operand(xb, multiplier))
-        res = bmm_nt_split(sx, mx, sw, mw, multiplier)  # (G, n*L, O/G)
-        del sx, mx
-        out[b0:b0 + n] = res.view(groups, n, Ho * Wo, O // groups).permute(1, 0, 3, 2).reshape(n, O, Ho, Wo)
-    return out
+
+    def gemm_of_patches(xb):
+        sx, mx = (im2col(f, kernel_size, stride, padding, dilation, groups) for f in split_operand(xb, multiplier))
+        return bmm_nt_split(sx, mx, sw, mw, multiplier)
+
+    return _conv_by_batch_chunks(x, w.shape, stride, padding, dilation, groups, gemm_of_patches, torch.float32,
+                                 memory_budget)
+
+
+def check_int_gemm(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> None:
+    """Integer GEMM operands: integer tensors within the multiplier's magnitudes, sums exact in float64."""
+    if not multiplier.is_integer:
+        raise TypeError(f"integer kernels need an integer or table multiplier such as 'mbm-int8', got "
+                        f"{multiplier.name!r}")
+    check_int_tensor(qa, "qa", multiplier)
+    check_int_tensor(qb, "qb", multiplier)
+    largest = int(multiplier.table.max()) if multiplier.kind == "table" else 1 << (2 * multiplier.bits)
+    if qa.shape[-1] * largest >= EXACT_SUM_LIMIT:
+        raise ValueError(f"K = {qa.shape[-1]} products of up to {largest} may not sum exactly in float64 "
+                         f"(limit 2**53); split K or use fewer bits")
+
+
+def conv2d_int_via_gemm(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,
+                        multiplier: Multiplier, bmm_nt_int: BmmNt,
+                        memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    """Integer convolution as im2col of the integers + ``bmm_nt_int``: (B, C, H, W) -> (B, O, Ho, Wo) float64.
+
+    Zero padding is the integer 0, whose products are 0 for every formula multiplier
+    and ``T[0, B] * sign(0) = 0`` for tables (sign-magnitude).
+    """
+    kernel_size = tuple(qw.shape[2:])
+    wrows = weight_rows(qw.contiguous(), groups)  # (G, O/G, K)
+
+    def gemm_of_patches(xb):
+        return bmm_nt_int(im2col(xb, kernel_size, stride, padding, dilation, groups), wrows, multiplier)
+
+    return _conv_by_batch_chunks(qx, qw.shape, stride, padding, dilation, groups, gemm_of_patches, torch.float64,
+                                 memory_budget)
 
 
 def conv2d_grads_via_gemm(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation,

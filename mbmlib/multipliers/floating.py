@@ -104,22 +104,8 @@ def _check_float_operands(a, b) -> torch.dtype:
 _CHUNK = 1 << 18  # elements per block: keeps the ~15 temporaries in cache
 
 
-def approx_mul(a: torch.Tensor, b: torch.Tensor, multiplier: MultiplierLike = "mbm") -> torch.Tensor:
-    """Elementwise approximate product, broadcasting like ``torch.mul``.
-
-    Computed in float32 bit patterns and returned in the promoted input dtype.
-    Integer or complex inputs raise ``TypeError``; tensors on different devices
-    raise what ``torch.mul`` raises.
-    """
-    mult = as_multiplier(multiplier)
-    out_dtype = _check_float_operands(a, b)
-    if a.device != b.device:
-        if a.dim() > 0 and b.dim() > 0:
-            torch.mul(a, b)  # raise torch's own device-mismatch error
-        # torch.mul lets a 0-dim CPU tensor meet a tensor on another device: do the same
-        a, b = (a.to(b.device), b) if a.dim() == 0 else (a, b.to(a.device))
-    if mult.is_exact:
-        return torch.mul(a.float(), b.float()).to(out_dtype)
+def _approx_mul_forward(a: torch.Tensor, b: torch.Tensor, mult: Multiplier) -> torch.Tensor:
+    """The approximate products of float tensors on one device, in chunks; promoted dtype."""
     a32, b32 = torch.broadcast_tensors(a.to(torch.float32), b.to(torch.float32))
     a32, b32 = a32.reshape(-1), b32.reshape(-1)
     out = torch.empty(a32.shape, dtype=torch.float32, device=a32.device)
@@ -128,7 +114,51 @@ def approx_mul(a: torch.Tensor, b: torch.Tensor, multiplier: MultiplierLike = "m
         sa, ma = split_operand(a32[sl], mult)
         sb, mb = split_operand(b32[sl], mult)
         out[sl] = products(sa, ma, sb, mb, mult)
-    return out.view(torch.broadcast_shapes(a.shape, b.shape)).to(out_dtype)
+    return out.view(torch.broadcast_shapes(a.shape, b.shape)).to(torch.promote_types(a.dtype, b.dtype))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Approximate product forward, the exact product's gradient backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, a, b, mult):
+        ctx.save_for_backward(a, b)
+        return _approx_mul_forward(a, b, mult)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = (grad * b).sum_to_size(a.shape).to(a.dtype) if ctx.needs_input_grad[0] else None
+        grad_b = (grad * a).sum_to_size(b.shape).to(b.dtype) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None
+
+
+def approx_mul(a: torch.Tensor, b: torch.Tensor, multiplier: MultiplierLike = "mbm") -> torch.Tensor:
+    """Elementwise approximate product, broadcasting like ``torch.mul``.
+
+    Float multipliers: computed in float32 bit patterns and returned in the
+    promoted input dtype; gradients are straight-through, those of ``a * b``
+    (``grad_a = grad * b``, ``grad_b = grad * a``).  ``"exact"`` is ``torch.mul``.
+    Integer multipliers ("mbm-int8", tables) take integer tensors of
+    sign-magnitude values and return ``sign(a*b) * P(|a|, |b|)`` as int64.
+    Integer inputs to a float multiplier, or float inputs to an integer one,
+    raise ``TypeError``; tensors on different devices raise what ``torch.mul`` raises.
+    """
+    mult = as_multiplier(multiplier)
+    if mult.is_integer:
+        from .integer import approx_mul_int
+        return approx_mul_int(a, b, mult)
+    _check_float_operands(a, b)
+    if a.device != b.device:
+        if a.dim() > 0 and b.dim() > 0:
+            torch.mul(a, b)  # raise torch's own device-mismatch error
+        # torch.mul lets a 0-dim CPU tensor meet a tensor on another device: do the same
+        a, b = (a.to(b.device), b) if a.dim() == 0 else (a, b.to(a.device))
+    if mult.is_exact:
+        return torch.mul(a, b)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _StraightThrough.apply(a, b, mult)
+    return _approx_mul_forward(a, b, mult)
 
 
 def mbm_mul(a: torch.Tensor, b: torch.Tensor, t: int = 0) -> torch.Tensor:
