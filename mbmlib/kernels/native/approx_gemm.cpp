@@ -85,7 +85,7 @@ static const int32_t ONE = 1 << 23;
 static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BITS are the bits of 1 + x1 + x2
 
 struct Consts {
-    vi two, four, half, c0, c1;  // bits of 2.0f, 4.0f; bits(2 * (m >> 1)) - (bits(m) >> 1); corrections
+    vi two, four, half, c0, c1;  // bits of 2.0f and 4.0f; 0x20000000 (see g0); corrections
     vf c0f, c1f, fourf;          // corrections as float addends (no carry / carry), 4.0f
 };
 
@@ -103,7 +103,9 @@ static inline vf significand(vi sb, const Consts& c) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, c.fourf, _CMP_GE_OQ), r, as_f(sb));
 #else
     vi m0 = i_add(sb, c.c0);                                     // 1 + x1 + x2 + c, maybe >= 2
-    vi g0 = i_sel_lt(m0, c.two, m0, i_add(i_shr1(m0), c.half));  // >= 2: halve, truncating
+    // m0 >= bits(2.0f) holds 1 + x1 + x2 + c >= 2 in an overflowed mantissa field: (m0 >> 1) + half
+    // re-encodes it with exponent 1, its last bit truncated as the normalising shift does
+    vi g0 = i_sel_lt(m0, c.two, m0, i_add(i_shr1(m0), c.half));
     vi t1 = i_add(sb, c.c1);                                     // carry: 2 * (x1 + x2 + c/2)
     vi g1 = i_sel_lt(t1, c.four, t1, sb);                        // corner case: skip the correction
     return as_f(i_sel_ge(sb, c.two, g1, g0));
