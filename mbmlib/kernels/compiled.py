@@ -131,18 +131,21 @@ def conv2d_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, p
 # ----------------------------------------------------------------------------- integer multipliers (SPEC section 4)
 
 
-def _fused_bmm_nt_int(a1, a2, b1, b2, table, multiplier: Multiplier):
-    """sum_k sign * P(|a[g, m, k]|, |b[g, n, k]|) from integer fields, float64; written for inductor to fuse."""
-    p = int_products(a1[:, :, None, :], a2[:, :, None, :], b1[:, None, :, :], b2[:, None, :, :], multiplier,
-                     table)  # (G, M, N, K), never stored: inductor reduces it in its K loop
-    return p.sum(-1)
-
-
 @functools.lru_cache(maxsize=None)
 def _int_kernel(multiplier: Multiplier):
-    """The fused integer reduction, compiled once per multiplier with every shape dynamic."""
-    fn = functools.partial(_fused_bmm_nt_int, multiplier=multiplier)
-    return torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
+    """The fused integer reduction, compiled once per multiplier with every shape dynamic.
+
+    A closure, not a ``functools.partial``: torch.compile wraps every partial in one shared code
+    object, whose recompile limit would then be spent by these kernels for everyone else's.
+    """
+
+    def fused_bmm_nt_int(a1, a2, b1, b2, table):
+        """sum_k sign * P(|a[g, m, k]|, |b[g, n, k]|) from integer fields, float64, fused by inductor."""
+        p = int_products(a1[:, :, None, :], a2[:, :, None, :], b1[:, None, :, :], b2[:, None, :, :], multiplier,
+                         table)  # (G, M, N, K), never stored: inductor reduces it in its K loop
+        return p.sum(-1)
+
+    return torch.compile(fused_bmm_nt_int, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
 
 
 def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:

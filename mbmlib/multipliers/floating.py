@@ -114,7 +114,7 @@ def _approx_mul_forward(a: torch.Tensor, b: torch.Tensor, mult: Multiplier) -> t
         sa, ma = split_operand(a32[sl], mult)
         sb, mb = split_operand(b32[sl], mult)
         out[sl] = products(sa, ma, sb, mb, mult)
-    return out.view(torch.broadcast_shapes(a.shape, b.shape)).to(torch.promote_types(a.dtype, b.dtype))
+    return out.view(torch.broadcast_shapes(a.shape, b.shape)).to(torch.result_type(a, b))  # as torch.mul
 
 
 class _StraightThrough(torch.autograd.Function):
