@@ -85,22 +85,26 @@ static const int32_t ONE = 1 << 23;
 static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BITS are the bits of 1 + x1 + x2
 
 struct Consts {
-    vi two, four, half, c0, c1;  // bits of 2.0f and 4.0f; 0x20000000 (see g0); corrections
-    vf c0f, c1f, fourf;          // corrections as float addends (no carry / carry), 4.0f
+    vi two, four, corner, half, c0, c1;  // bits of 2.0f, 4.0f, 4.0f - c1; 0x20000000 (see g0); corrections
+    vf c0f, c1f;                         // corrections as float addends (no carry / carry)
 };
+
+// What a kernel computes: Mitchell, MBM, or MBM whose correction is the same float addend with and
+// without a carry (c1 = c0 / 2, true for t <= 16: 1 + x1 + x2 + c and 2 * (x1 + x2 + c/2) both add c).
+enum Kind { MITCHELL = 0, MBM = 1, MBM_ONE_ADDEND = 2 };
 
 // The significand G * 2^-23 of a product as a float, from the bits sb = mant_a + mant_b + ONE_BITS
 // (mantissa_product in floating.py).  As a float, sb is 1 + x1 + x2 below a carry and 2 * (x1 + x2)
 // after one: exactly Mitchell's significand.  MBM adds the correction (halved after a carry),
 // truncating the normalisation, and skips it in the corner case (carry and a sum >= 2).
-template <bool MBM>
+template <int KIND>
 static inline vf significand(vi sb, const Consts& c) {
-    if (!MBM) return as_f(sb);
+    if (KIND == MITCHELL) return as_f(sb);
 #if defined(FLOAT_MBM)
-    __mmask16 carry = _mm512_cmpge_epi32_mask(sb, c.two);
-    vf corr = _mm512_mask_blend_ps(carry, c.c0f, c.c1f);
-    vf r = _mm512_add_round_ps(as_f(sb), corr, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);  // truncating
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, c.fourf, _CMP_GE_OQ), r, as_f(sb));
+    // corner case <=> sb + c1 >= bits(4.0f); never below a carry, where sb < bits(2.0f)
+    __mmask16 corrected = _mm512_cmplt_epi32_mask(sb, c.corner);
+    vf corr = KIND == MBM_ONE_ADDEND ? c.c0f : _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(sb, c.two), c.c0f, c.c1f);
+    return _mm512_mask_add_round_ps(as_f(sb), corrected, as_f(sb), corr, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
 #else
     vi m0 = i_add(sb, c.c0);                                     // 1 + x1 + x2 + c, maybe >= 2
     // m0 >= bits(2.0f) holds 1 + x1 + x2 + c >= 2 in an overflowed mantissa field: (m0 >> 1) + half
@@ -123,7 +127,7 @@ struct AOperand {
 };
 
 // One ROWS x NR tile (ROWS <= MR) of rows m0.. of A (offset a0) against a packed B panel (K, NR).
-template <bool MBM, int ROWS>
+template <int KIND, int ROWS>
 static void tile(const AOperand& a, int64_t a0, int64_t m0, const float* sb, const int32_t* mb, float* out,
                  int64_t K, int64_t ldo, const Consts& c) {
     const float* as_row[ROWS];
@@ -147,7 +151,7 @@ static void tile(const AOperand& a, int64_t a0, int64_t m0, const float* sb, con
             vf as = f_set1(as_row[i][kc]);
             vi am = i_set1(am_row[i][kc] + ONE_BITS);
             for (int j = 0; j < NV; ++j) {
-                vf g = significand<MBM>(i_add(am, bm[j]), c);
+                vf g = significand<KIND>(i_add(am, bm[j]), c);
                 acc[i][j] = f_add(acc[i][j], f_mul(f_mul(as, bs[j]), g));
             }
         }
@@ -157,18 +161,18 @@ static void tile(const AOperand& a, int64_t a0, int64_t m0, const float* sb, con
 }
 
 // A tile of the given number of rows (the last row tile may be short).
-template <bool MBM>
+template <int KIND>
 static void tile_rows(int rows, const AOperand& a, int64_t a0, int64_t m0, const float* sb, const int32_t* mb,
                       float* out, int64_t K, int64_t ldo, const Consts& c) {
     switch (rows) {
-        case 1: tile<MBM, 1>(a, a0, m0, sb, mb, out, K, ldo, c); break;
-        case 2: tile<MBM, 2>(a, a0, m0, sb, mb, out, K, ldo, c); break;
-        case 3: tile<MBM, 3>(a, a0, m0, sb, mb, out, K, ldo, c); break;
+        case 1: tile<KIND, 1>(a, a0, m0, sb, mb, out, K, ldo, c); break;
+        case 2: tile<KIND, 2>(a, a0, m0, sb, mb, out, K, ldo, c); break;
+        case 3: tile<KIND, 3>(a, a0, m0, sb, mb, out, K, ldo, c); break;
 #if MR > 4
-        case 4: tile<MBM, 4>(a, a0, m0, sb, mb, out, K, ldo, c); break;
-        case 5: tile<MBM, 5>(a, a0, m0, sb, mb, out, K, ldo, c); break;
+        case 4: tile<KIND, 4>(a, a0, m0, sb, mb, out, K, ldo, c); break;
+        case 5: tile<KIND, 5>(a, a0, m0, sb, mb, out, K, ldo, c); break;
 #endif
-        default: tile<MBM, MR>(a, a0, m0, sb, mb, out, K, ldo, c);
+        default: tile<KIND, MR>(a, a0, m0, sb, mb, out, K, ldo, c);
     }
 }
 
@@ -187,9 +191,11 @@ int64_t mbm_tiles(int64_t M, int64_t Np) { return ((M + MR - 1) / MR) * (Np / NR
 void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, const int64_t* a_col, int64_t a_group,
                     const float* sb, const int32_t* mb, float* out, int64_t M, int64_t Np, int64_t K,
                     int64_t begin, int64_t end, int mbm, int32_t c0, int32_t c1, int threads) {
-    Consts c{i_set1(ONE_BITS + ONE), i_set1(ONE_BITS + 2 * ONE), i_set1(0x20000000), i_set1(c0), i_set1(c1),
-             f_set1((float)c0 / (float)ONE), f_set1((float)c1 / (float)(ONE / 2)), f_set1(4.0f)};
+    Consts c{i_set1(ONE_BITS + ONE), i_set1(ONE_BITS + 2 * ONE), i_set1(ONE_BITS + 2 * ONE - c1), i_set1(0x20000000),
+             i_set1(c0), i_set1(c1),
+             f_set1((float)c0 / (float)ONE), f_set1((float)c1 / (float)(ONE / 2))};
     AOperand a{sa, ma, a_row, a_col};
+    int kind = !mbm ? MITCHELL : (2 * c1 == c0 ? MBM_ONE_ADDEND : MBM);
     int64_t mt = (M + MR - 1) / MR, nt = Np / NR;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t t = begin; t < end; ++t) {
@@ -197,8 +203,11 @@ void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, co
         int rows = (int)(M - m * MR < MR ? M - m * MR : MR);
         int64_t b0 = (g * nt + n) * K * NR;
         float* o = out + (g * M + m * MR) * Np + n * NR;
-        if (mbm) tile_rows<true>(rows, a, g * a_group, m * MR, sb + b0, mb + b0, o, K, Np, c);
-        else tile_rows<false>(rows, a, g * a_group, m * MR, sb + b0, mb + b0, o, K, Np, c);
+        const float* bs = sb + b0;
+        const int32_t* bm = mb + b0;
+        if (kind == MBM_ONE_ADDEND) tile_rows<MBM_ONE_ADDEND>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
+        else if (kind == MBM) tile_rows<MBM>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
+        else tile_rows<MITCHELL>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
     }
 }
 
