@@ -215,7 +215,7 @@ def _check_conv_shapes(input: Tensor, weight: Tensor, bias: Optional[Tensor], gr
 
 def _resolve(multiplier: MultiplierLike, backward: str, backend: Optional[str], device) -> tuple[str, str, str]:
     mult = as_multiplier(multiplier)
-    if getattr(mult, "is_integer", False):
+    if mult.is_integer:
         raise ValueError(f"the integer multiplier {mult.name!r} multiplies quantised values and needs scales: use "
                          "mbmlib.quant.conv2d / linear, or MBMConv2d / MBMLinear(multiplier=...)")
     check_backward(backward)

@@ -181,7 +181,7 @@ def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=
     for name, layer in targets:
         mult = choose(name)
         if mult is not None and id(layer) not in done:  # a shared layer takes its first name's multiplier
-            layer_quant = quant if getattr(mult, "is_integer", False) or not isinstance(multiplier, dict) else None
+            layer_quant = quant if mult.is_integer or not isinstance(multiplier, dict) else None
             _make_approx(layer, dict(opts, multiplier=mult, quant=layer_quant))
             done.add(id(layer))
     _warn_not_converted([(name, m) for name, m in found if isinstance(m, UNCONVERTIBLE)])

@@ -60,7 +60,7 @@ def quantise(x: Tensor, scale: Tensor, max_magnitude: int) -> Tensor:
 
 def _integer(multiplier: MultiplierLike) -> Multiplier:
     mult = as_multiplier(multiplier)
-    if not getattr(mult, "is_integer", False):
+    if not mult.is_integer:
         raise ValueError(f"quantised layers need an integer or table multiplier such as 'mbm-int8', got "
                          f"{mult.name!r}; float multipliers run on mbmlib.functional without scales")
     return mult
@@ -339,7 +339,7 @@ def quantiser_for(layer: nn.Module, multiplier: Multiplier, backward: str,
     Reconverting a quantised layer to a multiplier of the same width without a
     new ``spec`` keeps its quantiser (and so its calibrated scales).
     """
-    if not getattr(multiplier, "is_integer", False):
+    if not multiplier.is_integer:
         if spec is not None:
             raise ValueError(f"quant=... is for integer multipliers such as 'mbm-int8'; {multiplier.name!r} is a "
                              "float multiplier and needs no scales")
