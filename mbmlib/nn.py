@@ -159,7 +159,7 @@ def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=
     Already-approximate layers get the new settings.  Layers that multiply but
     have no approximate version (``UNCONVERTIBLE``: Conv1d/3d, transposed convs,
     Bilinear, MultiheadAttention, RNNs) stay exact and are named in one
-    :class:`NotConvertedWarning`; MultiheadAttention is left whole, its
+    :class:`NotConvertedWarning` (unless every multiplier asked for is "exact"); MultiheadAttention is left whole, its
     ``out_proj`` included, since it never calls that submodule.  Products a model
     computes in its own ``forward`` (``F.linear``, ``torch.matmul``) are not seen.
 
@@ -184,5 +184,7 @@ def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=
             layer_quant = quant if mult.is_integer or not isinstance(multiplier, dict) else None
             _make_approx(layer, dict(opts, multiplier=mult, quant=layer_quant))
             done.add(id(layer))
-    _warn_not_converted([(name, m) for name, m in found if isinstance(m, UNCONVERTIBLE)])
+    asked = multiplier.values() if isinstance(multiplier, dict) else [multiplier]
+    if any(not as_multiplier(m).is_exact for m in asked):  # asking for exact layers leaves nothing behind
+        _warn_not_converted([(name, m) for name, m in found if isinstance(m, UNCONVERTIBLE)])
     return model

@@ -81,10 +81,14 @@ def test_multihead_attention_is_left_whole_and_exact():
         convert(model[0])
 
 
-def test_no_warning_when_everything_converts():
+def test_no_warning_when_everything_converts_or_all_is_asked_exact():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)))
+        convert(Zoo(), multiplier="exact")
+        convert(Zoo(), multiplier={"conv": "exact", "*": "exact"})
+    with pytest.warns(NotConvertedWarning):
+        convert(Zoo(), multiplier={"conv": "exact", "*": "mbm-int8"})
 
 
 def net():
