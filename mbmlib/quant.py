@@ -5,7 +5,9 @@ Real tensors go onto an n-bit sign-magnitude multiplier: ``q = clamp(round(x / s
 output is ``s_x * s_w[o] * sum(sign * P(|q_x|, |q_w|))`` with the integer sum exact
 (float64 from the kernels), scaled in float64, rounded once to the input's dtype,
 then the bias added exactly.  Gradients are straight-through: those of the float
-layer with the float weights (quantisation-aware training).
+layer with the float weights (quantisation-aware training).  The integer sums
+come from the backend's ``bmm_nt_int`` / ``conv2d_int``; a backend without them
+(Triton, so far) uses the compiled backend's.
 
 Scales are given (:class:`QuantSpec`), calibrated (:func:`calibrate`, with
 PyTorch's own observers) or, when neither, follow the observed ranges while the

@@ -347,3 +347,12 @@ def test_string_padding_padding_modes_and_unbatched_input():
                      quant=QuantSpec(weight_scale=0.005, act_scale=0.02), backend="reference")
     conv.weight.data.copy_(w)
     assert torch.equal(conv(x), Q.conv2d(F.pad(x, [1, 1, 1, 1], mode="reflect"), w, **kw))
+
+
+def test_triton_without_integer_kernels_falls_back_to_the_compiled_ones(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the 'triton' backend be named on the CPU
+    torch.manual_seed(9)
+    x, w = torch.randn(3, 2, 5, 5), torch.randn(4, 2, 3, 3)
+    kw = dict(padding=1, act_scale=0.02, weight_scale=0.01)
+    assert torch.equal(Q.conv2d(x, w, **kw, backend="triton"), Q.conv2d(x, w, **kw, backend="reference"))
