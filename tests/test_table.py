@@ -83,6 +83,15 @@ def test_an_arbitrary_table_is_a_gather(backend):
     assert approx_mul(torch.tensor(0), torch.tensor(3), m).item() == 0
 
 
+def test_int8_minus_128_is_magnitude_128():
+    a = torch.tensor([-128, 127, -1], dtype=torch.int8)
+    for m in (as_multiplier("mbm-int8"), Multiplier.from_table(table_from_multiplier("mbm-int8"))):
+        assert approx_mul(a, a, m).tolist() == approx_mul(a.long(), a.long(), "mbm-int8").tolist()
+        assert approx_mul(a, a, m)[0].item() == approx_mul(torch.tensor(128), torch.tensor(128), "mbm-int8").item()
+    with pytest.raises(ValueError, match="above 127"):
+        approx_mul(a, a, "mbm-int7")
+
+
 def write_rows(path, rows, header="A,B,MBM"):
     path.write_text(header + "\n" + "\n".join(rows) + "\n")
     return path

@@ -140,7 +140,7 @@ def _int_kernel(multiplier: Multiplier):
     """
 
     def fused_bmm_nt_int(a1, a2, b1, b2, table):
-        """sum_k sign * P(|a[g, m, k]|, |b[g, n, k]|) from integer fields, float64, fused by inductor."""
+        """sum_k sign * P(|a[g, m, k]|, |b[g, n, k]|) from integer fields, int64, fused by inductor."""
         p = int_products(a1[:, :, None, :], a2[:, :, None, :], b1[:, None, :, :], b2[:, None, :, :], multiplier,
                          table)  # (G, M, N, K), never stored: inductor reduces it in its K loop
         return p.sum(-1)
@@ -160,7 +160,7 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> to
     fields = (*int_fields(qa, multiplier), *int_fields(qb, multiplier))
     try:
         with torch._dynamo.config.patch(_DYNAMO_LIMITS):
-            return _int_kernel(multiplier)(*fields, table)
+            return _int_kernel(multiplier)(*fields, table).to(torch.float64)
     except Exception as err:  # compilation failed: no compiler, unsupported platform, ...
         _warn_fallback(err)
         return reference.bmm_nt_int(qa, qb, multiplier)

@@ -5,7 +5,7 @@ is computed block by block so that the (rows, K, N) tensor of products never
 exceeds ``memory_budget`` bytes, whatever the layer size.  Operands are split
 into (scale, mantissa) once per call (see :mod:`mbmlib.multipliers`).
 The integer kernels (``bmm_nt_int``, ``conv2d_int``) run the same loop on the
-integer fields of :func:`mbmlib.multipliers.int_fields`, summing exactly in float64.
+integer fields of :func:`mbmlib.multipliers.int_fields`, summing exactly in int64.
 """
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
     """
     check_int_gemm(qa, qb, multiplier)
     product = functools.partial(int_products, multiplier=multiplier)
-    return _chunked_bmm_nt(int_fields(qa, multiplier), int_fields(qb, multiplier), product, torch.float64,
+    sums = _chunked_bmm_nt(int_fields(qa, multiplier), int_fields(qb, multiplier), product, torch.int64,
                            memory_budget // 2)
+    return sums.to(torch.float64)
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int, multiplier: Multiplier,
