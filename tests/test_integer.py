@@ -197,3 +197,23 @@ def test_integer_kernels_refuse_bad_operands():
                              as_multiplier("mbm"))
     with pytest.raises(TypeError, match="integer tensors"):
         kernels.load("compiled").bmm_nt_int(torch.ones(1, 1, 2), torch.ones(1, 1, 2), m)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_error_stats_over_every_8_bit_pair_match_the_model(kind):
+    a = np.arange(1, 256)
+    exact = (a[:, None] * a[None, :]).astype(np.float64)
+    rel = (int_products_model(a[:, None], a[None, :], kind) - exact) / exact * 100.0
+    stats = mbmlib.error_stats(f"{kind}-int8")
+    assert stats["n"] == 255 * 255
+    assert stats["max"] == rel.max() and stats["min"] == rel.min()
+    assert stats["bias"] == pytest.approx(rel.mean(), abs=1e-12)
+    assert stats["mean_abs"] == pytest.approx(np.abs(rel).mean(), abs=1e-12)
+
+
+def test_error_stats_sample_wide_multipliers_and_see_the_power_of_two_peak():
+    stats = mbmlib.error_stats("mbm-int16", n=20_000)
+    peak = (approx_mul(torch.tensor(1 << 12), torch.tensor(1 << 12), "mbm-int16").item() / 2**24 - 1) * 100
+    assert stats["n"] == 20_000 and stats["max"] == peak and stats["min"] < 0 < stats["max"]
+    x, err = mbmlib.error_map("mbm-int12", bins=64)
+    assert x.shape == (64,) and err.shape == (64, 64) and x[0] == 1 and x[-1] == 4095
