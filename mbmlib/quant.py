@@ -6,8 +6,8 @@ output is ``s_x * s_w[o] * sum(sign * P(|q_x|, |q_w|))`` with the integer sum ex
 (float64 from the kernels), scaled in float64, rounded once to the input's dtype,
 then the bias added exactly.  Gradients are straight-through: those of the float
 layer with the float weights (quantisation-aware training).  The integer sums
-come from the backend's ``bmm_nt_int`` / ``conv2d_int``; a backend without them
-(Triton, so far) uses the compiled backend's.
+come from the backend's ``bmm_nt_int`` / ``conv2d_int`` (the Triton backend has no
+integer kernels of its own yet and hands these to the compiled backend).
 
 Scales are given (:class:`QuantSpec`), calibrated (:func:`calibrate`, with
 PyTorch's own observers) or, when neither, follow the observed ranges while the
@@ -71,12 +71,6 @@ def _integer(multiplier: MultiplierLike) -> Multiplier:
 # ----------------------------------------------------------------------------- custom ops
 
 
-def _int_kernels(backend: str):
-    """The backend module's integer kernels; a backend without them falls back to the compiled one."""
-    module = kernels.load(backend)
-    return module if hasattr(module, "conv2d_int") else kernels.load("compiled")
-
-
 @torch.library.custom_op("mbmlib::conv2d_quant", mutates_args=())
 def _conv2d_quant(x: Tensor, w: Tensor, bias: Optional[Tensor], x_scale: Tensor, w_scale: Tensor,
                   stride: List[int], padding: List[int], dilation: List[int], groups: int, multiplier: str,
@@ -85,7 +79,7 @@ def _conv2d_quant(x: Tensor, w: Tensor, bias: Optional[Tensor], x_scale: Tensor,
     mult = as_multiplier(multiplier)
     qx = quantise(x, x_scale, mult.max_magnitude)  # (B, C, H, W)
     qw = quantise(w, w_scale.view(-1, 1, 1, 1), mult.max_magnitude)  # (O, C/groups, kh, kw)
-    sums = _int_kernels(backend).conv2d_int(qx.contiguous(), qw.contiguous(), tuple(stride), tuple(padding),
+    sums = kernels.load(backend).conv2d_int(qx.contiguous(), qw.contiguous(), tuple(stride), tuple(padding),
                                             tuple(dilation), groups, mult)  # (B, O, Ho, Wo) float64
     out = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).to(x.dtype)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
@@ -119,7 +113,7 @@ def _bmm_nt_quant(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, multip
         return a.new_zeros(a.shape[0], a.shape[1], b.shape[1])
     qa = quantise(a, a_scale, mult.max_magnitude)  # (G, M, K)
     qb = quantise(b, b_scale.view(1, -1, 1), mult.max_magnitude)  # (G, N, K)
-    sums = _int_kernels(backend).bmm_nt_int(qa.contiguous(), qb.contiguous(), mult)  # (G, M, N) float64
+    sums = kernels.load(backend).bmm_nt_int(qa.contiguous(), qb.contiguous(), mult)  # (G, M, N) float64
     return (sums * (a_scale.double() * b_scale.double())).to(a.dtype)
 
 

@@ -349,7 +349,7 @@ def test_string_padding_padding_modes_and_unbatched_input():
     assert torch.equal(conv(x), Q.conv2d(F.pad(x, [1, 1, 1, 1], mode="reflect"), w, **kw))
 
 
-def test_triton_without_integer_kernels_falls_back_to_the_compiled_ones(monkeypatch):
+def test_triton_backend_gives_the_same_integer_sums(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the 'triton' backend be named on the CPU
     torch.manual_seed(9)

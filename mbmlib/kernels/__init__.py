@@ -9,7 +9,9 @@ torch.compile kernels on the CPU.  Every backend module provides
 * ``conv2d(x, w, stride, padding, dilation, groups, multiplier)``: (B, C, H, W) -> (B, O, Ho, Wo),
   explicit symmetric zero padding;
 * ``conv2d_grads(grad, x, w, stride, padding, dilation, groups, multiplier)``: the input and weight
-  gradients of that convolution with every gradient product approximate too.
+  gradients of that convolution with every gradient product approximate too;
+* ``bmm_nt_int(qa, qb, multiplier)`` and ``conv2d_int(qx, qw, stride, padding, dilation, groups, multiplier)``
+  for integer and table multipliers: sign-magnitude integer operands, exact integer sums returned as float64.
 
 Multiplier ``"exact"`` never reaches a backend: :mod:`mbmlib.functional` runs
 PyTorch's own ops for it.  Index maths shared by backends is in :mod:`.lowering`.

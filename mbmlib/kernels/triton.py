@@ -45,6 +45,7 @@ except ImportError as err:  # the backend picker (mbmlib.kernels.default_backend
 import torch
 
 from ..multipliers import Multiplier, split_operand
+from .compiled import bmm_nt_int, conv2d_int  # noqa: F401  (integer multipliers: no Triton kernel yet)
 from .lowering import output_size
 
 name = "triton"
