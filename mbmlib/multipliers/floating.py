@@ -18,6 +18,7 @@ import torch
 from .specs import MANT_BITS, MANT_MASK, ONE, Multiplier, MultiplierLike, as_multiplier
 
 __all__ = [
+    "SMALLEST_NORMAL",
     "split_operand",
     "check_float_tensor",
     "mantissa_product",
