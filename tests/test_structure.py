@@ -128,3 +128,16 @@ def test_repeat_finder_finds_a_copied_block(tmp_path):
 
 def test_no_block_of_six_lines_repeated_inside_the_package():
     assert repeated_blocks(ALL, REPEAT_LINES) == []
+
+
+def test_console_script_and_package_data_point_at_what_exists():
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    for target in project["project"]["scripts"].values():
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name)), target
+    for package, patterns in project["tool"]["setuptools"]["package-data"].items():
+        folder = PACKAGE.parent / package.replace(".", "/")
+        assert all(list(folder.glob(p)) for p in patterns), (package, patterns)
