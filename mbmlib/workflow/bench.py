@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .. import functional as AF
-from .. import kernels
-from ..multipliers import approx_mul, as_multiplier
+from .. import kernels, quant
+from ..multipliers import Multiplier, approx_mul, as_multiplier
 from . import runtime
 from .store import write_json
 from .timing import compare
@@ -82,19 +82,40 @@ def _layer_case(kind: str, x_shape, w_shape, padding: int, device: torch.device)
     x = torch.randn(*x_shape, generator=gen).to(device)
     w = (torch.randn(*w_shape, generator=gen) * 0.1).to(device)
     if kind == "conv":
-        out = torch.nn.functional.conv2d(x, w, padding=padding)
-        macs = out.numel() * w[0].numel()
-        exact = lambda: torch.nn.functional.conv2d(x, w, padding=padding)  # noqa: E731
-        approx = lambda m, be: AF.conv2d(x, w, padding=padding, multiplier=m, backend=be)  # noqa: E731
+        macs = torch.nn.functional.conv2d(x, w, padding=padding).numel() * w[0].numel()
+        exact = functools.partial(torch.nn.functional.conv2d, x, w, padding=padding)
     elif kind == "linear":
         macs = x.shape[0] * w.numel()
-        exact = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
-        approx = lambda m, be: AF.linear(x, w, multiplier=m, backend=be)  # noqa: E731
+        exact = functools.partial(torch.nn.functional.linear, x, w)
     else:  # gemm: x (M, K) @ w (K, N)
         macs = x.shape[0] * x.shape[1] * w.shape[1]
-        exact = lambda: torch.matmul(x, w)  # noqa: E731
-        approx = lambda m, be: AF.matmul(x, w, multiplier=m, backend=be)  # noqa: E731
-    return macs, exact, approx
+        exact = functools.partial(torch.matmul, x, w)
+    return macs, exact, functools.partial(_approx_call, kind, x, w, padding)
+
+
+def _approx_call(kind: str, x: torch.Tensor, w: torch.Tensor, padding: int, mult: Multiplier, backend: str):
+    """The approximate twin of a case's exact op: float multipliers as they are, integer ones quantised.
+
+    Integer and table multipliers run the quantised layer with scales fixed beforehand (max-abs of the
+    input, per output channel for the weights), so the timing holds what a calibrated layer does.
+    """
+    if not mult.is_integer:
+        op = {"conv": AF.conv2d, "linear": AF.linear, "gemm": AF.matmul}[kind]
+        extra = {"padding": padding} if kind == "conv" else {}
+        return functools.partial(op, x, w, **extra, multiplier=mult, backend=backend)
+    w_rows = w.t() if kind == "gemm" else w  # (out, ...): one weight scale per output
+    scales = dict(act_scale=x.abs().max() / mult.max_magnitude,
+                  weight_scale=quant.weight_scale_of(w_rows, mult.max_magnitude), multiplier=mult, backend=backend)
+    if kind == "conv":
+        return functools.partial(quant.conv2d, x, w, padding=padding, **scales)
+    return functools.partial(quant.linear, x, w_rows, **scales)
+
+
+def _too_slow(mult: Multiplier, backend: str, macs: int) -> str | None:
+    """Why a case is skipped: the eager reference and table gathers run at well under 1 G MAC/s."""
+    if (backend == "reference" or mult.kind == "table") and macs > REFERENCE_MAC_LIMIT:
+        return f"{macs / 1e9:.1f} G MAC is too slow for {'the eager reference' if backend == 'reference' else 'a table gather'}"
+    return None
 
 
 def available_backends(device: torch.device) -> dict[str, str | None]:
@@ -112,13 +133,13 @@ def available_backends(device: torch.device) -> dict[str, str | None]:
 
 
 def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
-                 multipliers=("mitchell", "mbm"), backends=None, rounds: int = 5,
+                 multipliers=("mitchell", "mbm", "mbm-int8"), backends=None, rounds: int = 5,
                  progress: bool = True) -> dict:
     """Time exact vs every backend x multiplier on the SeedNet layers and one square GEMM."""
     _check_counts(batches=list(batches), rounds=rounds)
     if gemm_size < 0:
         raise ValueError(f"gemm_size must be >= 0 (0 skips the GEMM), got {gemm_size}")
-    multipliers = tuple(as_multiplier(m).name for m in multipliers)
+    multipliers = tuple(as_multiplier(m) for m in multipliers)
     dev = runtime.resolve_device(device)
     status = available_backends(dev)
     if backends is not None:
@@ -136,21 +157,20 @@ def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
         fns, rounds_of = {("exact", "torch"): exact}, {}
         for backend, reason in status.items():
             for mult in multipliers:
-                if reason is None and backend == "reference" and macs > REFERENCE_MAC_LIMIT:
-                    reason = f"{macs / 1e9:.1f} G MAC is too slow for the eager reference"
-                if reason is not None:
-                    rows.append({"case": case, "multiplier": mult, "backend": backend, "macs": macs,
-                                 "note": f"skipped: {reason}"})
+                why = reason or _too_slow(mult, backend, macs)
+                if why is not None:
+                    rows.append({"case": case, "multiplier": mult.name, "backend": backend, "macs": macs,
+                                 "note": f"skipped: {why}"})
                     continue
-                fns[(mult, backend)] = functools.partial(approx, mult, backend)
-                if backend == "reference":
-                    rounds_of[(mult, backend)] = 1
+                fns[(mult.name, backend)] = approx(mult, backend)
+                if backend == "reference" or mult.kind == "table":
+                    rounds_of[(mult.name, backend)] = 1
         timed = compare(fns, dev, ("exact", "torch"), rounds=rounds, rounds_of=rounds_of)
-        for (mult, backend), r in timed.items():
-            rows.append({"case": case, "multiplier": mult, "backend": backend, "macs": macs, **r,
+        for (name, backend), r in timed.items():
+            rows.append({"case": case, "multiplier": name, "backend": backend, "macs": macs, **r,
                          "G_MAC_per_s": macs / r["median_s"] / 1e9})
             if progress:
-                print(f"{case:>20} {mult:>9} {backend:>9}: {rows[-1]['G_MAC_per_s']:8.3f} G MAC/s "
+                print(f"{case:>20} {name:>9} {backend:>9}: {rows[-1]['G_MAC_per_s']:8.3f} G MAC/s "
                       f"({r['ratio_to_exact']:5.1f}x exact)", flush=True)
     return {"benchmark": "layers", "backends": None if backends is None else list(backends),
             "batches": list(batches), "gemm_size": gemm_size, "rounds": rounds, "results": rows}

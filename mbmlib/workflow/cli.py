@@ -33,7 +33,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[16, 128], help="layers: batch sizes (default: 16 128)")
     p.add_argument("--gemm-size", type=int, default=2048, help="layers: size of the square GEMM, 0 to skip")
     p.add_argument("--rounds", type=int, default=5, help="layers: interleaved timing rounds; medians are kept")
-    p.add_argument("--multipliers", nargs="+", default=["mitchell", "mbm"], help="layers: multipliers to time")
+    p.add_argument("--multipliers", nargs="+", default=["mitchell", "mbm", "mbm-int8"],
+                   help="layers: multipliers to time; integer and table ones (mbm-int8, table:<file.csv>) run as "
+                        "quantised layers (default: mitchell mbm mbm-int8)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="layers: backends to time (default: every one usable on the device)")
     p.add_argument("--sass", action="store_true",
