@@ -243,10 +243,15 @@ def bench_frame(report: dict, file: str = "") -> pd.DataFrame:
 
 
 def load_bench(results_dir: str | Path = "results", problems: Optional[list] = None) -> pd.DataFrame:
-    """One row per timed case of every ``<results_dir>/bench/*.json`` (elementwise ops become cases too)."""
+    """One row per timed case of every ``<results_dir>/bench/*.json`` (elementwise ops become cases too).
+
+    The static SASS reports (``sass-*.json``) hold no timings and are left out.
+    """
     problems = [] if problems is None else problems
     rows = []
     for path in sorted((Path(results_dir) / "bench").glob("*.json")):
+        if path.name.startswith("sass-"):
+            continue
         try:
             with open(path) as f:
                 report = json.load(f)
