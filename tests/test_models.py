@@ -39,8 +39,12 @@ def test_layers_are_approximate_as_asked(name, approx_linear):
 
 
 def test_approx_linear_does_not_change_the_state_dict():
+    source = SeedNet()
     exact_linears = SeedNet(approx_linear=False)
-    exact_linears.load_state_dict(SeedNet().state_dict())
+    assert exact_linears.state_dict().keys() == source.state_dict().keys()
+    result = exact_linears.load_state_dict(source.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in exact_linears.state_dict().items())
 
 
 def test_seednet_architecture_matches_the_spec():
@@ -73,13 +77,24 @@ def test_count_macs_of_the_other_models_and_leaves_the_model_alone():
     assert count_macs(ExampleNet())["linear"] == 9216 * 128 + 128 * 10
 
 
-def test_mbm_model_trains_a_step():
+def test_mbm_model_trains_a_step_that_lowers_the_loss():
+    """A straight-through step of the MBM model follows the exact twin's gradient, and SGD lowers the loss."""
     torch.manual_seed(0)
     model = LeNet5(multiplier="mbm")
+    twin = LeNet5(multiplier="exact")
+    twin.load_state_dict(model.state_dict())
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    nn.functional.cross_entropy(twin(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        cos = nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+        assert cos > 0.9, (name, cos)  # the products differ by a few percent, the gradients' direction hardly
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+    assert nn.functional.cross_entropy(model(x), y) < loss
 
 
 def test_build_model_names_the_valid_choices():
