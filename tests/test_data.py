@@ -430,3 +430,43 @@ def test_ranks_batch_disjoint_shards_of_one_permutation():
     assert set(seen[0].tolist()) | set(seen[1].tolist()) == set(range(20))
     with pytest.raises(ValueError, match="rank"):
         shard(torch.arange(4), 2, 2)
+
+
+def _raw_copy(tmp_path, mnist_root):
+    """A writable copy of the MNIST subset's raw folder (gzipped files only)."""
+    root = tmp_path / "root"
+    shutil.copytree(mnist_root, root)
+    return root, root / "MNIST" / "raw"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-gzip"])
+def test_damaged_gz_is_a_clear_error_naming_the_file_and_caches_nothing(tmp_path, mnist_root, monkeypatch, damage):
+    root, raw = _raw_copy(tmp_path, mnist_root)
+    monkeypatch.setenv("MBMLIB_CACHE", str(tmp_path / "cache"))
+    bad = raw / "train-images-idx3-ubyte.gz"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"plain text, not gzip" * 100)
+    with pytest.raises(D.MNISTCorruptError, match="train-images-idx3-ubyte.gz is damaged") as caught:
+        D.load_mnist(root)
+    assert "download it again" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "cache").exists()  # nothing was copied anywhere first
+    assert not [p for p in raw.iterdir() if p.name.endswith(".part")]  # no half-unpacked file left
+
+
+def test_unpacked_file_with_bad_bytes_is_a_clear_error(tmp_path, mnist_root):
+    root, raw = _raw_copy(tmp_path, mnist_root)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(b"\x00\x00\x09\x99" + b"\x01" * 50))  # wrong magic number
+    with pytest.raises(D.MNISTCorruptError, match="cannot be read as IDX"):
+        D.load_mnist(root)
+
+
+def test_cli_reports_a_damaged_file_in_one_line(tmp_path, mnist_root, capsys):
+    from mbmlib.workflow import cli
+
+    root, raw = _raw_copy(tmp_path, mnist_root)
+    (raw / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b broken")
+    code = cli.main(["train", "--data-dir", str(root), "--multiplier", "exact", "--results-dir", str(tmp_path / "r"),
+                     "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "train-labels-idx1-ubyte.gz" in err and len(err.splitlines()) == 1

@@ -30,6 +30,7 @@ import socket
 import stat
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple, Union
@@ -42,6 +43,7 @@ from torch import Tensor
 __all__ = [
     "MNIST_FILES",
     "MNISTData",
+    "MNISTCorruptError",
     "MNISTNotFoundError",
     "batches",
     "cache_root",
@@ -73,6 +75,10 @@ DOWNLOAD_TIMEOUT_S = 30.0
 
 class MNISTNotFoundError(FileNotFoundError):
     """The MNIST files are neither on disk nor downloadable; the message says what to put where."""
+
+
+class MNISTCorruptError(ValueError):
+    """An MNIST file is there but damaged (truncated, not gzip, not IDX); the message names it."""
 
 
 # ----------------------------------------------------------------------------- where the data lives
@@ -119,7 +125,11 @@ def _unpack(gz: Path, dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, gzip.open(gz, "rb") as src:
-            shutil.copyfileobj(src, out, length=1 << 20)
+            try:
+                shutil.copyfileobj(src, out, length=1 << 20)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # BadGzipFile is an OSError: say so here
+                raise MNISTCorruptError(f"{gz} is damaged ({type(err).__name__}: {err}); delete it and download "
+                                        "it again, or put an intact copy there") from None
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; an unpacked data file is as readable as any other
         os.replace(tmp, dest)
     except BaseException:
@@ -231,7 +241,12 @@ def read_mnist(root: Optional[PathLike] = None, train: bool = True, cache_dir: O
     from torchvision import datasets
 
     tv_root = prepare_mnist(root, cache_dir=cache_dir, download=download)
-    ds = datasets.MNIST(str(tv_root), train=train, download=False)
+    try:
+        ds = datasets.MNIST(str(tv_root), train=train, download=False)
+    except (RuntimeError, ValueError, AssertionError, IndexError) as err:  # torchvision's IDX reader on bad bytes
+        raw = _raw_folder(tv_root).resolve()
+        raise MNISTCorruptError(f"the MNIST files in {raw} cannot be read as IDX ({type(err).__name__}: {err}); "
+                                "replace the damaged ones with the official files") from None
     return _to_tensors(ds.data, ds.targets)
 
 
