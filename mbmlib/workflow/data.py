@@ -39,6 +39,7 @@ from urllib.error import URLError
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 __all__ = [
     "MNIST_FILES",
@@ -330,6 +331,12 @@ def load_csv(path: PathLike, require_label: bool = True) -> Tuple[Tensor, Option
 def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
     """Per-class draw counts proportional to ``class_counts`` summing to ``n_draws``; ties broken by ``rng``.
 
+    Why a copy of scikit-learn's algorithm rather than ``train_test_split``: :func:`stratified_subset`
+    draws ``n`` samples and nothing else (``_stratified_draw(y, n, 0, seed)``), which ``train_test_split``
+    cannot express (its test part must be non-empty, and a non-empty one changes the random draws), and
+    every committed short run (``--train-samples``) trained on exactly that subset. The 80/20 split itself
+    is held to ``train_test_split(stratify=...)`` by a test (``tests/test_data.py``).
+
     The largest-remainder rule of scikit-learn's ``_approximate_mode``, step for step, so the
     split below is the very split ``train_test_split(..., stratify=y, random_state=seed)`` makes.
     """
@@ -477,21 +484,16 @@ def load_mnist(root: Optional[PathLike] = None, split_seed: int = 123, val_fract
 
 
 def shard(order: Tensor, rank: int, world_size: int, pad: bool = True) -> Tensor:
-    """Rank ``rank``'s share of an epoch's index order, every rank getting the same count (as DistributedSampler).
+    """Rank ``rank``'s share of an epoch's index order, every rank getting the same count (DistributedSampler's).
 
     ``pad=True`` repeats indices from the start to fill the last round; ``pad=False`` drops the tail.
     Ranks must pass the same ``order`` (same shuffle seed) so their shards are disjoint.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    n = len(order)
-    if pad:
-        total = math.ceil(n / world_size) * world_size
-        if total > n:
-            order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
-    else:
-        order = order[: n - n % world_size]
-    return order[rank::world_size]
+    sampler = DistributedSampler(range(len(order)), num_replicas=world_size, rank=rank, shuffle=False,
+                                 drop_last=not pad)  # positions in ``order``: padding and striding as torch does them
+    return order[torch.tensor(list(sampler), dtype=torch.long)]
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = False, world_size: int = 1, pad: bool = True) -> int:
