@@ -126,7 +126,7 @@ def test_compiled_backend_uses_the_native_kernel():
 
 def test_a_missing_compiler_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("MBMLIB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MBMLIB_CACHE", str(tmp_path))
     with pytest.raises(cpu_native.BuildError, match="cannot run the C\\+\\+ compiler"):
         cpu_native._library.__wrapped__("DEFAULT")  # uncached
 
@@ -147,7 +147,7 @@ def test_without_the_native_kernel_inductor_serves_without_warning(monkeypatch):
 
 
 def test_a_compiler_error_is_reported(monkeypatch, tmp_path):
-    monkeypatch.setenv("MBMLIB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MBMLIB_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_native, "BASE_FLAGS", cpu_native.BASE_FLAGS + ["-fno-such-flag"])
     with pytest.raises(cpu_native.BuildError, match="failed to build"):
         cpu_native._library.__wrapped__("DEFAULT")
@@ -191,7 +191,7 @@ def test_compiled_conv2d_uses_the_implicit_gemm():
 
 
 def test_without_openmp_python_threads_split_the_tiles(monkeypatch, tmp_path):
-    monkeypatch.setenv("MBMLIB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MBMLIB_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_native, "OPENMP_FLAGS", ["-fno-such-openmp-flag"])  # the OpenMP build fails
     lib = cpu_native._library.__wrapped__("DEFAULT")
     assert lib.mbm_has_openmp() == 0

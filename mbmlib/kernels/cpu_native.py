@@ -2,8 +2,8 @@
 
 The source is compiled once per instruction set (AVX-512, AVX2 or portable C++, picked at run time
 from ``torch.backends.cpu.get_cpu_capability()``) with the system C++ compiler into a cache folder
-(``$MBMLIB_CACHE_DIR``, default ``~/.cache/mbmlib``), then loaded with :mod:`ctypes`.  No torch
-headers are needed, so a build takes about a second.  ``-ffp-contract=off`` keeps every product
+(env ``MBMLIB_CACHE``, else ``$XDG_CACHE_HOME/mbmlib``, i.e. ``~/.cache/mbmlib``: the data loader's
+cache too), then loaded with :mod:`ctypes`.  No torch headers are needed, so a build takes about a second.  ``-ffp-contract=off`` keeps every product
 rounded exactly as :func:`mbmlib.multipliers.products` rounds it.  Tiles run on
 ``torch.get_num_threads()`` threads: OpenMP ones where the compiler has ``-fopenmp`` (the library
 then binds to the libgomp torch has loaded, so it reuses torch's threads instead of fighting their
@@ -44,7 +44,9 @@ class BuildError(RuntimeError):
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("MBMLIB_CACHE_DIR") or Path.home() / ".cache" / "mbmlib")
+    if os.environ.get("MBMLIB_CACHE"):
+        return Path(os.environ["MBMLIB_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mbmlib"
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> None:
