@@ -415,6 +415,35 @@ def error_maps(multipliers: Iterable[str], path: str | Path, bins: int = 256) ->
     return save_figure(fig, path)
 
 
+def integer_error_maps(multipliers: Iterable, path: str | Path, bins: int = 255) -> Path:
+    """Heat maps of the relative error (%) of integer / table multipliers over pairs of magnitudes (A, B).
+
+    One panel per multiplier, ``bins`` magnitudes per axis spread over 1..2^n - 1 (255 for 8 bits: every pair);
+    one diverging colour scale centred on 0.  Products of small magnitudes are floored to integers, so the
+    worst errors sit in the bottom-left corner.
+    """
+    mults = [as_multiplier(m) for m in multipliers]
+    maps = [error_map(m, bins) for m in mults]
+    lim = max(max(abs(float(e.min())), abs(float(e.max()))) for _, e in maps) or 1e-9
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+    fig = _figure(4.6 * len(mults) + 1.2, 5.6)
+    axes = np.atleast_1d(fig.subplots(1, len(mults), sharey=True))
+    image = None
+    for ax, mult, (mag, err) in zip(axes, mults, maps):
+        top = float(mag[-1])
+        image = ax.imshow(err.numpy(), origin="lower", extent=(0.5, top + 0.5, 0.5, top + 0.5), cmap="RdBu_r",
+                          norm=norm, interpolation="nearest", aspect="equal")
+        label = mult.name if len(mult.name) <= 24 else f"table ({mult.bits}-bit)"
+        ax.set_title(f"{label}: {_pct(float(err.min()))} to {_pct(float(err.max()))}", fontsize=10)
+        ax.set_xlabel("B (magnitude of operand b)")
+    axes[0].set_ylabel("A (magnitude of operand a)")
+    cbar = fig.colorbar(image, ax=list(axes), shrink=0.9)
+    cbar.set_label("relative error (P - A*B) / (A*B) (%)")
+    fig.suptitle(f"Relative error of integer multipliers over {len(maps[0][0])}x{len(maps[0][0])} pairs of "
+                 "magnitudes", fontsize=10)
+    return save_figure(fig, path)
+
+
 def error_histograms(multipliers: Iterable[str], path: str | Path, bins: int = 512,
                      hist_bins: int = 120) -> Path:
     """Distribution of the relative error (%) over a uniform ``bins x bins`` mantissa grid, overlaid.
