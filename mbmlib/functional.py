@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
-from .multipliers import MultiplierLike, as_multiplier, check_float_tensor
+from .multipliers import MultiplierLike, as_multiplier, check_float_tensors
 
 BACKWARD_MODES = ("exact", "approx")
 
@@ -181,18 +181,7 @@ def _conv_args(stride, padding, dilation, groups):
     return stride, padding, dilation
 
 
-def _check_tensors(named: dict) -> None:
-    """Float dtypes, one dtype, one device -- with PyTorch's error types."""
-    first_name, first = next(iter(named.items()))
-    for name, t in named.items():
-        if t is None:
-            continue
-        check_float_tensor(t, name, "an approximate layer")
-        if t.dtype != first.dtype:
-            raise RuntimeError(f"{first_name} type ({first.dtype}) and {name} type ({t.dtype}) should be the same")
-        if t.device != first.device:
-            raise RuntimeError(f"Expected all tensors to be on the same device, but found {first_name} on "
-                               f"{first.device} and {name} on {t.device}; move them with .to(device)")
+_LAYER = "an approximate layer"  # what needs float tensors, in check_float_tensors' messages
 
 
 def _check_conv_shapes(input: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> None:
@@ -231,7 +220,7 @@ def conv2d_args(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, p
     ``x`` is (B, C, H, W) -- unbatched input gets a batch of one, lopsided
     ``"same"`` padding is applied to it -- so that ``padding`` is explicit and symmetric.
     """
-    _check_tensors({"input": input, "weight": weight, "bias": bias})
+    check_float_tensors({"input": input, "weight": weight, "bias": bias}, _LAYER)
     stride, padding, dilation = _conv_args(stride, padding, dilation, groups)
     _check_conv_shapes(input, weight, bias, groups)
     # PyTorch's own checks (padding strings, kernel vs input size), without computing anything
@@ -272,7 +261,7 @@ def _string_padding(x: Tensor, kernel_size, dilation, padding: str) -> tuple[Ten
 
 def linear_args(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, list]:
     """Check a linear call as F.linear would; return ``(x (1, M, K), w (1, N, K), output shape)``."""
-    _check_tensors({"input": input, "weight": weight, "bias": bias})
+    check_float_tensors({"input": input, "weight": weight, "bias": bias}, _LAYER)
     F.linear(input.to("meta"), weight.to("meta"), None if bias is None else bias.to("meta"))
     K = input.shape[-1]
     x = input.reshape(1, math.prod(input.shape[:-1]), K)  # (1, M, K)
@@ -292,7 +281,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mult
 def matmul(a: Tensor, b: Tensor, *, multiplier: MultiplierLike = "mbm", backward: str = "exact",
            backend: Optional[str] = None) -> Tensor:
     """``torch.matmul`` with every product approximate (1-D, 2-D and broadcast batched operands)."""
-    _check_tensors({"a": a, "b": b})
+    check_float_tensors({"a": a, "b": b}, _LAYER)
     out_shape = torch.matmul(a.to("meta"), b.to("meta")).shape
     mult, backward, backend = _resolve(multiplier, backward, backend, a.device)
     a2 = a.unsqueeze(0) if a.dim() == 1 else a  # (..., M, K)

@@ -44,7 +44,7 @@ except ImportError as err:  # the backend picker (mbmlib.kernels.default_backend
 
 import torch
 
-from ..multipliers import Multiplier, split_operand
+from ..multipliers import Multiplier, check_float_tensors, split_operand
 from .compiled import bmm_nt_int, conv2d_int  # noqa: F401  (integer multipliers: no Triton kernel yet)
 from .lowering import output_size
 
@@ -295,17 +295,11 @@ def _conv2d_grad_weight_kernel(
 # --------------------------------------------------------------------------- host: operands
 
 def _check_tensors(op: str, **tensors: torch.Tensor) -> torch.device:
-    """float32 tensors on one device, CUDA unless running under the Triton interpreter."""
-    device = None
-    for arg, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"triton.{op}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"triton.{op}: {arg} must be float32, got {t.dtype}")
-        if device is None:
-            device = t.device
-        elif t.device != device:
-            raise ValueError(f"triton.{op}: operands are on different devices ({device} and {t.device})")
+    """The layers' tensor check, then what the kernels add: float32, on CUDA unless under the interpreter."""
+    for name, t in tensors.items():
+        if getattr(t, "dtype", None) != torch.float32:
+            raise TypeError(f"triton.{op} takes float32 tensors; {name} is {getattr(t, 'dtype', type(t).__name__)}")
+    device = check_float_tensors(tensors, f"triton.{op}")
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"the triton backend needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
                          "before importing it to run the kernels on the CPU (slow, for testing)")

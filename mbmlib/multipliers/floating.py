@@ -21,6 +21,7 @@ __all__ = [
     "SMALLEST_NORMAL",
     "split_operand",
     "check_float_tensor",
+    "check_float_tensors",
     "mantissa_product",
     "products",
     "approx_mul",
@@ -94,6 +95,23 @@ def check_float_tensor(x, name: str, what: str) -> None:
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{what} needs floating-point tensors (float16/bfloat16/float32/float64); "
                         f"{name} has dtype {x.dtype}")
+
+
+def check_float_tensors(named: dict, what: str) -> torch.device:
+    """Float tensors (None entries skipped) of one dtype on one device, with PyTorch's error types; their device.
+
+    The one tensor check of the layers (:mod:`mbmlib.functional`) and of the kernels that take tensors directly.
+    """
+    present = [(name, t) for name, t in named.items() if t is not None]
+    first_name, first = present[0]
+    for name, t in present:
+        check_float_tensor(t, name, what)
+        if t.dtype != first.dtype:
+            raise RuntimeError(f"{first_name} type ({first.dtype}) and {name} type ({t.dtype}) should be the same")
+        if t.device != first.device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found {first_name} on "
+                               f"{first.device} and {name} on {t.device}; move them with .to(device)")
+    return first.device
 
 
 def _check_float_operands(a, b) -> torch.dtype:
