@@ -385,6 +385,28 @@ def _log_bars_by_runtime(ax, frame: pd.DataFrame, value: str, ylabel: str) -> No
 # ----------------------------------------------------------------------------- multiplier errors
 
 
+def _error_panels(panels, extent, axis_labels: tuple[str, str], suptitle: str, path: str | Path,
+                  marks=None) -> Path:
+    """Heat maps ``[(title, err)]`` side by side on one diverging colour scale centred on 0 (error in %)."""
+    lim = max(max(abs(float(e.min())), abs(float(e.max()))) for _, e in panels) or 1e-9
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+    fig = _figure(4.6 * len(panels) + 1.2, 5.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    image = None
+    for ax, (title, err) in zip(axes, panels):
+        image = ax.imshow(err.numpy(), origin="lower", extent=extent, cmap="RdBu_r", norm=norm,
+                          interpolation="nearest", aspect="equal")
+        if marks is not None:
+            marks(ax)
+        ax.set_title(f"{title}: error from {_pct(float(err.min()))} to {_pct(float(err.max()))}", fontsize=10)
+        ax.set_xlabel(axis_labels[0])
+    axes[0].set_ylabel(axis_labels[1])
+    cbar = fig.colorbar(image, ax=list(axes), shrink=0.9)
+    cbar.set_label("relative error (approx − exact) / exact (%)")
+    fig.suptitle(suptitle, fontsize=10)
+    return save_figure(fig, path)
+
+
 def error_maps(multipliers: Iterable[str], path: str | Path, bins: int = 256) -> Path:
     """Heat maps of the relative error (%) over the mantissa grid, one panel per multiplier.
 
@@ -393,26 +415,12 @@ def error_maps(multipliers: Iterable[str], path: str | Path, bins: int = 256) ->
     The dashed line x1 + x2 = 1 is where the mantissa sum carries.
     """
     names = [as_multiplier(m).name for m in multipliers]
-    maps = [error_map(m, bins) for m in names]
-    lo = min(float(e.min()) for _, e in maps)
-    hi = max(float(e.max()) for _, e in maps)
-    lim = max(abs(lo), abs(hi), 1e-9)
-    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
-    fig = _figure(4.6 * len(names) + 1.2, 4.8)
-    axes = np.atleast_1d(fig.subplots(1, len(names), sharey=True))
-    image = None
-    for ax, name, (x, err) in zip(axes, names, maps):
-        image = ax.imshow(err.numpy(), origin="lower", extent=(0, 1, 0, 1), cmap="RdBu_r", norm=norm,
-                          interpolation="nearest", aspect="equal")
-        ax.plot([0, 1], [1, 0], "k--", linewidth=0.8, alpha=0.6)
-        ax.set_title(f"{name}: error from {_pct(float(err.min()))} to {_pct(float(err.max()))}", fontsize=10)
-        ax.set_xlabel("x2 (mantissa fraction of operand b)")
-    axes[0].set_ylabel("x1 (mantissa fraction of operand a)")
-    cbar = fig.colorbar(image, ax=list(axes), shrink=0.9)
-    cbar.set_label("relative error (approx − exact) / exact (%)")
-    fig.suptitle(f"Relative error over the mantissa grid ({bins}×{bins} cell centres; dashed: x1 + x2 = 1, "
-                 "the carry boundary)", fontsize=10)
-    return save_figure(fig, path)
+    panels = [(name, error_map(name, bins)[1]) for name in names]
+    return _error_panels(panels, (0, 1, 0, 1), ("x2 (mantissa fraction of operand b)",
+                                                "x1 (mantissa fraction of operand a)"),
+                         f"Relative error over the mantissa grid ({bins}×{bins} cell centres; dashed: x1 + x2 = 1, "
+                         "the carry boundary)", path,
+                         marks=lambda ax: ax.plot([0, 1], [1, 0], "k--", linewidth=0.8, alpha=0.6))
 
 
 def integer_error_maps(multipliers: Iterable, path: str | Path, bins: int = 255) -> Path:
@@ -424,24 +432,12 @@ def integer_error_maps(multipliers: Iterable, path: str | Path, bins: int = 255)
     """
     mults = [as_multiplier(m) for m in multipliers]
     maps = [error_map(m, bins) for m in mults]
-    lim = max(max(abs(float(e.min())), abs(float(e.max()))) for _, e in maps) or 1e-9
-    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
-    fig = _figure(4.6 * len(mults) + 1.2, 5.6)
-    axes = np.atleast_1d(fig.subplots(1, len(mults), sharey=True))
-    image = None
-    for ax, mult, (mag, err) in zip(axes, mults, maps):
-        top = float(mag[-1])
-        image = ax.imshow(err.numpy(), origin="lower", extent=(0.5, top + 0.5, 0.5, top + 0.5), cmap="RdBu_r",
-                          norm=norm, interpolation="nearest", aspect="equal")
-        label = mult.name if len(mult.name) <= 24 else f"table ({mult.bits}-bit)"
-        ax.set_title(f"{label}: {_pct(float(err.min()))} to {_pct(float(err.max()))}", fontsize=10)
-        ax.set_xlabel("B (magnitude of operand b)")
-    axes[0].set_ylabel("A (magnitude of operand a)")
-    cbar = fig.colorbar(image, ax=list(axes), shrink=0.9)
-    cbar.set_label("relative error (P - A*B) / (A*B) (%)")
-    fig.suptitle(f"Relative error of integer multipliers over {len(maps[0][0])}x{len(maps[0][0])} pairs of "
-                 "magnitudes", fontsize=10)
-    return save_figure(fig, path)
+    top = float(maps[0][0][-1])
+    panels = [(m.name if len(m.name) <= 24 else f"table ({m.bits}-bit)", err) for m, (_, err) in zip(mults, maps)]
+    return _error_panels(panels, (0.5, top + 0.5, 0.5, top + 0.5),
+                         ("B (magnitude of operand b)", "A (magnitude of operand a)"),
+                         f"Relative error of integer multipliers over {len(maps[0][0])}x{len(maps[0][0])} pairs of "
+                         "magnitudes", path)
 
 
 def error_histograms(multipliers: Iterable[str], path: str | Path, bins: int = 512,
