@@ -18,7 +18,6 @@ from mbmlib.workflow.data import (
     load_csv,
     load_mnist,
     num_batches,
-    prepare_mnist,
     read_mnist,
     shard,
     stratified_split,
@@ -44,15 +43,6 @@ def gz_root(tmp_path):
     root = tmp_path / "root"
     shutil.copytree(SUBSET / "MNIST", root / "MNIST", ignore=lambda folder, names: [n for n in names if n.endswith("-ubyte")])
     return root
-
-
-@pytest.fixture
-def read_only_root(gz_root):
-    """The gz-only copy with its raw folder made read-only (no write bits), restored afterwards."""
-    raw = gz_root / "MNIST" / "raw"
-    raw.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
-    yield gz_root
-    raw.chmod(stat.S_IRWXU)
 
 
 def _unpack_all(raw: Path, remove_gz: bool) -> None:
@@ -87,11 +77,11 @@ def test_data_root_prefers_argument_then_env_then_dot_data(monkeypatch, tmp_path
 # ----------------------------------------------------------------------------- IDX files
 
 
-def test_gz_only_in_writable_folder_is_unpacked_in_place(gz_root):
-    assert prepare_mnist(gz_root) == gz_root
+def test_gz_files_are_read_in_memory_and_nothing_is_written(gz_root, tmp_path):
     raw = gz_root / "MNIST" / "raw"
-    assert all((raw / name).is_file() for name in MNIST_FILES)
+    before = sorted(os.listdir(raw))
     x, y = read_mnist(gz_root, train=True)
+    assert sorted(os.listdir(raw)) == before and not (tmp_path / "cache").exists()
     assert x.shape == (500, 1, 28, 28) and x.dtype == torch.float32
     assert y.shape == (500,) and y.dtype == torch.int64
     assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() == 1.0
@@ -100,50 +90,31 @@ def test_gz_only_in_writable_folder_is_unpacked_in_place(gz_root):
     assert x_test.shape == (100, 1, 28, 28) and torch.equal(torch.bincount(y_test), torch.full((10,), 10))
 
 
-def test_unpacked_files_are_loaded_directly(gz_root, monkeypatch, tmp_path):
-    want = read_mnist(gz_root, train=True)
+def test_read_only_folder_is_read_as_it_is(gz_root):
     raw = gz_root / "MNIST" / "raw"
-    for name in MNIST_FILES:
-        (raw / name).unlink()
-    _unpack_all(raw, remove_gz=True)
-    monkeypatch.setattr(D, "_unpack", lambda *a: pytest.fail("nothing should be unpacked"))
+    want = read_mnist(gz_root, train=False)
+    raw.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        got = read_mnist(gz_root, train=False)
+    finally:
+        raw.chmod(stat.S_IRWXU)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_unpacked_files_give_the_same_tensors_as_gzipped_ones(gz_root):
+    want = read_mnist(gz_root, train=True)
+    _unpack_all(gz_root / "MNIST" / "raw", remove_gz=True)
     got = read_mnist(gz_root, train=True)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert not (tmp_path / "cache").exists()
 
 
-def test_read_only_folder_is_unpacked_into_the_cache(read_only_root, tmp_path):
-    raw = read_only_root / "MNIST" / "raw"
-    before = sorted(os.listdir(raw))
-    tv_root = prepare_mnist(read_only_root)
-    assert sorted(os.listdir(raw)) == before  # the read-only folder was not touched
-    assert tv_root.parent == tmp_path / "cache" and tv_root.name.startswith("mnist-")
-    assert all((tv_root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
-    x, y = read_mnist(read_only_root, train=True)
-    assert x.shape == (500, 1, 28, 28) and torch.equal(torch.bincount(y), torch.full((10,), 50))
+def test_idx_reader_matches_torchvision(gz_root):
+    from torchvision import datasets
 
-
-def test_cache_dir_argument_and_reuse_and_refresh(read_only_root, tmp_path, monkeypatch):
-    cache = tmp_path / "my-cache"
-    tv_root = prepare_mnist(read_only_root, cache_dir=cache)
-    assert tv_root.parent == cache
-    unpacked = []
-    real_unpack = D._unpack
-    monkeypatch.setattr(D, "_unpack", lambda gz, dest: (unpacked.append(dest.name), real_unpack(gz, dest)))
-    assert prepare_mnist(read_only_root, cache_dir=cache) == tv_root
-    assert unpacked == []  # fresh cache: reused as is
-    gz = read_only_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
-    cached = tv_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
-    os.utime(cached, (1, 1))  # the cached copy is now older than its .gz: unpack it again
-    prepare_mnist(read_only_root, cache_dir=cache)
-    assert unpacked == ["t10k-labels-idx1-ubyte"]
-    assert cached.stat().st_mtime >= gz.stat().st_mtime
-
-
-def test_two_read_only_sources_do_not_share_a_cache_folder(read_only_root, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(read_only_root, other)
-    assert prepare_mnist(read_only_root) != prepare_mnist(other)
+    _unpack_all(gz_root / "MNIST" / "raw", remove_gz=False)
+    tv = datasets.MNIST(str(gz_root), train=True, download=False)
+    x, y = read_mnist(gz_root, train=True)
+    assert torch.equal((x[:, 0] * 255).round().to(torch.uint8), tv.data) and torch.equal(y, tv.targets)
 
 
 def test_missing_data_names_the_four_files_the_folder_and_the_env_var(tmp_path, monkeypatch):
@@ -174,7 +145,7 @@ def test_download_false_never_downloads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.MNIST, "download", lambda self: pytest.fail("download was attempted"))
     with pytest.raises(MNISTNotFoundError, match="download=False"):
-        prepare_mnist(tmp_path / "empty", download=False)
+        read_mnist(tmp_path / "empty", download=False)
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -307,9 +278,11 @@ def test_split_rejects_bad_arguments():
         with pytest.raises(ValueError, match="val_fraction"):
             stratified_split(labels, val_fraction=fraction)
     with pytest.raises(ValueError, match="at least one sample per class"):
-        stratified_split(np.arange(10) % 10, val_fraction=0.2)
+        stratified_split(np.arange(20) % 10, val_fraction=0.2)
     with pytest.raises(ValueError, match="1-D"):
         stratified_split(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="class 9 has a single sample"):
+        stratified_split(np.r_[np.arange(40) % 9, 9], val_fraction=0.5)
 
 
 def test_subset_is_stratified_and_inside_the_labels():
@@ -320,6 +293,18 @@ def test_subset_is_stratified_and_inside_the_labels():
     assert np.all(np.abs(share - 300 * np.bincount(labels, minlength=10) / 2000) <= 1)
     with pytest.raises(ValueError, match="1..2000"):
         stratified_subset(labels, 2001)
+    assert torch.equal(stratified_subset(labels, 2000), torch.arange(2000))
+    with pytest.raises(ValueError, match="at least one sample per class"):
+        stratified_subset(labels, 1995)
+
+
+@pytest.mark.parametrize("n, size, seed", [(2000, 300, 123), (48, 20, 0), (1003, 512, 7)])
+def test_subset_is_the_train_part_of_scikit_learn_train_test_split(n, size, seed):
+    from sklearn.model_selection import train_test_split
+
+    labels = _random_labels(n, seed=n)
+    want = train_test_split(np.arange(n), train_size=size, stratify=labels, random_state=seed)[0]
+    assert np.array_equal(stratified_subset(labels, size, seed).numpy(), want)
 
 
 # ----------------------------------------------------------------------------- load_mnist
@@ -355,7 +340,7 @@ def test_load_mnist_on_device(gz_root, device):
     assert all(t.device.type == device.type for t in (d.x_train, d.y_val, d.x_test, d.train_idx))
 
 
-@pytest.mark.skipif(not REAL_ROOT or not D._available(Path(REAL_ROOT) / "MNIST" / "raw"),
+@pytest.mark.skipif(not REAL_ROOT or not all(D._find(Path(REAL_ROOT) / "MNIST" / "raw", n) for n in MNIST_FILES),
                     reason="the full MNIST: set MBMLIB_DATA to a root holding MNIST/raw/")
 def test_full_mnist_sizes():
     d = load_mnist(REAL_ROOT)
@@ -439,26 +424,45 @@ def _raw_copy(tmp_path, mnist_root):
     return root, root / "MNIST" / "raw"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not-gzip"])
-def test_damaged_gz_is_a_clear_error_naming_the_file_and_caches_nothing(tmp_path, mnist_root, monkeypatch, damage):
-    root, raw = _raw_copy(tmp_path, mnist_root)
-    monkeypatch.setenv("MBMLIB_CACHE", str(tmp_path / "cache"))
-    bad = raw / "train-images-idx3-ubyte.gz"
-    data = bad.read_bytes()
-    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"plain text, not gzip" * 100)
-    with pytest.raises(D.MNISTCorruptError, match="train-images-idx3-ubyte.gz is damaged") as caught:
-        D.load_mnist(root)
-    assert "download it again" in str(caught.value) and "\n" not in str(caught.value)
-    assert not (tmp_path / "cache").exists()  # nothing was copied anywhere first
-    assert not [p for p in raw.iterdir() if p.name.endswith(".part")]  # no half-unpacked file left
+def _idx_bytes(magic: int, shape, payload: bytes) -> bytes:
+    """An IDX file's bytes: magic number, dimensions, values."""
+    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in shape) + payload
 
 
-def test_unpacked_file_with_bad_bytes_is_a_clear_error(tmp_path, mnist_root):
+def _damage(path: Path, damage: str) -> str:
+    """Damage one .gz file in place; returns the pattern its error must match."""
+    data = path.read_bytes()
+    labels = gzip.decompress(data)[8:]
+    kinds = {
+        "truncated": (data[: len(data) // 2], "EOFError"),
+        "not gzip": (b"plain text, not gzip" * 100, "BadGzipFile"),
+        "empty": (b"", "magic number missing"),
+        "wrong magic": (gzip.compress(_idx_bytes(0x0999, [len(labels)], labels)), "magic number 00000999"),
+        "wrong count": (gzip.compress(_idx_bytes(0x0801, [len(labels) + 7], labels)), "promises"),
+    }
+    path.write_bytes(kinds[damage][0])
+    return kinds[damage][1]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip", "empty", "wrong magic", "wrong count"])
+def test_damaged_gz_is_a_one_line_error_naming_the_file_and_what_to_do(tmp_path, mnist_root, damage):
     root, raw = _raw_copy(tmp_path, mnist_root)
-    labels = raw / "t10k-labels-idx1-ubyte.gz"
-    labels.write_bytes(gzip.compress(b"\x00\x00\x09\x99" + b"\x01" * 50))  # wrong magic number
-    with pytest.raises(D.MNISTCorruptError, match="cannot be read as IDX"):
+    bad = raw / "train-labels-idx1-ubyte.gz"
+    pattern = _damage(bad, damage)
+    with pytest.raises(D.MNISTCorruptError, match=pattern) as caught:
         D.load_mnist(root)
+    message = str(caught.value)
+    assert message.startswith(f"{bad} is damaged") and "download it again" in message and "\n" not in message
+    assert sorted(p.name for p in raw.iterdir()) == sorted(p.name for p in (mnist_root / "MNIST" / "raw").iterdir())
+
+
+def test_images_and_labels_of_different_counts_are_a_clear_error(tmp_path, mnist_root):
+    root, raw = _raw_copy(tmp_path, mnist_root)
+    labels = gzip.decompress((raw / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:]
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(0x0801, [len(labels) - 1], labels[:-1])))
+    with pytest.raises(D.MNISTCorruptError, match=r"t10k-images-idx3-ubyte.gz is damaged .*do not fit labels"):
+        read_mnist(root, train=False)
+    assert read_mnist(root, train=True)[0].shape == (500, 1, 28, 28)  # the other split still loads
 
 
 def test_cli_reports_a_damaged_file_in_one_line(tmp_path, mnist_root, capsys):

@@ -2,33 +2,23 @@
 
 Where the data lives: ``data_root(root)`` -- the argument, else env ``MBMLIB_DATA``, else
 ``./data``.  Below it the torchvision layout ``<root>/MNIST/raw/`` holds the four IDX
-files, unpacked (``train-images-idx3-ubyte``) or gzipped (``...-ubyte.gz``).
-
-Gzipped-only files are unpacked next to the ``.gz`` files when that folder is writable
-(what torchvision itself does).  A read-only folder -- no write permission bit, or a
-read-only mount -- is never written to: the files are unpacked once into a cache,
-``<cache>/<key>/MNIST/raw/``, with ``<cache>`` the ``cache_dir`` argument, else env
-``MBMLIB_CACHE``, else ``$XDG_CACHE_HOME/mbmlib`` (``~/.cache/mbmlib``), and ``<key>`` a
-short hash of the source folder's path, so two sources never mix.  A cached file older
-than its ``.gz`` is unpacked again.  With no files at all, torchvision downloads them;
-when that fails, :class:`MNISTNotFoundError` says which files to put where.
+files, gzipped as downloaded (``train-images-idx3-ubyte.gz``) or unpacked (no ``.gz``).
+They are read straight into memory (nothing is unpacked to disk); with no files at all,
+torchvision downloads them, and when that fails :class:`MNISTNotFoundError` says which
+files to put where.  A damaged file is a :class:`MNISTCorruptError` naming it.
 
 Everything is returned as tensors: images float32 ``(N, 1, 28, 28)`` in [0, 1], labels
 int64 ``(N,)``.  Training reads batches straight from them with :func:`batches` (no
 DataLoader workers: the whole set is 200 MB as float32 and a slice costs nothing).
+The stratified split and subsets are scikit-learn's ``train_test_split(stratify=...)``.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
-import hashlib
 import math
 import os
-import shutil
 import socket
-import stat
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -47,12 +37,11 @@ __all__ = [
     "MNISTCorruptError",
     "MNISTNotFoundError",
     "batches",
-    "cache_root",
     "data_root",
     "load_csv",
     "load_mnist",
     "num_batches",
-    "prepare_mnist",
+    "read_idx",
     "read_mnist",
     "shard",
     "stratified_split",
@@ -72,6 +61,7 @@ MNIST_FILES = (
 N_PIXELS = 28 * 28
 N_CLASSES = 10
 DOWNLOAD_TIMEOUT_S = 30.0
+IDX_UBYTE = 0x08  # the IDX type code of unsigned bytes, the third byte of every MNIST file's magic number
 
 
 class MNISTNotFoundError(FileNotFoundError):
@@ -82,7 +72,7 @@ class MNISTCorruptError(ValueError):
     """An MNIST file is there but damaged (truncated, not gzip, not IDX); the message names it."""
 
 
-# ----------------------------------------------------------------------------- where the data lives
+# ----------------------------------------------------------------------------- finding and downloading
 
 
 def data_root(root: Optional[PathLike] = None) -> Path:
@@ -92,88 +82,23 @@ def data_root(root: Optional[PathLike] = None) -> Path:
     return Path(os.environ.get("MBMLIB_DATA") or "data").expanduser()
 
 
-def cache_root(cache_dir: Optional[PathLike] = None) -> Path:
-    """Where read-only data gets unpacked: ``cache_dir``, env ``MBMLIB_CACHE``, or ``~/.cache/mbmlib``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("MBMLIB_CACHE"):
-        return Path(os.environ["MBMLIB_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "mbmlib"
-
-
 def _raw_folder(root: Path) -> Path:
     """torchvision's folder for the MNIST IDX files below a root."""
     return root / "MNIST" / "raw"
 
 
-def _writable(folder: Path) -> bool:
-    """Whether we may write into ``folder``; a folder without any write bit counts as read-only even for root."""
-    try:
-        mode = folder.stat().st_mode
-    except OSError:
-        return False
-    has_write_bit = bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    return has_write_bit and os.access(folder, os.W_OK)
-
-
-# ----------------------------------------------------------------------------- unpacking and downloading
-
-
-def _unpack(gz: Path, dest: Path) -> None:
-    """Unpack ``gz`` to ``dest`` atomically (temp file + rename), so concurrent readers never see half a file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, gzip.open(gz, "rb") as src:
-            try:
-                shutil.copyfileobj(src, out, length=1 << 20)
-            except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # BadGzipFile is an OSError: say so here
-                raise MNISTCorruptError(f"{gz} is damaged ({type(err).__name__}: {err}); delete it and download "
-                                        "it again, or put an intact copy there") from None
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an unpacked data file is as readable as any other
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _fresh(target: Path, gz: Path) -> bool:
-    """Whether ``target`` exists and is not older than the ``.gz`` it was unpacked from."""
-    return target.is_file() and (not gz.is_file() or target.stat().st_mtime >= gz.stat().st_mtime)
-
-
-def _cache_folder(raw: Path, cache_dir: Optional[PathLike]) -> Path:
-    """The cache's raw folder for one read-only source folder, keyed by a hash of its path."""
-    key = hashlib.sha1(str(raw.resolve()).encode()).hexdigest()[:12]
-    return _raw_folder(cache_root(cache_dir) / f"mnist-{key}")
-
-
-def _fill_cache(raw: Path, cache_raw: Path) -> None:
-    """Make ``cache_raw`` hold all four unpacked files: unpack the ``.gz`` ones, copy the unpacked ones."""
-    for name in MNIST_FILES:
-        src, gz, dest = raw / name, raw / (name + ".gz"), cache_raw / name
-        if src.is_file():
-            if not (dest.is_file() and dest.stat().st_mtime >= src.stat().st_mtime):
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dest)
-        elif not _fresh(dest, gz):
-            _unpack(gz, dest)
-
-
-def _available(raw: Path) -> bool:
-    """Whether each of the four files is there, unpacked or gzipped."""
-    return all((raw / n).is_file() or (raw / (n + ".gz")).is_file() for n in MNIST_FILES)
+def _find(raw: Path, name: str) -> Optional[Path]:
+    """The file for one of :data:`MNIST_FILES`: unpacked if there, else gzipped, else None."""
+    for path in (raw / name, raw / (name + ".gz")):
+        if path.is_file():
+            return path
+    return None
 
 
 def _missing_error(root: Path, reason: str) -> MNISTNotFoundError:
     """The error that tells the user exactly which files to put where."""
     raw = _raw_folder(root).resolve()
-    lines = []
-    for name in MNIST_FILES:
-        there = (raw / name).is_file() or (raw / (name + ".gz")).is_file()
-        lines.append(f"  {name}.gz{'' if there else '   (missing)'}")
+    lines = [f"  {name}.gz{'' if _find(raw, name) else '   (missing)'}" for name in MNIST_FILES]
     return MNISTNotFoundError(
         f"MNIST was not found under {raw} and {reason}.\n"
         f"Put these 4 files (gzipped as listed, or unpacked without '.gz') into {raw}/:\n"
@@ -198,57 +123,50 @@ def _download(root: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def prepare_mnist(root: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
-                  download: bool = True) -> Path:
-    """Make the four unpacked IDX files available; returns the torchvision root to load them from.
-
-    That is ``root`` itself when its raw folder holds (or could be given) the unpacked files,
-    else the cache root the files were unpacked into (see the module docstring).
-    """
-    root = data_root(root)
-    raw = _raw_folder(root)
-    if all((raw / n).is_file() for n in MNIST_FILES):
-        return root
-    if not _available(raw):
-        if not download:
-            raise _missing_error(root, "downloading is switched off (download=False)")
-        _download(root)
-        return root
-    if _writable(raw):
-        try:
-            for name in MNIST_FILES:
-                if not (raw / name).is_file():
-                    _unpack(raw / (name + ".gz"), raw / name)
-            return root
-        except OSError:
-            pass  # e.g. a read-only mount with write bits set: fall through to the cache
-    cache_raw = _cache_folder(raw, cache_dir)
-    _fill_cache(raw, cache_raw)
-    return cache_raw.parent.parent
-
-
 # ----------------------------------------------------------------------------- reading
 
 
-def _to_tensors(images: Tensor, labels: Tensor) -> TensorPair:
-    """uint8 (N, 28, 28) images and labels -> float32 (N, 1, 28, 28) in [0, 1] and int64 (N,)."""
-    x = images.unsqueeze(1).to(torch.float32).div_(255.0)  # (N, 1, 28, 28)
-    return x, labels.to(torch.int64)
+def _corrupt(path: Path, what: str) -> MNISTCorruptError:
+    """One-line error naming a damaged file and what to do about it."""
+    return MNISTCorruptError(f"{path} is damaged ({what}); delete it and download it again, "
+                             "or put an intact copy of the official file there")
 
 
-def read_mnist(root: Optional[PathLike] = None, train: bool = True, cache_dir: Optional[PathLike] = None,
-               download: bool = True) -> TensorPair:
-    """One official MNIST split (train: 60000, test: 10000) as ``(x, y)`` tensors, via torchvision."""
-    from torchvision import datasets
-
-    tv_root = prepare_mnist(root, cache_dir=cache_dir, download=download)
+def read_idx(path: PathLike) -> np.ndarray:
+    """One IDX file of unsigned bytes (gzipped if its name ends in ``.gz``) as a uint8 array of its shape."""
+    path = Path(path)
     try:
-        ds = datasets.MNIST(str(tv_root), train=train, download=False)
-    except (RuntimeError, ValueError, AssertionError, IndexError) as err:  # torchvision's IDX reader on bad bytes
-        raw = _raw_folder(tv_root).resolve()
-        raise MNISTCorruptError(f"the MNIST files in {raw} cannot be read as IDX ({type(err).__name__}: {err}); "
-                                "replace the damaged ones with the official files") from None
-    return _to_tensors(ds.data, ds.targets)
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise _corrupt(path, f"{type(err).__name__}: {err}") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != IDX_UBYTE:
+        raise _corrupt(path, f"not an IDX file of bytes: magic number {raw[:4].hex() or 'missing'}")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    values = np.frombuffer(raw, dtype=np.uint8, offset=min(4 + 4 * ndim, len(raw)))
+    if values.size != math.prod(shape):
+        raise _corrupt(path, f"the header promises {shape} = {math.prod(shape)} bytes, the file holds {values.size}")
+    return values.reshape(shape)
+
+
+def read_mnist(root: Optional[PathLike] = None, train: bool = True, download: bool = True) -> TensorPair:
+    """One official MNIST split (train: 60000, test: 10000) as ``(x, y)`` tensors, read from the IDX files."""
+    root = data_root(root)
+    raw = _raw_folder(root)
+    if not all(_find(raw, name) for name in MNIST_FILES):
+        if not download:
+            raise _missing_error(root, "downloading is switched off (download=False)")
+        _download(root)
+    image_name, label_name = MNIST_FILES[:2] if train else MNIST_FILES[2:]
+    images, labels = read_idx(_find(raw, image_name)), read_idx(_find(raw, label_name))  # (N, 28, 28), (N,)
+    if images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+        raise _corrupt(_find(raw, image_name), f"images {images.shape} do not fit labels {labels.shape} of "
+                                               f"{_find(raw, label_name).name}; expected (N, 28, 28) and (N,)")
+    x = torch.from_numpy(images.copy()).unsqueeze(1).to(torch.float32).div_(255.0)  # (N, 1, 28, 28)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
 
 
 def _csv_header(path: Path) -> list:
@@ -328,48 +246,6 @@ def load_csv(path: PathLike, require_label: bool = True) -> Tuple[Tensor, Option
 # ----------------------------------------------------------------------------- stratified splits
 
 
-def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
-    """Per-class draw counts proportional to ``class_counts`` summing to ``n_draws``; ties broken by ``rng``.
-
-    Why a copy of scikit-learn's algorithm rather than ``train_test_split``: :func:`stratified_subset`
-    draws ``n`` samples and nothing else (``_stratified_draw(y, n, 0, seed)``), which ``train_test_split``
-    cannot express (its test part must be non-empty, and a non-empty one changes the random draws), and
-    every committed short run (``--train-samples``) trained on exactly that subset. The 80/20 split itself
-    is held to ``train_test_split(stratify=...)`` by a test (``tests/test_data.py``).
-
-    The largest-remainder rule of scikit-learn's ``_approximate_mode``, step for step, so the
-    split below is the very split ``train_test_split(..., stratify=y, random_state=seed)`` makes.
-    """
-    continuous = class_counts / class_counts.sum() * n_draws
-    floored = np.floor(continuous)
-    need_to_add = int(n_draws - floored.sum())
-    if need_to_add > 0:
-        remainder = continuous - floored
-        for value in np.sort(np.unique(remainder))[::-1]:
-            (inds,) = np.where(remainder == value)
-            add_now = min(len(inds), need_to_add)
-            floored[rng.choice(inds, size=add_now, replace=False)] += 1
-            need_to_add -= add_now
-            if need_to_add == 0:
-                break
-    return floored.astype(int)
-
-
-def _stratified_draw(labels: np.ndarray, n_first: int, n_second: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Two disjoint stratified index sets of sizes ``n_first`` and ``n_second`` (scikit-learn's algorithm)."""
-    classes, y_indices, class_counts = np.unique(labels, return_inverse=True, return_counts=True)
-    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
-    rng = np.random.RandomState(seed)
-    n_i = _approximate_mode(class_counts, n_first, rng)
-    t_i = _approximate_mode(class_counts - n_i, n_second, rng)
-    first, second = [], []
-    for i in range(len(classes)):
-        members = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
-        first.extend(members[: n_i[i]])
-        second.extend(members[n_i[i]: n_i[i] + t_i[i]])
-    return rng.permutation(np.asarray(first, dtype=np.int64)), rng.permutation(np.asarray(second, dtype=np.int64))
-
-
 def _labels_numpy(labels: Union[Tensor, np.ndarray, Sequence[int]]) -> np.ndarray:
     """Labels as a 1-D numpy array, whatever they came as."""
     if isinstance(labels, Tensor):
@@ -380,33 +256,49 @@ def _labels_numpy(labels: Union[Tensor, np.ndarray, Sequence[int]]) -> np.ndarra
     return labels
 
 
+def _stratified_draw(y: np.ndarray, n_train: int, seed: int) -> Tuple[Tensor, Tensor]:
+    """scikit-learn's stratified draw of ``n_train`` indices and the rest, after a check with a clear message."""
+    from sklearn.model_selection import train_test_split
+
+    classes, counts = np.unique(y, return_counts=True)
+    if counts.min() < 2:
+        raise ValueError(f"class {classes[counts.argmin()]} has a single sample: a stratified split needs at "
+                         "least 2 of every class")
+    if min(n_train, len(y) - n_train) < len(classes):
+        raise ValueError(f"cannot stratify {len(y)} samples of {len(classes)} classes into {n_train} and "
+                         f"{len(y) - n_train}: each side needs at least one sample per class")
+    train, rest = train_test_split(np.arange(len(y)), train_size=n_train, stratify=y, random_state=seed)
+    return torch.from_numpy(train.astype(np.int64)), torch.from_numpy(rest.astype(np.int64))
+
+
 def stratified_split(labels: Union[Tensor, np.ndarray, Sequence[int]], val_fraction: float = 0.2,
                      seed: int = 123) -> Tuple[Tensor, Tensor]:
     """Stratified train/validation indices (int64 tensors), every class split in the same proportion.
 
-    Bit-for-bit the split of scikit-learn's ``train_test_split(idx, test_size=val_fraction,
-    stratify=labels, random_state=seed)`` -- the original experiment's 80/20 split with seed
-    123 -- without needing scikit-learn: ``ceil(val_fraction * N)`` samples go to validation.
+    scikit-learn's ``train_test_split(idx, test_size=val_fraction, stratify=labels,
+    random_state=seed)`` -- the original experiment's 80/20 split with seed 123:
+    ``ceil(val_fraction * N)`` samples go to validation.
     """
     y = _labels_numpy(labels)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
-    n_val = math.ceil(val_fraction * len(y))
-    n_train = len(y) - n_val
-    n_classes = len(np.unique(y))
-    if min(n_train, n_val) < n_classes:
-        raise ValueError(f"cannot stratify {len(y)} samples of {n_classes} classes into {n_train} train and "
-                         f"{n_val} validation samples: each side needs at least one sample per class")
-    train, val = _stratified_draw(y, n_train, n_val, seed)
-    return torch.from_numpy(train), torch.from_numpy(val)
+    return _stratified_draw(y, len(y) - math.ceil(val_fraction * len(y)), seed)
 
 
 def stratified_subset(labels: Union[Tensor, np.ndarray, Sequence[int]], n: int, seed: int = 123) -> Tensor:
-    """``n`` indices (int64 tensor) drawn so every class keeps its share -- for short runs."""
+    """``n`` indices (int64 tensor) drawn so every class keeps its share -- for short runs.
+
+    The training part of ``train_test_split(idx, train_size=n, stratify=labels, random_state=seed)``;
+    ``n`` equal to the number of labels keeps them all, in order.
+    """
     y = _labels_numpy(labels)
     if not 0 < n <= len(y):
         raise ValueError(f"a subset needs 1..{len(y)} samples, got {n}")
-    return torch.from_numpy(_stratified_draw(y, n, 0, seed)[0])
+    if n == len(y):
+        return torch.arange(n)
+    return _stratified_draw(y, n, seed)[0]
+
+
 
 
 # ----------------------------------------------------------------------------- the experiment's data
@@ -463,14 +355,14 @@ def _subset(idx: Tensor, labels: Tensor, n: Optional[int], seed: int) -> Tensor:
 def load_mnist(root: Optional[PathLike] = None, split_seed: int = 123, val_fraction: float = 0.2,
                train_samples: Optional[int] = None, val_samples: Optional[int] = None,
                test_samples: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-               cache_dir: Optional[PathLike] = None, download: bool = True) -> MNISTData:
+               download: bool = True) -> MNISTData:
     """MNIST as the original experiment used it: the training set split 80/20 stratified (seed 123), plus test.
 
     ``train_samples`` / ``val_samples`` / ``test_samples`` keep a stratified subset of that
     split (drawn with ``split_seed``) for short runs; the full sizes are 48000 / 12000 / 10000.
     """
-    x, y = read_mnist(root, train=True, cache_dir=cache_dir, download=download)  # (60000, 1, 28, 28)
-    x_test, y_test = read_mnist(root, train=False, cache_dir=cache_dir, download=download)  # (10000, 1, 28, 28)
+    x, y = read_mnist(root, train=True, download=download)  # (60000, 1, 28, 28)
+    x_test, y_test = read_mnist(root, train=False, download=download)  # (10000, 1, 28, 28)
     train_idx, val_idx = stratified_split(y, val_fraction, split_seed)
     train_idx = _subset(train_idx, y[train_idx], train_samples, split_seed)
     val_idx = _subset(val_idx, y[val_idx], val_samples, split_seed)
