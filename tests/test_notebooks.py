@@ -306,7 +306,7 @@ def test_archive_results_leaves_out_checkpoints(tmp_path):
 
 
 def fake_run(results: Path, name: str, multiplier: str, device_name: str, device_type: str = "CPU",
-             colab: bool = False, steps: int = 30, sps: float = 100.0) -> None:
+             colab: bool = False, steps: int = 30, sps: float = 100.0, seed=None, test_acc: float = 88.0) -> None:
     run = results / "runs" / name
     run.mkdir(parents=True)
     epochs = [{"epoch": e, "steps": steps // 2, "train_loss": 2.0 / e, "val_loss": 1.8 / e,
@@ -314,11 +314,11 @@ def fake_run(results: Path, name: str, multiplier: str, device_name: str, device
               for e in (1, 2)]
     metrics = {"run_name": name, "status": "finished",
                "config": {"model": "seednet", "multiplier": multiplier, "backward": "exact", "batch_size": 16,
-                          "backend": None, "preset": "seed"},
+                          "backend": None, "preset": "seed", "seed": seed, "run_name": name},
                "runtime": {"device": "cuda" if device_type == "GPU" else "cpu", "device_type": device_type,
                            "device_name": device_name, "colab": colab, "runtime": f"x-{device_name}", "torch": "2"},
                "data": {"train": 240, "val": 60, "test": 50}, "epochs": epochs, "global_step": steps,
-               "final": {"val_accuracy": 90.0, "val_loss": 0.9, "test_accuracy": 88.0, "test_loss": 1.0,
+               "final": {"val_accuracy": 90.0, "val_loss": 0.9, "test_accuracy": test_acc, "test_loss": 1.0,
                          "train_time_s": 480 / sps, "samples": 480, "samples_per_s": sps,
                          "time_per_sample_s": 1 / sps,
                          "speed": None if multiplier == "exact" else {"approx_to_exact_time_per_sample": 3.0}}}
@@ -382,9 +382,9 @@ def test_report_reads_runs_and_benchmarks_and_flags_broken_files(fake_results):
     out = report.write_summary(fake_results, results=res)
     table = pd.read_csv(out["csv"])
     assert list(table.columns) == [c for c, _, _ in report.SUMMARY_COLUMNS] and len(table) == 3
-    md = out["markdown"].read_text()
-    assert "| run | model | multiplier | backward | runtime / device |" in md
-    assert "| t4-mbm | seednet | mbm | exact | Tesla T4 (Colab) | 2 | 480 | 90.00 | 88.00 |" in md
+    md = " ".join(out["markdown"].read_text().split())  # pandas pads the cells
+    assert "| run | model | multiplier | backward | seed | runtime / device |" in md
+    assert "| t4-mbm | seednet | mbm | exact | – | Tesla T4 (Colab) | 2 | 480 | 90.00 | 88.00 |" in md
     assert "broken/metrics.json" in md  # skipped files are listed
     assert len(pd.read_csv(out["bench_csv"])) == 2 * 2 * 6 * 4
     assert_no_temporaries(fake_results)
@@ -417,7 +417,8 @@ def test_comparison_figures_from_several_runtimes(fake_results):
         res = report.load_results(fake_results)
     paths = plots.comparison_figures(res, fake_results / "figures")
     names = sorted(p.name for p in paths)
-    assert names == sorted(["loss_curves.png", "accuracy.png", "training_speed.png", "runtime_throughput.png",
+    assert names == sorted(["loss_curves.png", "accuracy.png", "training_speed.png", "seed_intervals.png",
+                            "runtime_throughput.png",
                             "elementwise.png", "layers-x-AMD EPYC.png", "layers-colab-x-Tesla T4.png"])
     for p in paths:
         assert_png(p)
@@ -435,3 +436,35 @@ def test_run_and_error_figures(tmp_path, fake_results):
     assert_png(plots.error_histograms(["mbm", "mbm-t16"], tmp_path / "hist.png", bins=32))
     with pytest.raises(ValueError, match="valid names"):
         plots.error_maps(["bogus"], tmp_path / "x.png")
+
+
+T_975 = {2: 4.302652729911275, 1: 12.706204736174707}  # Student-t 97.5% quantiles for 2 and 1 degrees of freedom
+
+
+def test_t_interval_by_hand():
+    mean, std, half = report.t_interval([88.0, 90.0, 92.0])
+    assert (mean, std) == (90.0, 2.0) and half == pytest.approx(T_975[2] * 2.0 / 3 ** 0.5)
+    assert report.t_interval([5.0, 7.0])[2] == pytest.approx(T_975[1] * 2 ** 0.5 / 2 ** 0.5)
+    one = report.t_interval([3.0])
+    assert one[0] == 3.0 and all(v != v for v in one[1:])  # NaN: one run has no spread
+
+
+def test_runs_that_differ_only_in_seed_are_grouped_with_intervals(tmp_path):
+    results = tmp_path / "results"
+    for seed, acc in enumerate((88.0, 90.0, 92.0)):
+        fake_run(results, f"mbm-s{seed}", "mbm", "AMD EPYC", sps=10 + seed, seed=seed, test_acc=acc)
+    fake_run(results, "exact-s0", "exact", "AMD EPYC", sps=30, seed=0)
+    fake_run(results, "mbm-gpu-s0", "mbm", "Tesla T4", "GPU", sps=900, seed=0)  # another runtime: its own group
+    res = report.load_results(results)
+    groups = report.seed_groups(res.runs).set_index("runs")
+    assert sorted(groups["seeds"]) == [1, 1, 3]
+    mbm = groups.loc["mbm-s0, mbm-s1, mbm-s2"]
+    assert mbm["test_accuracy_mean"] == 90.0 and mbm["test_accuracy_std"] == 2.0
+    assert mbm["test_accuracy_ci95"] == pytest.approx(T_975[2] * 2 / 3 ** 0.5)
+    times = [480 / sps / 2 for sps in (10, 11, 12)]  # mean epoch time of each run
+    assert mbm["epoch_time_s_mean"] == pytest.approx(sum(times) / 3)
+    out = report.write_summary(results, results=res)
+    md = " ".join(out["markdown"].read_text().split())
+    assert "| seednet | mbm | exact | AMD EPYC CPU | 240 | 2 | 3 | 90.00 ± 4.97 | 2.00 |" in md
+    assert len(pd.read_csv(results / "summary_by_seed.csv")) == 3
+    assert_png(plots.seed_intervals(res.runs, tmp_path / "seeds.png"))

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..multipliers import as_multiplier, error_map
-from .report import runtime_name
+from .report import runtime_name, seed_groups
 from .store import atomic_write
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "run_epochs",
     "accuracy_bars",
     "epoch_time_bars",
+    "seed_intervals",
     "layer_throughput",
     "runtime_throughput",
     "elementwise_bars",
@@ -264,6 +265,50 @@ def epoch_time_bars(runs: pd.DataFrame, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+def _interval_panel(ax, groups: pd.DataFrame, runs: pd.DataFrame, col: str, ylabel: str) -> None:
+    """One panel of :func:`seed_intervals`: every seed's value as a dot, the mean with its 95% CI as a bar."""
+    colors = _mult_colors(groups["multiplier"])
+    for x, (_, g) in enumerate(groups.iterrows()):
+        color = colors[str(g["multiplier"])]
+        members = runs[runs["experiment"] == g["experiment"]][col].to_numpy(float)
+        ax.scatter(np.full(len(members), x + 0.15), members, s=14, color=color, alpha=0.5, linewidths=0)
+        ax.errorbar([x], [g[f"{col}_mean"]], yerr=[[np.nan_to_num(g[f"{col}_ci95"])]] * 2, fmt="o", ms=7,
+                    capsize=6, color=color, elinewidth=2)
+        ci = g[f"{col}_ci95"]
+        text = f"{g[f'{col}_mean']:.2f}" + ("" if math.isnan(ci) else f"\n± {ci:.2f}")
+        ax.annotate(text, (x, g[f"{col}_mean"]), xytext=(-10, 0), textcoords="offset points", ha="right",
+                    va="center", fontsize=7)
+    labels = [f"{g.multiplier}\n{g.model}, n={g.train_samples:.0f}\n{g.runtime} ({g.seeds} seeds)"
+              for g in groups.itertuples()]
+    ax.set_xticks(np.arange(len(groups)), labels, fontsize=7)
+    ax.set_xlim(-0.7, len(groups) - 0.3)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def seed_intervals(runs: pd.DataFrame, path: str | Path) -> Path:
+    """Final test accuracy and epoch time per multiplier over repeated seeds: mean and 95% Student-t CI.
+
+    Only experiments run with at least two seeds are shown (:func:`mbmlib.workflow.report.seed_groups`);
+    dots are the single runs, the error bar the confidence interval of the mean.
+    """
+    groups = seed_groups(runs) if not runs.empty else pd.DataFrame()
+    groups = groups[groups["seeds"] > 1] if not groups.empty else groups
+    fig = _figure(max(8.0, 2.2 * len(groups) + 2), 5.2)
+    if groups.empty:
+        _empty(fig, "no experiment was run with more than one seed")
+        return save_figure(fig, path)
+    experiment = {r: e for r, e in zip(runs["run"], runs["experiment"])}
+    groups = groups.assign(experiment=[experiment[g.split(", ")[0]] for g in groups["runs"]])
+    ax1, ax2 = fig.subplots(1, 2)
+    _interval_panel(ax1, groups, runs, "test_accuracy", "final test accuracy (%)")
+    ax1.set_title("Test accuracy (higher is better)")
+    _interval_panel(ax2, groups, runs, "epoch_time_s", "epoch time (s)")
+    ax2.set_title("Epoch time (lower is better)")
+    fig.suptitle("Repeated seeds: mean and 95% Student-t confidence interval (dots: single runs)")
+    return save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------- benchmarks
 
 
@@ -477,7 +522,7 @@ def error_histograms(multipliers: Iterable[str], path: str | Path, bins: int = 5
 def comparison_figures(results, out_dir: str | Path, smooth: Optional[int] = None) -> list[Path]:
     """The runtime/multiplier comparison figures of a :class:`mbmlib.report.Results`, into ``out_dir``.
 
-    Writes ``loss_curves.png``, ``accuracy.png``, ``training_speed.png``,
+    Writes ``loss_curves.png``, ``accuracy.png``, ``training_speed.png``, ``seed_intervals.png``,
     ``runtime_throughput.png``, ``elementwise.png`` and one ``layers-<runtime>.png``
     per layer benchmark file; returns the paths written.  ``smooth``: EMA span of the loss curves.
     """
@@ -487,6 +532,7 @@ def comparison_figures(results, out_dir: str | Path, smooth: Optional[int] = Non
                          title="Training loss of every run"),
              accuracy_bars(results.runs, out / "accuracy.png", labels),
              epoch_time_bars(results.runs, out / "training_speed.png"),
+             seed_intervals(results.runs, out / "seed_intervals.png"),
              runtime_throughput(results.bench, out / "runtime_throughput.png"),
              elementwise_bars(results.bench, out / "elementwise.png")]
     layers = results.bench[results.bench["benchmark"] == "layers"] if not results.bench.empty else results.bench

@@ -31,6 +31,9 @@ __all__ = [
     "bench_frame",
     "runtime_name",
     "summary_table",
+    "seed_groups",
+    "groups_markdown",
+    "t_interval",
     "bench_summary",
     "to_markdown",
     "summary_markdown",
@@ -45,6 +48,7 @@ SUMMARY_COLUMNS = [
     ("model", "model", None),
     ("multiplier", "multiplier", None),
     ("backward", "backward", None),
+    ("seed", "seed", "{:.0f}"),
     ("runtime", "runtime / device", None),
     ("epochs", "epochs", "{:.0f}"),
     ("samples", "samples", "{:.0f}"),
@@ -56,6 +60,9 @@ SUMMARY_COLUMNS = [
 ]
 
 HISTORY_COLUMNS = ["run", "step", "epoch", "loss", "lr", "elapsed"]
+
+# Config fields that do not change what a run measures: runs differing only in these (and the seed) are repeats.
+NOT_THE_EXPERIMENT = ("seed", "run_name", "results_dir", "resume", "overwrite", "log_interval", "progress", "data_dir")
 
 
 class ReportWarning(UserWarning):
@@ -116,6 +123,9 @@ def _run_row(run_dir: Path, metrics: dict) -> dict:
         "multiplier": cfg.get("multiplier"),
         "backward": cfg.get("backward"),
         "backend": cfg.get("backend") or "auto",
+        "seed": _num(cfg.get("seed")),
+        "experiment": json.dumps({k: v for k, v in cfg.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True,
+                                 default=str) + "|" + runtime_name(rt),
         "batch_size": cfg.get("batch_size"),
         "preset": cfg.get("preset"),
         "runtime": runtime_name(rt),
@@ -280,6 +290,65 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["model", "runtime", "multiplier", "run"], na_position="last").reset_index(drop=True)
 
 
+def t_interval(values) -> tuple[float, float, float]:
+    """``(mean, std, half-width)`` of a 95% Student-t confidence interval of the mean; NaN where undefined.
+
+    The half-width is ``t(0.975, n-1) * std / sqrt(n)`` with the sample std (ddof 1); one value has no interval.
+    """
+    from scipy import stats
+
+    x = pd.to_numeric(pd.Series(values), errors="coerce").dropna().to_numpy(dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    if len(x) == 1:
+        return float(x[0]), math.nan, math.nan
+    std = float(x.std(ddof=1))
+    return float(x.mean()), std, float(stats.t.ppf(0.975, len(x) - 1) * std / math.sqrt(len(x)))
+
+
+GROUP_KEYS = ["model", "multiplier", "backward", "runtime", "train_samples", "epochs"]
+GROUP_STATS = {"test_accuracy": "test acc (%)", "val_accuracy": "val acc (%)", "epoch_time_s": "epoch time (s)"}
+
+
+def seed_groups(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per experiment: runs whose config differs only in the seed (same runtime) are grouped.
+
+    Columns: the :data:`GROUP_KEYS`, ``seeds`` (count), ``runs`` (names), and for each of
+    :data:`GROUP_STATS` ``<stat>_mean``, ``_std`` and ``_ci95`` (half-width of the 95% Student-t interval).
+    """
+    stat_cols = [f"{c}_{s}" for c in GROUP_STATS for s in ("mean", "std", "ci95")]
+    if runs.empty:
+        return pd.DataFrame(columns=GROUP_KEYS + ["seeds", "runs"] + stat_cols)
+    rows = []
+    for _, group in runs.groupby("experiment", sort=False):
+        row = {k: group[k].iloc[0] for k in GROUP_KEYS}
+        row.update(seeds=len(group), runs=", ".join(sorted(group["run"])))
+        for col in GROUP_STATS:
+            row.update(zip((f"{col}_mean", f"{col}_std", f"{col}_ci95"), t_interval(group[col])))
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=GROUP_KEYS + ["seeds", "runs"] + stat_cols)
+    return table.sort_values(["model", "runtime", "train_samples", "multiplier"], na_position="last").reset_index(drop=True)
+
+
+def _mean_ci(mean: float, ci: float, digits: int) -> str:
+    """``98.12 ± 0.34`` (the half-width of the 95% interval), or the mean alone without one."""
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(ci) else f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def groups_markdown(groups: pd.DataFrame) -> str:
+    """A :func:`seed_groups` table as markdown: mean ± 95% CI half-width and std of each statistic."""
+    shown = groups[GROUP_KEYS + ["seeds"]].copy()
+    for col, header in GROUP_STATS.items():
+        digits = 1 if col == "epoch_time_s" else 2
+        shown[header] = [_mean_ci(m, c, digits) for m, c in zip(groups[f"{col}_mean"], groups[f"{col}_ci95"])]
+        shown[f"{header} std"] = groups[f"{col}_std"]
+    return to_markdown(shown, {"train_samples": "train samples", "runtime": "runtime / device"},
+                       {"train_samples": "{:.0f}", "epochs": "{:.0f}", **{f"{h} std": "{:.2f}"
+                                                                         for h in GROUP_STATS.values()}})
+
+
 def bench_summary(bench: pd.DataFrame) -> pd.DataFrame:
     """Timed benchmark cases (skipped ones dropped) in a compact column order."""
     cols = ["runtime", "benchmark", "case", "multiplier", "backend", "G_MAC_per_s", "ratio_to_exact", "median_s"]
@@ -290,26 +359,20 @@ def bench_summary(bench: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame, headers: Optional[dict] = None, formats: Optional[dict] = None) -> str:
-    """A GitHub markdown table; NaN/None cells are shown as a dash."""
-    headers = headers or {}
+    """A GitHub markdown table (pandas' ``DataFrame.to_markdown``); ``formats`` per column, NaN/None as a dash."""
     formats = formats or {}
-    cols = list(table.columns)
 
     def cell(col, value) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "–"
-        fmt = formats.get(col)
-        if fmt and isinstance(value, (int, float)):
-            return fmt.format(value)
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value).replace("|", "\\|")
+        if formats.get(col) and isinstance(value, (int, float)):
+            return formats[col].format(value)
+        return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(headers.get(c, c) for c in cols) + " |",
-             "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(table[c]) else "---" for c in cols) + "|"]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(cell(c, row[c]) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    shown = pd.DataFrame({c: [cell(c, v) for v in table[c]] for c in table.columns}, columns=table.columns)
+    align = ["right" if pd.api.types.is_numeric_dtype(table[c]) else "left" for c in table.columns]
+    return shown.rename(columns=headers or {}).to_markdown(index=False, disable_numparse=True,
+                                                            colalign=align or None) + "\n"
 
 
 def summary_markdown(table: pd.DataFrame) -> str:
@@ -339,6 +402,11 @@ def write_summary(results_dir: str | Path = "results", csv_path: str | Path | No
     md = ["# Runs", "", f"{len(table)} run(s) under `{results_dir / 'runs'}`. Accuracy in %, epoch time is the mean "
           "over the run's epochs, approx/exact time is the time per training step relative to the exact twin "
           "of the model, measured in the same run.", "", summary_markdown(table)]
+    groups = seed_groups(results.runs)
+    write_text(csv_path.with_name("summary_by_seed.csv"), groups.to_csv(index=False))
+    md += ["", "## Repeated runs (seeds)", "", "Runs whose configuration differs only in the seed, on the same "
+           "runtime, grouped: mean ± half-width of the 95% Student-t confidence interval of the mean "
+           "(t(0.975, n-1) · std / √n), and the sample standard deviation.", "", groups_markdown(groups)]
     if results.problems:
         md += ["", "Skipped files:", ""] + [f"- `{p}`: {why}" for p, why in results.problems]
     write_text(md_path, "\n".join(md) + "\n")
@@ -350,4 +418,4 @@ def write_summary(results_dir: str | Path = "results", csv_path: str | Path | No
                          "time relative to the exact op timed in the same run (lower is better).\n\n"
                          + bench_markdown(bench))
     return {"csv": csv_path, "markdown": md_path, "bench_csv": bench_csv, "bench_markdown": bench_md,
-            "table": table, "bench": bench, "problems": results.problems}
+            "table": table, "groups": groups, "bench": bench, "problems": results.problems}
