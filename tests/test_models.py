@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from mbmlib import Multiplier
-from mbmlib.workflow.models import MODELS, ExampleNet, LeNet5, SeedNet, build_model, count_macs
+from mbmlib.workflow.models import ExampleNet, LeNet5, SeedNet, build_model, count_macs
 from mbmlib.nn import MBMConv2d, MBMLinear
 
 PARAMS = {"seednet": 905_130, "lenet5": 61_706, "example": 1_199_882}
@@ -16,7 +16,7 @@ def _n_params(model: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("approx_linear", [True, False])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(PARAMS))  # the 28x28 MNIST models
 def test_forward_gives_logits_per_sample(name, approx_linear):
     model = build_model(name, multiplier="exact", approx_linear=approx_linear)
     x = torch.rand(3, 1, 28, 28)
@@ -28,7 +28,7 @@ def test_forward_gives_logits_per_sample(name, approx_linear):
 
 
 @pytest.mark.parametrize("approx_linear", [True, False])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(PARAMS))  # the 28x28 MNIST models
 def test_layers_are_approximate_as_asked(name, approx_linear):
     model = build_model(name, multiplier="mitchell", backward="approx", approx_linear=approx_linear)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -99,7 +99,98 @@ def test_mbm_model_trains_a_step_that_lowers_the_loss():
 
 def test_build_model_names_the_valid_choices():
     assert isinstance(build_model("SeedNet"), SeedNet)
-    with pytest.raises(ValueError, match="unknown model 'resnet'; valid choices are example, lenet5, seednet"):
+    with pytest.raises(ValueError, match="unknown model 'resnet'; valid choices are example, lenet5, resnet20, resnet8, seednet"):
         build_model("resnet")
     with pytest.raises(TypeError):
         build_model("lenet5", nonsense=1)
+
+
+# ----------------------------------------------------------------------------- CIFAR ResNets, torchvision, weights
+
+
+def test_cifar_resnets_have_the_papers_size():
+    from mbmlib.workflow.models import CifarResNet, resnet8, resnet20
+
+    r20 = resnet20(multiplier="exact")
+    assert _n_params(r20) == 269_722  # He et al. 2016, table 6: 0.27 M
+    assert count_macs(r20, (1, 3, 32, 32))["total"] == 40_551_040
+    assert r20(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert len([m for m in resnet8().modules() if isinstance(m, nn.Conv2d)]) == 7
+    with pytest.raises(ValueError, match="depth 6n\\+2"):
+        CifarResNet(depth=9)
+
+
+# One small member of every torchvision classification family, with an input it accepts.
+FAMILIES = {"alexnet": 64, "convnext_tiny": 32, "densenet121": 32, "efficientnet_b0": 32, "efficientnet_v2_s": 32,
+            "googlenet": 32, "inception_v3": 75, "mnasnet0_5": 32, "mobilenet_v2": 32, "mobilenet_v3_small": 32,
+            "regnet_x_400mf": 32, "resnet18": 32, "resnext50_32x4d": 32, "shufflenet_v2_x0_5": 32,
+            "squeezenet1_0": 32, "vgg11_bn": 32, "wide_resnet50_2": 32, "swin_t": 32, "maxvit_t": 224,
+            "vit_b_16": 224}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_torchvision_family_converts_and_runs(name):
+    import warnings
+
+    from mbmlib import NotConvertedWarning
+    from mbmlib.workflow.models import load_model
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NotConvertedWarning)
+        model = load_model(name, multiplier="mitchell", num_classes=7).eval()
+    inside_attention = {id(m) for a in model.modules() if isinstance(a, nn.MultiheadAttention) for m in a.modules()}
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in inside_attention]
+    assert layers and all(isinstance(m, (MBMConv2d, MBMLinear)) and m.multiplier == Multiplier("mitchell")
+                          for m in layers)
+    assert bool(inside_attention) == any(issubclass(w.category, NotConvertedWarning) for w in caught)
+    if FAMILIES[name] <= 75:  # the 224-pixel transformers are only converted: their forward costs minutes here
+        with torch.no_grad():
+            out = model(torch.rand(1, 3, FAMILIES[name], FAMILIES[name]))
+        assert out.shape == (1, 7) and torch.isfinite(out).all()
+
+
+def test_checkpoints_load_as_state_dicts_and_as_run_checkpoints(tmp_path):
+    from mbmlib.workflow.models import load_checkpoint, load_model
+
+    trained = SeedNet(multiplier="exact")
+    for p in trained.parameters():
+        nn.init.normal_(p)
+    torch.save(trained.state_dict(), tmp_path / "plain.pt")
+    torch.save({"model": trained.state_dict(), "optimizer": {}, "epoch": 3}, tmp_path / "checkpoint.pt")
+    x = torch.rand(3, 1, 28, 28)
+    want = trained.eval()(x)
+    for file in ("plain.pt", "checkpoint.pt"):
+        model = load_model("seednet", multiplier="exact", checkpoint=tmp_path / file).eval()
+        assert torch.equal(model(x), want)
+    approx = load_model("seednet", multiplier="mbm", checkpoint=tmp_path / "plain.pt").eval()
+    got = approx(x)
+    assert not torch.equal(got, want) and (got - want).abs().max() < 0.2 * want.abs().max()  # same weights, MBM products
+    with pytest.raises(ValueError, match="does not fit the model .*size mismatch for features.0.weight"):
+        load_checkpoint(LeNet5(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="does not fit the model .*Unexpected key"):
+        load_checkpoint(nn.Sequential(), tmp_path / "plain.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read the checkpoint .*junk.pt"):
+        load_checkpoint(SeedNet(), tmp_path / "junk.pt")
+
+
+def test_pretrained_weights_that_cannot_be_downloaded_say_where_to_put_them(monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision.models import _api
+
+    from mbmlib.workflow.models import WeightsUnavailableError, load_model
+
+    def offline(self, *args, **kwargs):
+        raise URLError("no network in tests")
+
+    monkeypatch.setattr(_api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(WeightsUnavailableError, match=r"resnet18 could not be loaded .*no network in tests.*"
+                                                      r"download https://.*resnet18-.*\.pth to .*checkpoints"):
+        load_model("resnet18", pretrained=True, num_classes=1000)
+    with pytest.raises(ValueError, match="seednet has no pretrained weights"):
+        load_model("seednet", pretrained=True)
+    with pytest.raises(ValueError, match="unknown model 'resnet1'.*torchvision.models"):
+        load_model("resnet1")

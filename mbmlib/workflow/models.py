@@ -1,4 +1,5 @@
-"""The MNIST models, built from approximate layers: SeedNet, LeNet-5 and the PyTorch-example net.
+"""Models built from approximate layers: SeedNet, LeNet-5, the PyTorch-example net, CIFAR ResNet-20/8,
+and any ``torchvision.models`` classifier made approximate with :func:`mbmlib.convert`.
 
 Every constructor takes ``multiplier`` (``"mbm"``, ``"mitchell"``, ``"exact"``, ...),
 ``backward`` (``"exact"``: straight-through gradients, or ``"approx"``) and
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import pickle
+from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -18,7 +21,8 @@ from torch import Tensor, nn
 from ..multipliers import MultiplierLike
 from ..nn import MBMConv2d, MBMLinear
 
-__all__ = ["SeedNet", "LeNet5", "ExampleNet", "MODELS", "build_model", "model_factory", "count_macs"]
+__all__ = ["SeedNet", "LeNet5", "ExampleNet", "CifarResNet", "resnet20", "resnet8", "MODELS", "build_model",
+           "model_factory", "count_macs", "load_model", "load_checkpoint", "WeightsUnavailableError"]
 
 
 def _layers(multiplier: MultiplierLike, backward: str, approx_linear: bool,
@@ -110,7 +114,71 @@ class ExampleNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))  # (N, 9216) -> (N, num_classes)
 
 
-MODELS: Dict[str, Callable[..., nn.Module]] = {"seednet": SeedNet, "lenet5": LeNet5, "example": ExampleNet}
+class _BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and an identity shortcut (He et al. 2016, CIFAR option A: zero-padded channels)."""
+
+    def __init__(self, conv, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = conv(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride, self.extra = stride, planes - in_planes
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, planes, H / stride, W / stride)."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x[:, :, ::self.stride, ::self.stride]  # (N, C, H / stride, W / stride)
+        if self.extra:
+            shortcut = nn.functional.pad(shortcut, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return torch.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. 2016 (section 4.2): 6n+2 layers, 16/32/64 channels, for 32x32 images.
+
+    ``depth`` 20 is ResNet-20 (0.27 M parameters, about 41 M MACs per image), 8 is ResNet-8.
+    """
+
+    def __init__(self, depth: int = 20, multiplier: MultiplierLike = "mbm", backward: str = "exact",
+                 approx_linear: bool = True, backend: Optional[str] = None, num_classes: int = 10,
+                 in_channels: int = 3):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, ...), got {depth}")
+        conv, linear = _layers(multiplier, backward, approx_linear, backend)
+        n = (depth - 2) // 6
+        self.conv1 = conv(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = [_BasicBlock(conv, in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
+                      for i in range(n)]
+            stages.append(nn.Sequential(*blocks))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = linear(64, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, 32, 32) images -> (N, num_classes) logits."""
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))  # (N, 64, 8, 8)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))  # (N, 64) -> (N, num_classes)
+
+
+def resnet20(**kwargs) -> CifarResNet:
+    """ResNet-20 for 32x32 images."""
+    return CifarResNet(20, **kwargs)
+
+
+def resnet8(**kwargs) -> CifarResNet:
+    """ResNet-8 for 32x32 images."""
+    return CifarResNet(8, **kwargs)
+
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {"seednet": SeedNet, "lenet5": LeNet5, "example": ExampleNet,
+                                               "resnet20": resnet20, "resnet8": resnet8}
 
 
 def model_factory(name: str) -> Callable[..., nn.Module]:
@@ -118,7 +186,8 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
     try:
         return MODELS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid choices are {', '.join(sorted(MODELS))}") from None
+        raise ValueError(f"unknown model {name!r}; valid choices are {', '.join(sorted(MODELS))} "
+                         "or a torchvision.models classifier (resnet18, mobilenet_v2, ...)") from None
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
@@ -154,3 +223,74 @@ def count_macs(model: nn.Module, input_shape: Tuple[int, ...] = (1, 1, 28, 28)) 
         probe(torch.empty(input_shape, device="meta"))
     macs["total"] = macs["conv"] + macs["linear"]
     return macs
+
+
+# ----------------------------------------------------------------------------- torchvision models, weights
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be had; the message says which file to put where."""
+
+
+def _torchvision_model(name: str, pretrained: bool, num_classes: int) -> nn.Module:
+    """An exact ``torchvision.models`` classifier, with its default pretrained weights if asked."""
+    from torchvision import models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        model_factory(name)  # raises the ValueError naming the choices
+    if not pretrained:
+        return tvm.get_model(name, weights=None, num_classes=num_classes)
+    weights = tvm.get_model_weights(name).DEFAULT
+    try:
+        model = tvm.get_model(name, weights=weights)
+    except (OSError, RuntimeError, ValueError) as err:  # URLError is an OSError
+        target = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+        raise WeightsUnavailableError(f"the pretrained weights of {name} could not be loaded ({type(err).__name__}: "
+                                      f"{' '.join(str(err).split())}); download {weights.url} to {target}, "
+                                      "or pass --checkpoint with a state dict") from None
+    if num_classes != len(weights.meta["categories"]):
+        raise ValueError(f"pretrained {name} has {len(weights.meta['categories'])} classes, the dataset "
+                         f"{num_classes}; fine-tune it (train) or evaluate on a dataset with its classes")
+    return model
+
+
+def load_checkpoint(model: nn.Module, path) -> nn.Module:
+    """Load a state dict (or a run's ``checkpoint.pt``, which keeps it under ``"model"``) into ``model``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ValueError(f"cannot read the checkpoint {path} ({type(err).__name__}: {err}); give a file "
+                         "saved with torch.save(model.state_dict(), path) or a run's checkpoint.pt") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DistributedDataParallel
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing / unexpected keys, shapes that differ
+        detail = " ".join(str(err).split())
+        raise ValueError(f"the checkpoint {path} does not fit the model ({detail[:400]}); was it saved from "
+                         "another model or for another number of classes?") from None
+    return model
+
+
+def load_model(name: str, multiplier="exact", backward: str = "exact", num_classes: int = 10,
+               in_channels: int = 1, pretrained: bool = False, checkpoint=None,
+               backend: Optional[str] = None) -> nn.Module:
+    """A model by name with its weights, every Conv2d/Linear approximate with ``multiplier``.
+
+    ``name``: one of :data:`MODELS` or any ``torchvision.models`` classifier.  ``pretrained``
+    loads torchvision's default weights, ``checkpoint`` a state dict from a file.  ``multiplier``
+    may be a dict of per-layer glob patterns (see :func:`mbmlib.convert`).
+    """
+    from .. import convert
+
+    if name.lower() in MODELS:
+        if pretrained:
+            raise ValueError(f"{name} has no pretrained weights; use --checkpoint with a trained run's checkpoint.pt")
+        kwargs = dict(num_classes=num_classes) | (dict(in_channels=in_channels) if "resnet" in name.lower() else {})
+        model = build_model(name, multiplier="exact", **kwargs)
+    else:
+        model = _torchvision_model(name, pretrained, num_classes)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return convert(model, multiplier=multiplier, backward=backward, backend=backend)
