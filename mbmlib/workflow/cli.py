@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     add_sweep_parser(sub)
     add_report_parser(sub)
+    _add_evaluate(sub)
+    _add_sensitivity(sub)
     return parser
 
 
@@ -225,6 +227,73 @@ def _failure(err: Exception) -> tuple[int, str]:
         return 2, str(err)
     first = (str(err).splitlines() or [""])[0]
     return 3, f"{type(err).__name__}: {first} (MBMLIB_DEBUG=1 shows the traceback)"
+
+
+def _add_model_and_data(p) -> None:
+    """Options shared by ``evaluate`` and ``sensitivity``: which weights, which data, where results go."""
+    p.add_argument("--model", default="seednet", help="seednet, lenet5, example, resnet20, resnet8 or a "
+                                                      "torchvision.models name (resnet18, mobilenet_v2, ...)")
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, "
+                                                      "imagefolder:<path> or fake (default: mnist)")
+    p.add_argument("--checkpoint", default=None, help="state dict to load: a file from torch.save(model.state_dict()) "
+                                                      "or a run's checkpoint.pt")
+    p.add_argument("--pretrained", action="store_true", help="torchvision's default pretrained weights")
+    p.add_argument("--data-dir", default=None, help="data root (default: $MBMLIB_DATA, else ./data)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="which split to score (default: test)")
+    p.add_argument("--samples", type=int, default=None, help="a stratified subset of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size (default: 128)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--out", default="results/eval", help="JSON/CSV folder (default: results/eval)")
+    p.add_argument("--figures", default="results/figures", help="figure folder (default: results/figures)")
+    p.add_argument("--name", default=None, help="file name stem of the results (default: model-dataset-...)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="top-1/top-5 accuracy and loss of one model under several multipliers",
+                       description="Load a model's weights once, then score it on a dataset split with each "
+                                   "multiplier (exact first, the baseline); JSON/CSV to results/eval/, a bar chart "
+                                   "to results/figures/eval-<name>.png.", epilog=EXIT_CODES)
+    _add_model_and_data(p)
+    p.add_argument("--multipliers", nargs="+", default=["exact", "mitchell", "mbm"],
+                   help="multipliers to score, e.g. exact mitchell mbm mbm-t16 mbm-int8 (default: exact mitchell mbm)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .evaluate import evaluate_multipliers, save_results
+
+    report = evaluate_multipliers(args.model, args.dataset, args.multipliers, args.checkpoint, args.pretrained,
+                                  args.data_dir, args.split, args.samples, args.batch_size, args.device,
+                                  progress=args.progress)
+    for kind, path in save_results(report, args.out, args.figures, args.name).items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def _add_sensitivity(sub) -> None:
+    p = sub.add_parser("sensitivity", help="accuracy drop when one layer at a time uses the approximate multiplier",
+                       description="With the rest exact, make one layer at a time approximate and measure the "
+                                   "top-1 drop against exact; then the --top most tolerant layers together, then "
+                                   "all. Table and JSON to results/eval/, figure to results/figures/.",
+                       epilog=EXIT_CODES)
+    _add_model_and_data(p)
+    p.add_argument("--multiplier", default="mbm", help="the approximate multiplier (default: mbm)")
+    p.add_argument("--layers", nargs="+", default=None, help="glob patterns of the layers to try (default: all "
+                                                             "Conv2d/Linear layers)")
+    p.add_argument("--top", type=int, default=3, help="how many of the most tolerant layers to combine (default: 3)")
+    p.set_defaults(func=_run_sensitivity)
+
+
+def _run_sensitivity(args) -> int:
+    from .sensitivity import run_sensitivity, save_sensitivity
+
+    report = run_sensitivity(args.model, args.dataset, args.multiplier, args.checkpoint, args.pretrained,
+                             args.data_dir, args.split, args.samples, args.batch_size, args.device, args.layers,
+                             args.top, args.progress)
+    for kind, path in save_sensitivity(report, args.out, args.figures, args.name).items():
+        print(f"wrote {kind}: {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from ..multipliers import MultiplierLike
 from ..nn import MBMConv2d, MBMLinear
 
 __all__ = ["SeedNet", "LeNet5", "ExampleNet", "CifarResNet", "resnet20", "resnet8", "MODELS", "build_model",
-           "model_factory", "count_macs", "load_model", "load_checkpoint", "WeightsUnavailableError"]
+           "model_factory", "count_macs", "layer_macs", "load_model", "load_checkpoint", "WeightsUnavailableError"]
 
 
 def _layers(multiplier: MultiplierLike, backward: str, approx_linear: bool,
@@ -204,23 +204,37 @@ def _layer_macs(layer: nn.Module, output: Tensor) -> int:
     return outputs_per_sample * layer.in_features
 
 
+def layer_macs(model: nn.Module, input_shape: Tuple[int, ...] = (1, 1, 28, 28)) -> Dict[str, int]:
+    """Forward multiply-accumulates per sample of every Conv2d and Linear layer, by module name.
+
+    Runs an eval-mode copy of the model on the meta device, so nothing is computed and the
+    model itself is left untouched.  A layer called twice counts twice.
+    """
+    probe = copy.deepcopy(model).to("meta").eval()
+    macs: Dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(layer: nn.Module, inputs, output: Tensor) -> None:
+            macs[name] = macs.get(name, 0) + _layer_macs(layer, output)
+        return hook
+
+    for name, layer in probe.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            layer.register_forward_hook(hook_for(name))
+    with torch.no_grad():
+        probe(torch.empty(input_shape, device="meta"))
+    return macs
+
+
 def count_macs(model: nn.Module, input_shape: Tuple[int, ...] = (1, 1, 28, 28)) -> Dict[str, int]:
     """Forward multiply-accumulates per sample of the conv and linear layers: ``{conv, linear, total}``.
 
-    Runs an eval-mode copy of the model on the meta device, so nothing is computed and the
-    model itself is left untouched.  Bias additions, norms and activations are not counted.
+    Bias additions, norms and activations are not counted (see :func:`layer_macs`).
     """
-    probe = copy.deepcopy(model).to("meta").eval()
-    macs = {"conv": 0, "linear": 0}
-
-    def hook(layer: nn.Module, inputs, output: Tensor) -> None:
-        macs["conv" if isinstance(layer, nn.Conv2d) else "linear"] += _layer_macs(layer, output)
-
-    for layer in probe.modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            layer.register_forward_hook(hook)
-    with torch.no_grad():
-        probe(torch.empty(input_shape, device="meta"))
+    kinds = {name: isinstance(m, nn.Conv2d) for name, m in model.named_modules()}
+    per_layer = layer_macs(model, input_shape)
+    macs = {"conv": sum(v for k, v in per_layer.items() if kinds[k]),
+            "linear": sum(v for k, v in per_layer.items() if not kinds[k])}
     macs["total"] = macs["conv"] + macs["linear"]
     return macs
 

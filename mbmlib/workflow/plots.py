@@ -31,6 +31,8 @@ __all__ = [
     "accuracy_bars",
     "epoch_time_bars",
     "seed_intervals",
+    "multiplier_accuracy",
+    "layer_sensitivity",
     "layer_throughput",
     "runtime_throughput",
     "elementwise_bars",
@@ -306,6 +308,69 @@ def seed_intervals(runs: pd.DataFrame, path: str | Path) -> Path:
     _interval_panel(ax2, groups, runs, "epoch_time_s", "epoch time (s)")
     ax2.set_title("Epoch time (lower is better)")
     fig.suptitle("Repeated seeds: mean and 95% Student-t confidence interval (dots: single runs)")
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- evaluation and sensitivity
+
+
+def _title(report: dict) -> str:
+    """``model on dataset (split), runtime`` for an evaluation or sensitivity report."""
+    source = "pretrained" if report.get("pretrained") else Path(report["checkpoint"]).parent.name \
+        if report.get("checkpoint") else "untrained"
+    return (f"{report['model']} ({source}) on {report['dataset']} ({report['split']}), "
+            f"{runtime_name(report.get('runtime'))}")
+
+
+def multiplier_accuracy(report: dict, path: str | Path) -> Path:
+    """Top-1 and top-5 accuracy per multiplier of one :func:`mbmlib.workflow.evaluate.evaluate_multipliers` report."""
+    rows = report["results"]
+    fig = _figure(max(6.0, 1.3 * len(rows) + 2.5), 4.8)
+    ax = fig.add_subplot()
+    names = [r["multiplier"] for r in rows]
+    x = np.arange(len(rows))
+    colors = _mult_colors(names)
+    top1 = ax.bar(x - 0.2, [r["top1"] for r in rows], 0.4, color=[colors[n] for n in names], label="top-1")
+    ax.bar(x + 0.2, [r["top5"] for r in rows], 0.4, color=[colors[n] for n in names], alpha=0.45, label="top-5")
+    for bar, r in zip(top1, rows):
+        drop = "" if r["multiplier"] == "exact" else f"\n({-r['top1_drop']:+.2f})"
+        ax.annotate(f"{r['top1']:.2f}%{drop}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, names)
+    low = min(r["top1"] for r in rows)
+    ax.set_ylim(max(0.0, low - 10), 101 + 4)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xlabel("multiplier (top-1 change against exact in brackets, points)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"Accuracy per multiplier: {_title(report)}, {rows[0]['samples']} images", fontsize=10)
+    return save_figure(fig, path)
+
+
+def layer_sensitivity(report: dict, path: str | Path) -> Path:
+    """Top-1 drop when only one layer uses the approximate multiplier, with each layer's share of the MACs."""
+    rows = report["layers"] + report["combined"]
+    fig = _figure(10, max(3.5, 0.38 * len(rows) + 1.8))
+    ax1, ax2 = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
+    y = np.arange(len(rows))
+    drops = [r["top1_drop"] for r in rows]
+    colors = ["#1f78b4" if r in report["layers"] else "#e66101" for r in rows]
+    ax1.barh(y, drops, color=colors)
+    for yi, d in zip(y, drops):
+        ax1.annotate(f"{d:+.2f}", (d, yi), xytext=(3 if d >= 0 else -3, 0), textcoords="offset points",
+                     ha="left" if d >= 0 else "right", va="center", fontsize=7)
+    ax1.axvline(0, color="black", linewidth=0.8)
+    ax1.set_yticks(y, [r["layer"] for r in rows], fontsize=8)
+    ax1.invert_yaxis()
+    ax1.margins(x=0.25)
+    ax1.set_xlabel(f"top-1 drop against exact ({report['baseline']['top1']:.2f}%), points")
+    ax1.set_title("Accuracy drop (blue: one layer approximate; orange: together)", fontsize=9)
+    ax2.barh(y, [100.0 * r["macs"] / report["total_macs"] for r in rows], color=colors, alpha=0.6)
+    ax2.set_xlabel("share of the model's MACs (%)")
+    ax2.set_title("Work moved to the approximate multiplier", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Layer sensitivity to {report['multiplier']}: {_title(report)}", fontsize=10)
     return save_figure(fig, path)
 
 

@@ -1,0 +1,159 @@
+"""Accuracy of one trained (or pretrained) model under several multipliers: ``python -m mbmlib evaluate``.
+
+The model's weights are loaded once; for each multiplier (exact first, the baseline) a copy is
+made approximate with :func:`mbmlib.convert` and run over one split of a dataset, giving top-1
+and top-5 accuracy and the mean cross-entropy loss.  Integer multipliers (``mbm-int8``) make
+quantised layers; their scales are calibrated first on a few training batches.  Results go to
+``results/eval/<name>.json`` and ``.csv``, and a bar chart to ``results/figures/eval-<name>.png``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import calibrate, convert
+from ..multipliers import as_multiplier
+from . import data as mdata
+from .models import load_model
+from .runtime import describe, resolve_device
+from .store import write_json, write_text
+
+__all__ = ["EvalData", "load_eval_data", "accuracy", "evaluate_multipliers", "approximate", "save_results"]
+
+Batches = List[Tuple[Tensor, Tensor]]
+CALIBRATION_BATCHES = 8
+
+
+@dataclass
+class EvalData:
+    """Evaluation batches (on the device), calibration batches, and what the model needs to know."""
+
+    batches: Batches
+    calibration: Batches
+    num_classes: int
+    channels: int
+    image_size: int
+
+
+def _mnist_data(root, split: str, samples: Optional[int], batch_size: int, device) -> EvalData:
+    """MNIST through the fast in-memory path, [0, 1] pixels as training used them."""
+    d = mdata.load_mnist(root, test_samples=samples if split == "test" else None,
+                         val_samples=samples if split == "val" else None, device=device)
+    x, y = d.test if split == "test" else d.val
+    calibration = list(mdata.batches(d.x_train, d.y_train, batch_size))[:CALIBRATION_BATCHES]
+    return EvalData(list(mdata.batches(x, y, batch_size)), calibration, 10, 1, 28)
+
+
+def load_eval_data(dataset: str, root=None, split: str = "test", samples: Optional[int] = None,
+                   batch_size: int = 128, device="cpu", channels: Optional[int] = None,
+                   workers: int = 2, image_size: int = 224) -> EvalData:
+    """One split (``test`` or ``val``) of a dataset as batches held on ``device``, read once.
+
+    ``mnist`` uses the in-memory path of training (pixels in [0, 1], no normalisation, as
+    ``python -m mbmlib train`` trains); every other name goes through
+    :mod:`mbmlib.workflow.datasets` (normalised).  ``samples`` keeps a stratified subset.
+    """
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    if dataset.lower() == "mnist" and channels in (None, 1):
+        return _mnist_data(root, split, samples, batch_size, device)
+    from . import datasets
+
+    splits = datasets.load_splits(dataset, root, channels=channels, image_size=image_size,
+                                  **{f"{split}_samples": samples})
+    chosen = splits.test if split == "test" else splits.val
+    to = [(x.to(device), y.to(device)) for x, y in datasets.loader(chosen, batch_size, workers=workers, device=device)]
+    calibration = [(x.to(device), y.to(device)) for _, (x, y) in
+                   zip(range(CALIBRATION_BATCHES), datasets.loader(splits.train, batch_size, workers=workers))]
+    info = splits.info
+    return EvalData(to, calibration, info.num_classes, channels or info.channels, info.image_size)
+
+
+def accuracy(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], progress: bool = False,
+             desc: str = "") -> dict:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy of ``model`` (eval mode) over ``batches``."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    correct1 = correct5 = 0
+    loss = 0.0
+    n = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            logits = model(x)  # (B, classes)
+            loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+            correct1 += int((top[:, 0] == y).sum())
+            correct5 += int((top == y[:, None]).any(dim=1).sum())
+            n += len(y)
+    if n == 0:
+        raise ValueError("nothing to evaluate: the split is empty")
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n, "samples": n,
+            "seconds": time.perf_counter() - start}
+
+
+def approximate(base: nn.Module, multiplier, calibration: Batches, backend: Optional[str] = None) -> nn.Module:
+    """A copy of ``base`` with ``multiplier`` (one name, or a dict of layer patterns); integer layers calibrated."""
+    model = convert(base, multiplier=multiplier, backend=backend)
+    names = multiplier.values() if isinstance(multiplier, dict) else [multiplier]
+    if any(as_multiplier(m).is_integer for m in names):
+        calibrate(model, calibration)
+    return model
+
+
+def _ordered(multipliers: Sequence[str]) -> list:
+    """The multipliers with ``exact`` first (added if missing), each once."""
+    names = [str(as_multiplier(m)) for m in multipliers]
+    return ["exact"] + [m for m in dict.fromkeys(names) if m != "exact"]
+
+
+def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], checkpoint=None,
+                         pretrained: bool = False, root=None, split: str = "test", samples: Optional[int] = None,
+                         batch_size: int = 128, device: str = "auto", backend: Optional[str] = None,
+                         progress: bool = True) -> dict:
+    """Evaluate one model's weights under each multiplier (exact first); returns the JSON-ready report."""
+    dev = resolve_device(device)
+    data = load_eval_data(dataset, root, split, samples, batch_size, dev, channels=_channels(model))
+    base = load_model(model, num_classes=data.num_classes, in_channels=data.channels, pretrained=pretrained,
+                      checkpoint=checkpoint).to(dev)
+    rows = []
+    for name in _ordered(multipliers):
+        result = accuracy(approximate(base, name, data.calibration, backend), data.batches, progress, name)
+        rows.append({"multiplier": name, **result})
+        print(f"{name:>12}: top-1 {result['top1']:6.2f}%  top-5 {result['top5']:6.2f}%  loss {result['loss']:.4f}"
+              f"  ({result['samples']} images, {result['seconds']:.1f} s)")
+    for row in rows:
+        row["top1_drop"] = rows[0]["top1"] - row["top1"]
+    return {"model": model, "dataset": dataset, "split": split, "checkpoint": str(checkpoint) if checkpoint else None,
+            "pretrained": pretrained, "runtime": describe(dev), "results": rows}
+
+
+def _channels(model: str) -> Optional[int]:
+    """Input channels a model needs from the data: 3 for torchvision's models, None (the data's own) otherwise."""
+    from .models import MODELS
+
+    return None if model.lower() in MODELS else 3
+
+
+def save_results(report: dict, out_dir="results/eval", figures_dir="results/figures",
+                 name: Optional[str] = None) -> dict:
+    """Write ``<name>.json`` and ``<name>.csv`` under ``out_dir`` and the bar chart; returns the paths."""
+    from . import plots
+
+    name = name or f"{report['model']}-{report['dataset'].replace(':', '_').replace('/', '_')}-{report['split']}"
+    json_path = write_json(Path(out_dir) / f"{name}.json", report)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(report["results"][0]))
+    writer.writeheader()
+    writer.writerows(report["results"])
+    csv_path = write_text(Path(out_dir) / f"{name}.csv", buffer.getvalue())
+    png = plots.multiplier_accuracy(report, Path(figures_dir) / f"eval-{name}.png")
+    return {"json": json_path, "csv": csv_path, "figure": png}

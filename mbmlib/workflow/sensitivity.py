@@ -1,0 +1,97 @@
+"""Which layers tolerate an approximate multiplier: ``python -m mbmlib sensitivity``.
+
+With the rest of the model exact, one layer at a time uses the approximate multiplier and the
+accuracy drop against the all-exact baseline is measured; then the ``top`` most tolerant layers
+(smallest drop) are made approximate together, and finally every layer.  Each row carries the
+layer's forward multiply-accumulates per image, so a drop can be weighed against the share of
+the work that moved to the approximate multiplier.
+"""
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Optional, Sequence
+
+from torch import nn
+
+from .evaluate import accuracy, approximate, load_eval_data, _channels
+from .models import layer_macs, load_model
+from .runtime import describe, resolve_device
+from .store import write_json
+
+__all__ = ["layer_names", "layer_sensitivity", "run_sensitivity", "save_sensitivity"]
+
+
+def layer_names(model: nn.Module, patterns: Optional[Sequence[str]] = None) -> list:
+    """Names of the Conv2d/Linear layers (outside MultiheadAttention), optionally only those matching a glob."""
+    inside = {id(m) for a in model.modules() if isinstance(a, nn.MultiheadAttention) for m in a.modules()}
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in inside]
+    if patterns:
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        if not chosen:
+            raise ValueError(f"no Conv2d/Linear layer matches {list(patterns)}; the layers are {', '.join(names)}")
+        names = chosen
+    return names
+
+
+def layer_sensitivity(base: nn.Module, data, multiplier: str, layers: Optional[Sequence[str]] = None,
+                      top: int = 3, progress: bool = True) -> dict:
+    """Rows ``{layer, macs, top1, top5, loss, top1_drop}``: baseline, one layer each, the ``top`` most tolerant, all."""
+    names = layer_names(base, layers)
+    shape = (1, *data.batches[0][0].shape[1:])
+    macs = layer_macs(base, shape)
+    baseline = accuracy(approximate(base, "exact", data.calibration), data.batches)
+
+    def run(label: str, chosen: Sequence[str]) -> dict:
+        model = approximate(base, {n: multiplier for n in chosen}, data.calibration)
+        result = accuracy(model, data.batches, progress, label)
+        row = {"layer": label, "layers": list(chosen), "macs": sum(macs.get(n, 0) for n in chosen), **result,
+               "top1_drop": baseline["top1"] - result["top1"]}
+        print(f"{label:>30}: top-1 {result['top1']:6.2f}% (drop {row['top1_drop']:+.2f})  {row['macs']:,} MACs")
+        return row
+
+    single = [run(n, [n]) for n in names]
+    tolerant = [r["layer"] for r in sorted(single, key=lambda r: (r["top1_drop"], -r["macs"]))[:top]]
+    combined = [run(f"{len(tolerant)} most tolerant together", tolerant)] if 1 < len(tolerant) < len(names) else []
+    every = run("all layers", names)
+    return {"multiplier": multiplier, "baseline": {"layer": "exact (baseline)", "macs": 0, **baseline,
+                                                   "top1_drop": 0.0},
+            "total_macs": sum(macs.values()), "layers": single, "combined": combined + [every],
+            "most_tolerant": tolerant}
+
+
+def run_sensitivity(model: str, dataset: str, multiplier: str = "mbm", checkpoint=None, pretrained: bool = False,
+                    root=None, split: str = "test", samples: Optional[int] = 2000, batch_size: int = 128,
+                    device: str = "auto", layers: Optional[Sequence[str]] = None, top: int = 3,
+                    progress: bool = True) -> dict:
+    """Load a model's weights and a split, then :func:`layer_sensitivity`; returns the JSON-ready report."""
+    dev = resolve_device(device)
+    data = load_eval_data(dataset, root, split, samples, batch_size, dev, channels=_channels(model))
+    base = load_model(model, num_classes=data.num_classes, in_channels=data.channels, pretrained=pretrained,
+                      checkpoint=checkpoint).to(dev)
+    report = layer_sensitivity(base, data, multiplier, layers, top, progress)
+    return {"model": model, "dataset": dataset, "split": split, "checkpoint": str(checkpoint) if checkpoint else None,
+            "pretrained": pretrained, "runtime": describe(dev), **report}
+
+
+def save_sensitivity(report: dict, out_dir="results/eval", figures_dir="results/figures",
+                     name: Optional[str] = None) -> dict:
+    """Write ``sensitivity-<name>.json``, a markdown table beside it, and the figure; returns the paths."""
+    from . import plots, report as rep
+    import pandas as pd
+
+    dataset = report["dataset"].replace(":", "_").replace("/", "_")
+    name = name or f"{report['model']}-{dataset}-{report['multiplier']}"
+    json_path = write_json(Path(out_dir) / f"sensitivity-{name}.json", report)
+    rows = [report["baseline"], *report["layers"], *report["combined"]]
+    table = pd.DataFrame(rows)[["layer", "macs", "top1", "top5", "loss", "top1_drop"]]
+    table["macs_share"] = 100.0 * table["macs"] / report["total_macs"]
+    md = rep.to_markdown(table, {"macs": "MACs / image", "top1": "top-1 (%)", "top5": "top-5 (%)",
+                                 "top1_drop": "top-1 drop (points)", "macs_share": "share of MACs (%)"},
+                         {"macs": "{:,.0f}", "top1": "{:.2f}", "top5": "{:.2f}", "loss": "{:.4f}",
+                          "top1_drop": "{:+.2f}", "macs_share": "{:.1f}"})
+    md_path = rep.write_text(Path(out_dir) / f"sensitivity-{name}.md",
+                             f"# Layer sensitivity: {report['model']} on {report['dataset']} ({report['split']}), "
+                             f"multiplier {report['multiplier']}\n\n{md}")
+    png = plots.layer_sensitivity(report, Path(figures_dir) / f"sensitivity-{name}.png")
+    return {"json": json_path, "markdown": md_path, "figure": png}
