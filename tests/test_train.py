@@ -99,7 +99,7 @@ def test_max_steps_and_bad_config(tmp_path, small_config):
         small_config(multiplier="mbm-t99")
     with pytest.raises(ValueError, match="valid names"):
         small_config(multiplier="booth")
-    with pytest.raises(ValueError, match="valid choices are example, lenet5, seednet"):
+    with pytest.raises(ValueError, match="unknown model .resnet.; valid choices are example, lenet5, resnet20, resnet8, seednet"):
         small_config(model="resnet")
 
 
