@@ -162,6 +162,26 @@ def test_04_summary_tables_and_comparison_figures(pipeline):
 
 
 @pytest.mark.slow
+def test_05_evaluates_a_run_checkpoint_and_its_layer_sensitivity(tmp_path):
+    import torch
+
+    from mbmlib.workflow.models import LeNet5
+
+    torch.save({"model": LeNet5(multiplier="exact").state_dict()}, tmp_path / "checkpoint.pt")
+    results = tmp_path / "results"
+    nb = execute(REPO / "notebooks/05_evaluate_and_sensitivity.ipynb", tmp_path, model="lenet5",
+                 checkpoint=str(tmp_path / "checkpoint.pt"), multipliers=["mbm"], sensitivity_multiplier="mitchell",
+                 layers=["classifier.*"], top=2, samples=20, batch_size=10, device="cpu", results_dir=str(results))
+    scores = json.loads((results / "eval" / "lenet5-mnist-test.json").read_text())
+    assert [r["multiplier"] for r in scores["results"]] == ["exact", "mbm"] and scores["results"][0]["samples"] == 20
+    study = json.loads((results / "eval" / "sensitivity-lenet5-mnist-mitchell.json").read_text())
+    assert [r["layer"] for r in study["layers"]] == ["classifier.0", "classifier.2", "classifier.4"]
+    for png in ("eval-lenet5-mnist-test.png", "sensitivity-lenet5-mnist-mitchell.png"):
+        assert_png(results / "figures" / png)
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
 def test_a_bad_parameter_fails_with_the_cells_error(tmp_path):
     with pytest.raises(PapermillExecutionError) as err:
         execute(REPO / "notebooks/02_train_mnist.ipynb", tmp_path, multiplier="bogus",
