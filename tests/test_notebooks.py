@@ -195,9 +195,10 @@ def test_a_bad_parameter_fails_with_the_cells_error(tmp_path):
 def test_colab_notebook_runs_locally_with_tiny_parameters(tmp_path):
     results = tmp_path / "results"
     nb = execute(REPO / "colab" / "mbmlib_colab.ipynb", tmp_path, results_dir=str(results),
-                 run_notebooks=["01_multiplier_error", "02_train_mnist", "04_compare_runtimes"],
+                 run_notebooks=["01_multiplier_error", "02_train_mnist", "04_compare_runtimes",
+                                "05_evaluate_and_sensitivity"],
                  multipliers=["exact"], train_samples=64, val_samples=40, test_samples=40, max_steps=2,
-                 speed_ratio_steps=0, error_samples=10_000)
+                 speed_ratio_steps=0, error_samples=10_000, eval_multipliers=["mitchell"], eval_samples=20)
     log = stream_text(nb)
     assert "not on Colab" in log and "pip install" not in log
     sweep = json.loads((results / "runs" / f"sweep-{AUTO_LABEL}.json").read_text())
@@ -208,6 +209,9 @@ def test_colab_notebook_runs_locally_with_tiny_parameters(tmp_path):
     assert (results / "notebooks" / f"01_multiplier_error-{AUTO_LABEL}.ipynb").is_file()
     assert "| seednet-exact" in (results / "summary.md").read_text()
     assert_png(results / "figures" / "loss_curves.png")
+    scores = json.loads((results / "eval" / "seednet-mnist-test.json").read_text())  # 05 on the exact run
+    assert scores["checkpoint"].endswith(f"seednet-exact-exact-b16-{AUTO_LABEL}/checkpoint.pt")
+    assert [r["multiplier"] for r in scores["results"]] == ["exact", "mitchell"]
 
 
 # ----------------------------------------------------------------------------- sweeps
