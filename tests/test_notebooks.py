@@ -479,9 +479,14 @@ def test_runs_that_differ_only_in_seed_are_grouped_with_intervals(tmp_path):
         fake_run(results, f"mbm-s{seed}", "mbm", "AMD EPYC", sps=10 + seed, seed=seed, test_acc=acc)
     fake_run(results, "exact-s0", "exact", "AMD EPYC", sps=30, seed=0)
     fake_run(results, "mbm-gpu-s0", "mbm", "Tesla T4", "GPU", sps=900, seed=0)  # another runtime: its own group
+    fake_run(results, "exact-s0-again", "exact", "AMD EPYC", sps=31, seed=0)  # the same seed again: the latest counts
+    for name, when in (("exact-s0", "2026-01-01"), ("exact-s0-again", "2026-01-02")):
+        metrics = json.loads((results / "runs" / name / "metrics.json").read_text())
+        (results / "runs" / name / "metrics.json").write_text(json.dumps({**metrics, "finished_at": when}))
     res = report.load_results(results)
     groups = report.seed_groups(res.runs).set_index("runs")
     assert sorted(groups["seeds"]) == [1, 1, 3]
+    assert groups.loc["exact-s0-again", "epoch_time_s_mean"] == pytest.approx(480 / 31 / 2)
     mbm = groups.loc["mbm-s0, mbm-s1, mbm-s2"]
     assert mbm["test_accuracy_mean"] == 90.0 and mbm["test_accuracy_std"] == 2.0
     assert mbm["test_accuracy_ci95"] == pytest.approx(T_975[2] * 2 / 3 ** 0.5)

@@ -313,6 +313,8 @@ GROUP_STATS = {"test_accuracy": "test acc (%)", "val_accuracy": "val acc (%)", "
 def seed_groups(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per experiment: runs whose config differs only in the seed (same runtime) are grouped.
 
+    Runs with the same seed are one computation repeated: only the latest (``finished_at``) counts.
+
     Columns: the :data:`GROUP_KEYS`, ``seeds`` (count), ``runs`` (names), and for each of
     :data:`GROUP_STATS` ``<stat>_mean``, ``_std`` and ``_ci95`` (half-width of the 95% Student-t interval).
     """
@@ -321,6 +323,8 @@ def seed_groups(runs: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=GROUP_KEYS + ["seeds", "runs"] + stat_cols)
     rows = []
     for _, group in runs.groupby("experiment", sort=False):
+        # a rerun with the same seed repeats the same computation: only the latest one counts
+        group = group.sort_values("finished_at", na_position="first").drop_duplicates("seed", keep="last")
         row = {k: group[k].iloc[0] for k in GROUP_KEYS}
         row.update(seeds=len(group), runs=", ".join(sorted(group["run"])))
         for col in GROUP_STATS:
