@@ -280,8 +280,9 @@ def _interval_panel(ax, groups: pd.DataFrame, runs: pd.DataFrame, col: str, ylab
         text = f"{g[f'{col}_mean']:.2f}" + ("" if math.isnan(ci) else f"\n± {ci:.2f}")
         ax.annotate(text, (x, g[f"{col}_mean"]), xytext=(-10, 0), textcoords="offset points", ha="right",
                     va="center", fontsize=7)
-    labels = [f"{g.multiplier}\n{g.model}, n={g.train_samples:.0f}\n{g.runtime} ({g.seeds} seeds)"
-              for g in groups.itertuples()]
+    one_runtime = groups["runtime"].nunique() == 1  # then the runtime goes in the title, not on every tick
+    labels = [f"{g.multiplier}\n{g.model}, n={g.train_samples:.0f}\n{'' if one_runtime else g.runtime + ', '}"
+              f"{g.seeds} seeds" for g in groups.itertuples()]
     ax.set_xticks(np.arange(len(groups)), labels, fontsize=7)
     ax.set_xlim(-0.7, len(groups) - 0.3)
     ax.set_ylabel(ylabel)
@@ -296,7 +297,7 @@ def seed_intervals(runs: pd.DataFrame, path: str | Path) -> Path:
     """
     groups = seed_groups(runs) if not runs.empty else pd.DataFrame()
     groups = groups[groups["seeds"] > 1] if not groups.empty else groups
-    fig = _figure(max(8.0, 2.2 * len(groups) + 2), 5.2)
+    fig = _figure(max(8.0, 2.6 * len(groups) + 2), 5.2)
     if groups.empty:
         _empty(fig, "no experiment was run with more than one seed")
         return save_figure(fig, path)
@@ -307,7 +308,8 @@ def seed_intervals(runs: pd.DataFrame, path: str | Path) -> Path:
     ax1.set_title("Test accuracy (higher is better)")
     _interval_panel(ax2, groups, runs, "epoch_time_s", "epoch time (s)")
     ax2.set_title("Epoch time (lower is better)")
-    fig.suptitle("Repeated seeds: mean and 95% Student-t confidence interval (dots: single runs)")
+    where = f" on {groups['runtime'].iloc[0]}" if groups["runtime"].nunique() == 1 else ""
+    fig.suptitle(f"Repeated seeds{where}: mean and 95% Student-t confidence interval (dots: single runs)")
     return save_figure(fig, path)
 
 
@@ -337,13 +339,15 @@ def multiplier_accuracy(report: dict, path: str | Path) -> Path:
         ax.annotate(f"{r['top1']:.2f}%{drop}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, names)
-    low = min(r["top1"] for r in rows)
-    ax.set_ylim(max(0.0, low - 10), 101 + 4)
+    top1s = [r["top1"] for r in rows]
+    low = max(0.0, math.floor(min(top1s) - max(1.0, 3 * (max(top1s) - min(top1s)))))  # zoomed to the differences
+    ax.set_ylim(low, 100 + 0.15 * (100 - low))
     ax.set_ylabel("accuracy (%)")
     ax.set_xlabel("multiplier (top-1 change against exact in brackets, points)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"Accuracy per multiplier: {_title(report)}, {rows[0]['samples']} images", fontsize=10)
+    ax.set_title(f"Accuracy per multiplier (axis zoomed from {low:.0f}%)\n{_title(report)}, "
+                 f"{rows[0]['samples']} images", fontsize=10)
     return save_figure(fig, path)
 
 
