@@ -25,7 +25,8 @@ from .models import load_model
 from .runtime import describe, resolve_device
 from .store import write_json, write_text
 
-__all__ = ["EvalData", "load_eval_data", "accuracy", "evaluate_multipliers", "approximate", "save_results"]
+__all__ = ["EvalData", "load_eval_data", "accuracy", "evaluate_multipliers", "approximate", "model_channels",
+           "save_results"]
 
 Batches = List[Tuple[Tensor, Tensor]]
 CALIBRATION_BATCHES = 8
@@ -121,7 +122,7 @@ def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], c
                          progress: bool = True) -> dict:
     """Evaluate one model's weights under each multiplier (exact first); returns the JSON-ready report."""
     dev = resolve_device(device)
-    data = load_eval_data(dataset, root, split, samples, batch_size, dev, channels=_channels(model))
+    data = load_eval_data(dataset, root, split, samples, batch_size, dev, channels=model_channels(model))
     base = load_model(model, num_classes=data.num_classes, in_channels=data.channels, pretrained=pretrained,
                       checkpoint=checkpoint).to(dev)
     rows = []
@@ -136,7 +137,7 @@ def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], c
             "pretrained": pretrained, "runtime": describe(dev), "results": rows}
 
 
-def _channels(model: str) -> Optional[int]:
+def model_channels(model: str) -> Optional[int]:
     """Input channels a model needs from the data: 3 for torchvision's models, None (the data's own) otherwise."""
     from .models import MODELS
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from .evaluate import accuracy, approximate, load_eval_data, _channels
+from .evaluate import accuracy, approximate, load_eval_data, model_channels
 from .models import layer_macs, load_model
 from .runtime import describe, resolve_device
 from .store import write_json
@@ -66,7 +66,7 @@ def run_sensitivity(model: str, dataset: str, multiplier: str = "mbm", checkpoin
                     progress: bool = True) -> dict:
     """Load a model's weights and a split, then :func:`layer_sensitivity`; returns the JSON-ready report."""
     dev = resolve_device(device)
-    data = load_eval_data(dataset, root, split, samples, batch_size, dev, channels=_channels(model))
+    data = load_eval_data(dataset, root, split, samples, batch_size, dev, channels=model_channels(model))
     base = load_model(model, num_classes=data.num_classes, in_channels=data.channels, pretrained=pretrained,
                       checkpoint=checkpoint).to(dev)
     report = layer_sensitivity(base, data, multiplier, layers, top, progress)
