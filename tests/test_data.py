@@ -294,8 +294,14 @@ def test_subset_is_stratified_and_inside_the_labels():
     with pytest.raises(ValueError, match="1..2000"):
         stratified_subset(labels, 2001)
     assert torch.equal(stratified_subset(labels, 2000), torch.arange(2000))
-    with pytest.raises(ValueError, match="at least one sample per class"):
-        stratified_subset(labels, 1995)
+
+
+@pytest.mark.parametrize("labels, n", [(_random_labels(2000, seed=5), 1995), (np.arange(10), 5)])
+def test_subset_too_small_to_stratify_is_a_plain_seeded_draw(labels, n):
+    from sklearn.model_selection import train_test_split
+
+    want = train_test_split(np.arange(len(labels)), train_size=n, random_state=7)[0]
+    assert np.array_equal(stratified_subset(labels, n, seed=7).numpy(), want)
 
 
 @pytest.mark.parametrize("n, size, seed", [(2000, 300, 123), (48, 20, 0), (1003, 512, 7)])

@@ -289,14 +289,26 @@ def stratified_subset(labels: Union[Tensor, np.ndarray, Sequence[int]], n: int, 
     """``n`` indices (int64 tensor) drawn so every class keeps its share -- for short runs.
 
     The training part of ``train_test_split(idx, train_size=n, stratify=labels, random_state=seed)``;
-    ``n`` equal to the number of labels keeps them all, in order.
+    ``n`` equal to the number of labels keeps them all, in order. A subset too small to hold every
+    class (or labels with a class seen once) is a plain seeded draw instead: a short run on a tiny
+    dataset should still run.
     """
     y = _labels_numpy(labels)
     if not 0 < n <= len(y):
         raise ValueError(f"a subset needs 1..{len(y)} samples, got {n}")
     if n == len(y):
         return torch.arange(n)
+    classes, counts = np.unique(y, return_counts=True)
+    if counts.min() < 2 or min(n, len(y) - n) < len(classes):
+        return _plain_draw(len(y), n, seed)
     return _stratified_draw(y, n, seed)[0]
+
+
+def _plain_draw(n_labels: int, n: int, seed: int) -> Tensor:
+    """``n`` of ``n_labels`` indices drawn without stratifying: for subsets too small to keep every class."""
+    from sklearn.model_selection import train_test_split
+
+    return torch.from_numpy(train_test_split(np.arange(n_labels), train_size=n, random_state=seed)[0].astype(np.int64))
 
 
 
