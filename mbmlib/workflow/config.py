@@ -19,7 +19,7 @@ from typing import Any, Optional
 from .. import kernels
 from ..functional import BACKWARD_MODES, check_backward
 from ..multipliers import MAX_TRUNCATION, as_multiplier
-from .models import model_factory
+from .models import check_input, check_model_name
 from .runtime import resolve_device
 
 __all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "check_run_name",
@@ -36,7 +36,7 @@ PRESETS = {
 # Fields that steer how a run is carried out or shown, not what it computes: they may differ on --resume
 # and stay out of default run names.
 RUN_CONTROL = ("epochs", "run_name", "results_dir", "resume", "overwrite", "progress", "log_interval",
-               "speed_ratio_steps", "device", "data_dir", "backend", "preset", "extra")
+               "speed_ratio_steps", "device", "data_dir", "workers", "backend", "preset", "extra")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -52,7 +52,9 @@ _ARITH, _OPTIM, _DATA, _RUN = "model and arithmetic", "optimisation", "data", "r
 class TrainConfig:
     """Everything that defines a run; saved as ``config.json``."""
 
-    model: str = field(default="seednet", metadata=_opt(_ARITH, "model: seednet, lenet5 or example"))
+    model: str = field(default="seednet", metadata=_opt(
+        _ARITH, "model: seednet, lenet5, example (28x28 grey images), resnet20, resnet8 (CIFAR-style) or a "
+                "torchvision.models classifier (resnet18, mobilenet_v2, ...)"))
     multiplier: str = field(default="mbm", metadata=_opt(
         _ARITH, f"exact, mitchell, mbm, or with truncation mbm-t16 / mitchell-t8 (t = 0..{MAX_TRUNCATION})"))
     backward: str = field(default="exact", metadata=_opt(
@@ -72,11 +74,16 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_opt(_OPTIM, "seed for initialisation, shuffling, dropout", type=int))
     max_steps: Optional[int] = field(default=None, metadata=_opt(
         _OPTIM, "stop after this many optimiser steps in total (None: full epochs)", type=int))
+    dataset: str = field(default="mnist", metadata=_opt(
+        _DATA, "mnist (in memory), fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder:<path> or fake "
+               "(torchvision's FakeData, for dry runs)"))
+    workers: int = field(default=2, metadata=_opt(
+        _DATA, "DataLoader processes reading datasets from files (the in-memory MNIST needs none)", type=int))
     split_seed: int = field(default=123, metadata=_opt(_DATA, "seed of the stratified split", type=int))
     val_fraction: float = field(default=0.2, metadata=_opt(
         _DATA, "share of the labelled set held out for validation", type=float))
     data_dir: Optional[str] = field(default=None, metadata=_opt(
-        _DATA, "torchvision-style root holding MNIST/raw/ (None: env MBMLIB_DATA, else ./data)"))
+        _DATA, "torchvision-style data root, e.g. holding MNIST/raw/ (None: env MBMLIB_DATA, else ./data)"))
     data_csv: Optional[str] = field(default=None, metadata=_opt(
         _DATA, "train from a Kaggle-style CSV (label + 784 pixels) instead; it has no test split"))
     train_samples: Optional[int] = field(default=None, metadata=_opt(
@@ -109,13 +116,15 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every value before any data is loaded; ValueError saying what to change."""
-        model_factory(self.model)
+        check_model_name(self.model)
         as_multiplier(self.multiplier)
+        self._check_data()
         check_backward(self.backward)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("backend", self.backend or "auto", ("auto",) + kernels.BACKENDS)
         if self.preset is not None:
             _check_choice("preset", self.preset, tuple(PRESETS))
+        _check_int("workers", self.workers, low=0)
         for name in ("epochs", "batch_size", "log_interval", "step_size"):
             _check_int(name, getattr(self, name), low=1)
         for name in ("train_samples", "val_samples", "test_samples", "max_steps"):
@@ -137,6 +146,19 @@ class TrainConfig:
         if self.run_name is not None:
             check_run_name(self.run_name)
         return self
+
+
+    def _check_data(self) -> None:
+        """The dataset exists by name, fits the model, and is not combined with a CSV."""
+        from .datasets import dataset_info
+
+        if self.data_csv:
+            if self.dataset != "mnist":
+                raise ValueError(f"data_csv and dataset {self.dataset!r} exclude each other: a CSV holds MNIST-style "
+                                 "images; drop one of them")
+            return
+        info = dataset_info(self.dataset)
+        check_input(self.model, info.channels, info.image_size, self.dataset)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -172,13 +194,14 @@ def _preset_values(preset: Optional[str]) -> dict:
 
 def identity_differences(a: TrainConfig | dict, b: TrainConfig | dict) -> dict:
     """``{field: (a's value, b's value)}`` for the fields that define what a run computes."""
-    a, b = (dataclasses.asdict(c) if isinstance(c, TrainConfig) else c for c in (a, b))
+    defaults = dataclasses.asdict(TrainConfig())  # a config saved before a field existed had its default
+    a, b = ({**defaults, **(dataclasses.asdict(c) if isinstance(c, TrainConfig) else c)} for c in (a, b))
     return {k: (a.get(k), b.get(k)) for k in a if k not in RUN_CONTROL and a.get(k) != b.get(k)}
 
 
 _ABBREV = {"lr": "lr", "seed": "s", "split_seed": "ss", "train_samples": "n", "val_samples": "nv",
            "test_samples": "nt", "max_steps": "steps", "optimizer": "", "step_size": "step", "gamma": "g",
-           "val_fraction": "vf", "approx_linear": "linear", "data_csv": "csv"}
+           "val_fraction": "vf", "approx_linear": "linear", "data_csv": "csv", "dataset": ""}
 
 
 def default_run_name(cfg: TrainConfig, runtime_label: str) -> str:

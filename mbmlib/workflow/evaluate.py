@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from .. import calibrate, convert
 from ..multipliers import as_multiplier
 from . import data as mdata
-from .models import load_model
+from .models import load_model, model_channels
 from .runtime import describe, resolve_device
 from .store import write_json, write_text
+from .train_data import uses_memory_path
 
-__all__ = ["EvalData", "load_eval_data", "accuracy", "evaluate_multipliers", "approximate", "model_channels",
+__all__ = ["EvalData", "load_eval_data", "accuracy", "evaluate_multipliers", "approximate",
            "save_results"]
 
 Batches = List[Tuple[Tensor, Tensor]]
@@ -63,7 +64,7 @@ def load_eval_data(dataset: str, root=None, split: str = "test", samples: Option
     """
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    if dataset.lower() == "mnist" and channels in (None, 1):
+    if uses_memory_path(dataset, channels):
         return _mnist_data(root, split, samples, batch_size, device)
     from . import datasets
 
@@ -135,13 +136,6 @@ def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], c
         row["top1_drop"] = rows[0]["top1"] - row["top1"]
     return {"model": model, "dataset": dataset, "split": split, "checkpoint": str(checkpoint) if checkpoint else None,
             "pretrained": pretrained, "runtime": describe(dev), "results": rows}
-
-
-def model_channels(model: str) -> Optional[int]:
-    """Input channels a model needs from the data: 3 for torchvision's models, None (the data's own) otherwise."""
-    from .models import MODELS
-
-    return None if model.lower() in MODELS else 3
 
 
 def save_results(report: dict, out_dir="results/eval", figures_dir="results/figures",

@@ -22,7 +22,8 @@ from ..multipliers import MultiplierLike
 from ..nn import MBMConv2d, MBMLinear
 
 __all__ = ["SeedNet", "LeNet5", "ExampleNet", "CifarResNet", "resnet20", "resnet8", "MODELS", "build_model",
-           "model_factory", "count_macs", "layer_macs", "load_model", "load_checkpoint", "WeightsUnavailableError"]
+           "model_factory", "count_macs", "layer_macs", "load_model", "load_checkpoint", "WeightsUnavailableError",
+           "FIXED_INPUT", "model_channels", "check_input", "new_model", "check_model_name"]
 
 
 def _layers(multiplier: MultiplierLike, backward: str, approx_linear: bool,
@@ -190,6 +191,16 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
                          "or a torchvision.models classifier (resnet18, mobilenet_v2, ...)") from None
 
 
+def check_model_name(name: str) -> str:
+    """``name`` if it is a registry model or a torchvision.models classifier; the ValueError naming the choices."""
+    if name.lower() not in MODELS:
+        from torchvision import models as tvm
+
+        if name not in tvm.list_models(module=tvm):
+            model_factory(name)
+    return name
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
     """A model by registry name (``seednet``, ``lenet5``, ``example``), constructor keywords passed on."""
     return model_factory(name)(**kwargs)
@@ -250,8 +261,7 @@ def _torchvision_model(name: str, pretrained: bool, num_classes: int) -> nn.Modu
     """An exact ``torchvision.models`` classifier, with its default pretrained weights if asked."""
     from torchvision import models as tvm
 
-    if name not in tvm.list_models(module=tvm):
-        model_factory(name)  # raises the ValueError naming the choices
+    check_model_name(name)
     if not pretrained:
         return tvm.get_model(name, weights=None, num_classes=num_classes)
     weights = tvm.get_model_weights(name).DEFAULT
@@ -287,6 +297,42 @@ def load_checkpoint(model: nn.Module, path) -> nn.Module:
     return model
 
 
+# The (channels, image size) the MNIST-era nets are built for; the CIFAR ResNets take any channel count.
+FIXED_INPUT = {"seednet": (1, 28), "lenet5": (1, 28), "example": (1, 28)}
+
+
+def model_channels(name: str) -> Optional[int]:
+    """Input channels a model needs from the data: 3 for torchvision's models, None (the data's own) otherwise."""
+    return None if name.lower() in MODELS else 3
+
+
+def check_input(name: str, channels: int, image_size: int, dataset: str) -> None:
+    """ValueError when a registry net built for fixed inputs cannot take ``dataset``'s images."""
+    fixed = FIXED_INPUT.get(name.lower())
+    if fixed is not None and fixed != (channels, image_size):
+        raise ValueError(f"{name} takes {fixed[0]}x{fixed[1]}x{fixed[1]} images (mnist, fashion-mnist, kmnist) but "
+                         f"{dataset} has {channels}x{image_size}x{image_size}; use resnet20, resnet8 or a "
+                         "torchvision model (resnet18, mobilenet_v2, ...)")
+
+
+def new_model(name: str, num_classes: int = 10, in_channels: int = 1, multiplier: MultiplierLike = "mbm",
+              backward: str = "exact", approx_linear: bool = True, backend: Optional[str] = None,
+              pretrained: bool = False) -> nn.Module:
+    """A model by name, freshly initialised (or torchvision's pretrained weights), with ``multiplier`` in its
+    convolutions and, if ``approx_linear``, its linear layers."""
+    from .. import convert
+
+    if name.lower() in MODELS:
+        if pretrained:
+            raise ValueError(f"{name} has no pretrained weights; use --checkpoint with a trained run's checkpoint.pt")
+        channels = {} if name.lower() in FIXED_INPUT else dict(in_channels=in_channels)
+        return build_model(name, multiplier=multiplier, backward=backward, approx_linear=approx_linear,
+                           backend=backend, num_classes=num_classes, **channels)
+    layers = (nn.Conv2d, nn.Linear) if approx_linear else (nn.Conv2d,)
+    return convert(_torchvision_model(name, pretrained, num_classes), multiplier=multiplier, backward=backward,
+                   layers=layers, backend=backend, inplace=True)
+
+
 def load_model(name: str, multiplier="exact", backward: str = "exact", num_classes: int = 10,
                in_channels: int = 1, pretrained: bool = False, checkpoint=None,
                backend: Optional[str] = None) -> nn.Module:
@@ -298,13 +344,7 @@ def load_model(name: str, multiplier="exact", backward: str = "exact", num_class
     """
     from .. import convert
 
-    if name.lower() in MODELS:
-        if pretrained:
-            raise ValueError(f"{name} has no pretrained weights; use --checkpoint with a trained run's checkpoint.pt")
-        kwargs = dict(num_classes=num_classes) | (dict(in_channels=in_channels) if "resnet" in name.lower() else {})
-        model = build_model(name, multiplier="exact", **kwargs)
-    else:
-        model = _torchvision_model(name, pretrained, num_classes)
+    model = new_model(name, num_classes, in_channels, multiplier="exact", pretrained=pretrained)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return convert(model, multiplier=multiplier, backward=backward, backend=backend)

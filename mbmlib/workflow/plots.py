@@ -316,10 +316,17 @@ def seed_intervals(runs: pd.DataFrame, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- evaluation and sensitivity
 
 
+def _weights_name(checkpoint: Optional[str]) -> str:
+    """A run's ``checkpoint.pt`` by its run folder, any other weights file by its stem; no file: untrained."""
+    if not checkpoint:
+        return "untrained"
+    path = Path(checkpoint)
+    return path.parent.name if path.name.startswith("checkpoint") else path.stem
+
+
 def _title(report: dict) -> str:
     """``model on dataset (split), runtime`` for an evaluation or sensitivity report."""
-    source = "pretrained" if report.get("pretrained") else Path(report["checkpoint"]).parent.name \
-        if report.get("checkpoint") else "untrained"
+    source = "pretrained" if report.get("pretrained") else _weights_name(report.get("checkpoint"))
     return (f"{report['model']} ({source}) on {report['dataset']} ({report['split']}), "
             f"{runtime_name(report.get('runtime'))}")
 

@@ -11,6 +11,7 @@ Needs pandas (the ``notebooks`` extra); ``python -m mbmlib report`` (see
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -20,6 +21,7 @@ from typing import Optional
 
 import pandas as pd
 
+from .config import TrainConfig
 from .store import write_text
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
 SUMMARY_COLUMNS = [
     ("run", "run", None),
     ("model", "model", None),
+    ("dataset", "dataset", None),
     ("multiplier", "multiplier", None),
     ("backward", "backward", None),
     ("seed", "seed", "{:.0f}"),
@@ -59,10 +62,12 @@ SUMMARY_COLUMNS = [
     ("approx_to_exact", "approx/exact time", "{:.2f}"),
 ]
 
+CONFIG_DEFAULTS = dataclasses.asdict(TrainConfig())
 HISTORY_COLUMNS = ["run", "step", "epoch", "loss", "lr", "elapsed"]
 
 # Config fields that do not change what a run measures: runs differing only in these (and the seed) are repeats.
-NOT_THE_EXPERIMENT = ("seed", "run_name", "results_dir", "resume", "overwrite", "log_interval", "progress", "data_dir")
+NOT_THE_EXPERIMENT = ("seed", "run_name", "results_dir", "resume", "overwrite", "log_interval", "progress", "data_dir",
+                      "workers")
 
 
 class ReportWarning(UserWarning):
@@ -104,7 +109,7 @@ def _num(value) -> float:
 
 
 def _run_row(run_dir: Path, metrics: dict) -> dict:
-    cfg = metrics.get("config") or {}
+    cfg = {**CONFIG_DEFAULTS, **(metrics.get("config") or {})}  # a run saved before a field existed had its default
     rt = metrics.get("runtime") or {}
     final = metrics.get("final") or {}
     epochs = [e for e in metrics.get("epochs") or [] if isinstance(e, dict)]
@@ -120,6 +125,7 @@ def _run_row(run_dir: Path, metrics: dict) -> dict:
         "run": metrics.get("run_name") or run_dir.name,
         "status": metrics.get("status", "unknown"),
         "model": cfg.get("model"),
+        "dataset": cfg.get("dataset"),
         "multiplier": cfg.get("multiplier"),
         "backward": cfg.get("backward"),
         "backend": cfg.get("backend") or "auto",
@@ -306,7 +312,7 @@ def t_interval(values) -> tuple[float, float, float]:
     return float(x.mean()), std, float(stats.t.ppf(0.975, len(x) - 1) * std / math.sqrt(len(x)))
 
 
-GROUP_KEYS = ["model", "multiplier", "backward", "runtime", "train_samples", "epochs"]
+GROUP_KEYS = ["model", "dataset", "multiplier", "backward", "runtime", "train_samples", "epochs"]
 GROUP_STATS = {"test_accuracy": "test acc (%)", "val_accuracy": "val acc (%)", "epoch_time_s": "epoch time (s)"}
 
 

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from .evaluate import accuracy, approximate, load_eval_data, model_channels
-from .models import layer_macs, load_model
+from .evaluate import accuracy, approximate, load_eval_data
+from .models import layer_macs, load_model, model_channels
 from .runtime import describe, resolve_device
 from .store import write_json
 

@@ -1,4 +1,4 @@
-"""Training loop: train / validate / test any small model with any multiplier, and record the run.
+"""Training loop: train / validate / test a model with any multiplier on any dataset, and record the run.
 
 A run writes ``<results_dir>/<run_name>/`` with ``config.json``, ``metrics.json``
 (per-epoch and final figures plus the runtime description) and ``history.csv``
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +34,16 @@ from ..nn import MBMConv2d, MBMLinear, convert
 from . import data as mdata
 from . import runtime
 from .config import PRESETS, TrainConfig, config_with_preset, default_run_name, identity_differences
-from .models import build_model
+from .models import model_channels, new_model
 from .store import atomic_write, read_json, remove_stale_temporaries, write_json, write_text
 from .timing import compare
+from .train_data import EVAL_BATCH, LoaderTrainData, TensorTrainData, uses_memory_path
 
 __all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "train", "evaluate",
            "TrainingDiverged", "RunFolderError", "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
+TrainData = Union[TensorTrainData, LoaderTrainData]
 REPLACED = ".replaced"  # where --overwrite moves an earlier run, inside the results folder
 _RUN_FILES = ("config.json", "metrics.json", "history.csv", CHECKPOINT)
 
@@ -94,18 +96,19 @@ def _all_mean(value: float, dist_info: Dist, device: torch.device) -> float:
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> dict:
-    """Mean cross-entropy loss and accuracy (%) of ``model`` on ``(x, y)``, in eval mode."""
+def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Mean cross-entropy loss and accuracy (%) of ``model`` over ``(x, y)`` batches, in eval mode."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, n = 0.0, 0, 0
     with torch.no_grad():
-        for xb, yb in mdata.batches(x, y, batch_size):
+        for xb, yb in batches:
             logits = model(xb)
             loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
             correct += (logits.argmax(1) == yb).sum().item()
+            n += len(yb)
     model.train(was_training)
-    n = max(1, len(y))
+    n = max(1, n)
     return {"loss": loss_sum / n, "accuracy": 100.0 * correct / n}
 
 
@@ -115,7 +118,19 @@ def _make_optimizer(cfg: TrainConfig, params):
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
 
 
-def _load_data(cfg: TrainConfig, device: torch.device) -> mdata.MNISTData:
+def _load_data(cfg: TrainConfig, device: torch.device) -> TrainData:
+    """The run's splits: a CSV or MNIST in memory, any other dataset through DataLoaders."""
+    channels = model_channels(cfg.model)
+    if not cfg.data_csv and not uses_memory_path(cfg.dataset, channels):
+        from .datasets import load_splits
+
+        splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.split_seed, cfg.train_samples,
+                             cfg.val_samples, cfg.test_samples, channels=channels)
+        return LoaderTrainData(splits, device, cfg.workers)
+    return TensorTrainData(_load_tensors(cfg, device))
+
+
+def _load_tensors(cfg: TrainConfig, device: torch.device) -> mdata.MNISTData:
     if cfg.data_csv:
         x, y = mdata.load_csv(cfg.data_csv)
         train_idx, val_idx = mdata.stratified_split(y, cfg.val_fraction, cfg.split_seed)
@@ -145,10 +160,10 @@ def _warm_up(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         F.cross_entropy(twin(xb), yb).backward()
         twin.eval()
         with torch.no_grad():
-            twin(x[:500])  # evaluation batch shape
+            twin(x[:EVAL_BATCH])  # evaluation batch shape
 
 
-def _step_time_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int,
+def _step_time_ratio(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, steps: int,
                      device: torch.device) -> Optional[dict]:
     """Seconds per training step of ``model`` and of its exact twin, interleaved in one run.
 
@@ -159,7 +174,6 @@ def _step_time_ratio(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_s
     if not any(isinstance(m, (MBMConv2d, MBMLinear)) and not m.multiplier.is_exact for m in approx.modules()):
         return None
     exact = convert(approx, multiplier="exact", layers=(MBMConv2d, MBMLinear))
-    xb, yb = x[:batch_size], y[:batch_size]
     if len(yb) < 2:  # BatchNorm needs two samples
         return None
 
@@ -271,7 +285,7 @@ class Session:
     dist: Dist
     info: dict
     writer: RunWriter
-    data: mdata.MNISTData
+    data: TrainData
     model: nn.Module
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -302,8 +316,8 @@ def _setup(cfg: TrainConfig) -> Session:
         claim_run_folder(cfg, writer.dir)
     torch.manual_seed(cfg.seed)
     data = _load_data(cfg, device)
-    model = build_model(cfg.model, multiplier=cfg.multiplier, backward=cfg.backward,
-                        approx_linear=cfg.approx_linear, backend=cfg.backend).to(device)
+    model = new_model(cfg.model, data.num_classes, data.channels, multiplier=cfg.multiplier, backward=cfg.backward,
+                      approx_linear=cfg.approx_linear, backend=cfg.backend).to(device)
     optimizer = _make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     train_model = model
@@ -350,14 +364,13 @@ def _diverged(s: Session, metrics: dict, loss_value: float, epoch: int) -> Train
 
 def _train_epoch(s: Session, epoch: int, metrics: dict, t_start: float) -> tuple[dict, bool]:
     """One pass over this rank's shard; returns (the epoch's training figures, whether max_steps stopped it)."""
-    cfg, n_train = s.cfg, len(s.data.y_train)
-    steps_per_epoch = mdata.num_batches(n_train, cfg.batch_size, world_size=s.dist.world_size)
+    cfg, n_train = s.cfg, s.data.sizes()["train"]
+    steps_per_epoch = s.data.steps_per_epoch(cfg.batch_size, s.dist.world_size)
     s.train_model.train()
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # same shuffle on every rank and on resume
     bar = _progress_bar(cfg, s.dist, steps_per_epoch, epoch)
     t_epoch, seen, loss_sum, steps, stopped = time.perf_counter(), 0, 0.0, 0, False
-    for xb, yb in mdata.batches(s.data.x_train, s.data.y_train, cfg.batch_size, shuffle=True, generator=gen,
-                                rank=s.dist.rank, world_size=s.dist.world_size):
+    shuffle_seed = cfg.seed * 1000 + epoch  # the same shuffle on every rank and on resume
+    for xb, yb in s.data.train_batches(cfg.batch_size, shuffle_seed, s.dist.rank, s.dist.world_size):
         s.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(s.train_model(xb), yb)
         loss_value = loss.item()
@@ -389,7 +402,7 @@ def _train_epoch(s: Session, epoch: int, metrics: dict, t_start: float) -> tuple
 def _end_epoch(s: Session, record: dict, metrics: dict, t_start: float) -> None:
     """Step the schedule, validate, log, and write the checkpoint and the records of this epoch."""
     s.scheduler.step()
-    val = evaluate(s.model, s.data.x_val, s.data.y_val)
+    val = evaluate(s.model, s.data.eval_batches("val"))
     record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
     s.epochs.append(record)
     _log(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val['loss']:.4f}, "
@@ -407,8 +420,8 @@ def _finish(s: Session, metrics: dict, stopped_early: bool, t_start: float) -> d
     cfg = s.cfg
     final = _final_metrics(s.model, s.data, s.epochs)
     if s.dist.is_main and cfg.speed_ratio_steps > 0:
-        final["speed"] = _step_time_ratio(s.model, s.data.x_train, s.data.y_train, cfg.batch_size,
-                                          cfg.speed_ratio_steps, s.device)
+        final["speed"] = _step_time_ratio(s.model, *s.data.first_batch(cfg.batch_size), cfg.speed_ratio_steps,
+                                          s.device)
     metrics.update(status="finished", stopped_at_max_steps=stopped_early, global_step=s.global_step,
                    elapsed_s=time.perf_counter() - t_start, final=final,
                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -423,13 +436,13 @@ def _finish(s: Session, metrics: dict, stopped_early: bool, t_start: float) -> d
 def train(cfg: TrainConfig) -> dict:
     """Run the training described by ``cfg``; return the final metrics (also written to disk)."""
     s = _setup(cfg)
-    n_train = len(s.data.y_train)
+    n_train = s.data.sizes()["train"]
     metrics = {"run_name": s.writer.dir.name, "status": "running", "config": dataclasses.asdict(cfg),
                "runtime": s.info, "world_size": s.dist.world_size, "data": s.data.sizes(), "epochs": s.epochs}
     _log(f"run {s.writer.dir.name}: {cfg.model} with multiplier {as_multiplier(cfg.multiplier).name} "
          f"(backward {cfg.backward}) on {s.info['device_name']} ({s.info['device']}), {n_train} training samples, "
-         f"{mdata.num_batches(n_train, cfg.batch_size, world_size=s.dist.world_size)} steps/epoch", s.dist)
-    _warm_up(s.model, s.data.x_train, s.data.y_train, cfg.batch_size)
+         f"{s.data.steps_per_epoch(cfg.batch_size, s.dist.world_size)} steps/epoch", s.dist)
+    _warm_up(s.model, *s.data.first_batch(max(cfg.batch_size, EVAL_BATCH)), cfg.batch_size)
     t_start = time.perf_counter() - s.elapsed_before
     stopped_early = False
     for epoch in range(s.start_epoch, cfg.epochs + 1):
@@ -443,9 +456,9 @@ def train(cfg: TrainConfig) -> dict:
     return _finish(s, metrics, stopped_early, t_start)
 
 
-def _final_metrics(model: nn.Module, data: mdata.MNISTData, epochs: list[dict]) -> dict:
-    val = evaluate(model, data.x_val, data.y_val)
-    test = evaluate(model, data.x_test, data.y_test) if len(data.y_test) else None
+def _final_metrics(model: nn.Module, data: TrainData, epochs: list[dict]) -> dict:
+    val = evaluate(model, data.eval_batches("val"))
+    test = evaluate(model, data.eval_batches("test")) if data.sizes()["test"] else None
     train_time = sum(e["epoch_time_s"] for e in epochs)
     samples = sum(e["samples"] for e in epochs)
     return {"val_accuracy": val["accuracy"], "val_loss": val["loss"],

@@ -1,0 +1,100 @@
+"""What the trainer iterates over: in-memory tensors (MNIST, a CSV) or a torchvision dataset through DataLoaders.
+
+Both sources answer the same questions -- how many samples and steps, this epoch's shuffled
+training batches for this rank, the validation and test batches, and a first batch for
+warm-up and timing -- so :mod:`mbmlib.workflow.train` does not care which one it holds.
+MNIST with a one-channel model keeps the fast in-memory path (pixels in [0, 1], as the
+original experiment trained); every other dataset, or MNIST for a three-channel model, goes
+through :mod:`mbmlib.workflow.datasets` (normalised, augmented for training).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import data as mdata
+
+__all__ = ["TensorTrainData", "LoaderTrainData", "EVAL_BATCH", "uses_memory_path"]
+
+EVAL_BATCH = 500  # validation/test batch size: large batches, no gradients
+Batch = Tuple[Tensor, Tensor]
+
+
+def uses_memory_path(dataset: str, channels: Optional[int]) -> bool:
+    """Whether ``dataset`` for a model wanting ``channels`` input channels (None: the data's own) stays in memory."""
+    return dataset.lower() == "mnist" and channels in (None, 1)
+
+
+class TensorTrainData:
+    """The splits as tensors on the training device (:class:`mbmlib.workflow.data.MNISTData`)."""
+
+    num_classes, channels, image_size = 10, 1, 28
+
+    def __init__(self, data: mdata.MNISTData):
+        self.data = data
+
+    def sizes(self) -> dict:
+        """Samples per split."""
+        return self.data.sizes()
+
+    def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
+        """Optimiser steps per epoch on each rank."""
+        return mdata.num_batches(len(self.data.y_train), batch_size, world_size=world_size)
+
+    def train_batches(self, batch_size: int, shuffle_seed: int, rank: int, world_size: int) -> Iterator[Batch]:
+        """This rank's shuffled training batches; the same ``shuffle_seed`` on every rank keeps shards disjoint."""
+        gen = torch.Generator().manual_seed(shuffle_seed)
+        return mdata.batches(self.data.x_train, self.data.y_train, batch_size, shuffle=True, generator=gen,
+                             rank=rank, world_size=world_size)
+
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        """The ``val`` or ``test`` split in order, in batches of :data:`EVAL_BATCH`."""
+        x, y = self.data.val if split == "val" else self.data.test
+        return mdata.batches(x, y, EVAL_BATCH)
+
+    def first_batch(self, n: int) -> Batch:
+        """The first ``n`` training samples (warm-up, step timing)."""
+        return self.data.x_train[:n], self.data.y_train[:n]
+
+
+class LoaderTrainData:
+    """A torchvision dataset's splits (:class:`mbmlib.workflow.datasets.ImageSplits`) read by DataLoaders.
+
+    Batches are moved to ``device`` as they come (pinned memory on CUDA); ``workers``
+    processes decode and augment in the background.
+    """
+
+    def __init__(self, splits, device: torch.device, workers: int):
+        self.splits, self.device, self.workers = splits, device, workers
+        self.num_classes, self.image_size = splits.info.num_classes, splits.info.image_size
+        self.channels = splits.train[0][0].shape[0]  # after grey-to-RGB for a three-channel model
+
+    def sizes(self) -> dict:
+        """Samples per split."""
+        return self.splits.sizes()
+
+    def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
+        """Optimiser steps per epoch on each rank (DistributedSampler pads every rank to the same count)."""
+        return mdata.num_batches(len(self.splits.train), batch_size, world_size=world_size)
+
+    def _batches(self, dataset, batch_size: int, **loader_kw) -> Iterator[Batch]:
+        from .datasets import loader
+
+        blocking = self.device.type != "cuda"
+        for x, y in loader(dataset, batch_size, workers=self.workers, device=self.device, **loader_kw):
+            yield x.to(self.device, non_blocking=not blocking), y.to(self.device, non_blocking=not blocking)
+
+    def train_batches(self, batch_size: int, shuffle_seed: int, rank: int, world_size: int) -> Iterator[Batch]:
+        """This rank's shuffled, augmented training batches (the shuffle drawn from ``shuffle_seed``)."""
+        return self._batches(self.splits.train, batch_size, shuffle=True, seed=shuffle_seed, rank=rank,
+                             world_size=world_size)
+
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        """The ``val`` or ``test`` split in order (evaluation transform), in batches of :data:`EVAL_BATCH`."""
+        return self._batches(self.splits.val if split == "val" else self.splits.test, EVAL_BATCH)
+
+    def first_batch(self, n: int) -> Batch:
+        """``n`` training samples in dataset order (warm-up, step timing)."""
+        return next(iter(self._batches(self.splits.train, n)))
