@@ -408,8 +408,8 @@ def test_report_reads_runs_and_benchmarks_and_flags_broken_files(fake_results):
     table = pd.read_csv(out["csv"])
     assert list(table.columns) == [c for c, _, _ in report.SUMMARY_COLUMNS] and len(table) == 3
     md = " ".join(out["markdown"].read_text().split())  # pandas pads the cells
-    assert "| run | model | multiplier | backward | seed | runtime / device |" in md
-    assert "| t4-mbm | seednet | mbm | exact | – | Tesla T4 (Colab) | 2 | 480 | 90.00 | 88.00 |" in md
+    assert "| run | model | dataset | multiplier | backward | seed | runtime / device |" in md
+    assert "| t4-mbm | seednet | mnist | mbm | exact | – | Tesla T4 (Colab) | 2 | 480 | 90.00 | 88.00 |" in md
     assert "broken/metrics.json" in md  # skipped files are listed
     assert len(pd.read_csv(out["bench_csv"])) == 2 * 2 * 6 * 4
     assert_no_temporaries(fake_results)
@@ -495,6 +495,6 @@ def test_runs_that_differ_only_in_seed_are_grouped_with_intervals(tmp_path):
     assert mbm["epoch_time_s_mean"] == pytest.approx(sum(times) / 3)
     out = report.write_summary(results, results=res)
     md = " ".join(out["markdown"].read_text().split())
-    assert "| seednet | mbm | exact | AMD EPYC CPU | 240 | 2 | 3 | 90.00 ± 4.97 | 2.00 |" in md
+    assert "| seednet | mnist | mbm | exact | AMD EPYC CPU | 240 | 2 | 3 | 90.00 ± 4.97 | 2.00 |" in md
     assert len(pd.read_csv(results / "summary_by_seed.csv")) == 3
     assert_png(plots.seed_intervals(res.runs, tmp_path / "seeds.png"))

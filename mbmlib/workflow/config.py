@@ -87,11 +87,11 @@ class TrainConfig:
     data_csv: Optional[str] = field(default=None, metadata=_opt(
         _DATA, "train from a Kaggle-style CSV (label + 784 pixels) instead; it has no test split"))
     train_samples: Optional[int] = field(default=None, metadata=_opt(
-        _DATA, "stratified subset of this many training samples (None: all 48000)", type=int))
+        _DATA, "stratified subset of this many training samples (None: the whole training split, 48000 for MNIST)", type=int))
     val_samples: Optional[int] = field(default=None, metadata=_opt(
         _DATA, "stratified subset of the validation split (None: all)", type=int))
     test_samples: Optional[int] = field(default=None, metadata=_opt(
-        _DATA, "stratified subset of the test set (None: all 10000)", type=int))
+        _DATA, "stratified subset of the test set (None: all of it)", type=int))
     device: str = field(default="auto", metadata=_opt(_RUN, "cpu, cuda, cuda:N or auto"))
     run_name: Optional[str] = field(default=None, metadata=_opt(
         _RUN, "folder name under the results folder (None: <model>-<multiplier>-<backward>-b<batch>-<runtime>, "

@@ -374,7 +374,9 @@ def layer_sensitivity(report: dict, path: str | Path) -> Path:
     ax1.set_yticks(y, [r["layer"] for r in rows], fontsize=8)
     ax1.invert_yaxis()
     ax1.margins(x=0.25)
-    ax1.set_xlabel(f"top-1 drop against exact ({report['baseline']['top1']:.2f}%), points")
+    one_image = 100.0 / report["baseline"]["samples"]  # the finest step a drop can take
+    ax1.set_xlabel(f"top-1 drop against exact ({report['baseline']['top1']:.2f}%), points "
+                   f"(one image = {one_image:.2g})")
     ax1.set_title("Accuracy drop (blue: one layer approximate; orange: together)", fontsize=9)
     ax2.barh(y, [100.0 * r["macs"] / report["total_macs"] for r in rows], color=colors, alpha=0.6)
     ax2.set_xlabel("share of the model's MACs (%)")
