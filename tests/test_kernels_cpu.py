@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mbmlib.kernels import compiled, cpu_native, reference
-from mbmlib.multipliers import Multiplier, products, split_operand
+from mbmlib.multipliers import Multiplier, as_multiplier, products, split_operand
 
 _ORDER = ("DEFAULT", "AVX2", "AVX512")
 _HERE = torch.backends.cpu.get_cpu_capability()
@@ -199,3 +199,60 @@ def test_without_openmp_python_threads_split_the_tiles(monkeypatch, tmp_path):
     mult = Multiplier("mbm", 0)
     a, b = torch.randn(2, 131, 80), torch.randn(2, 45, 80)
     torch.testing.assert_close(_gemm(a, b, mult, None), reference.bmm_nt(a, b, mult), rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- integer multipliers (SPEC section 4)
+
+INT_MULTIPLIERS = ["mbm-int8", "mitchell-int8", "mbm-int2", "mbm-int5", "mitchell-int11", "mbm-int12"]
+
+
+def _int_operands(name, shape_a, shape_b, seed=0):
+    """Random sign-magnitude operands over the whole range, with zeros and the extremes planted."""
+    mult = as_multiplier(name)
+    gen = torch.Generator().manual_seed(seed)
+    hi = mult.max_magnitude
+    qa = torch.randint(-hi, hi + 1, shape_a, generator=gen)
+    qb = torch.randint(-hi, hi + 1, shape_b, generator=gen)
+    for q, planted in ((qa, [0, hi, -hi, 1]), (qb, [hi, 0, -hi, -1])):
+        n = min(4, q.numel())
+        q.view(-1)[:n] = torch.tensor(planted[:n])
+    return mult, qa, qb
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("name", INT_MULTIPLIERS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 7, 5, 9), (1, 13, 37, 300), (3, 6, 33, 64)])
+def test_integer_gemm_equals_the_reference_exactly(capability, name, shape):
+    G, M, N, K = shape
+    mult, qa, qb = _int_operands(name, (G, M, K), (G, N, K))
+    got = cpu_native.bmm_nt_int(qa, qb, mult, capability=capability)
+    assert got.dtype == torch.float64 and got.shape == (G, M, N)
+    assert torch.equal(got, reference.bmm_nt_int(qa, qb, mult))
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_table_gemm_gives_zero_for_zero_operands_whatever_the_table_holds(capability):
+    table = torch.randint(1, 100_000, (256, 256), generator=torch.Generator().manual_seed(3))  # row/column 0 not 0
+    mult = Multiplier.from_table(table)
+    _, qa, qb = _int_operands("mbm-int8", (2, 9, 40), (2, 21, 40), seed=4)
+    assert cpu_native.supports_int(mult)
+    assert torch.equal(cpu_native.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
+
+
+def test_integer_sums_pass_int32_in_blocks():
+    """mbm-int12 products reach 2^24: sums over K = 5000 overflow int32 unless flushed to int64 in blocks."""
+    mult = as_multiplier("mbm-int12")
+    qa = torch.full((1, 2, 5000), mult.max_magnitude)
+    qb = torch.full((1, 3, 5000), -mult.max_magnitude)
+    got = cpu_native.bmm_nt_int(qa, qb, mult)
+    assert got.abs().min() > 2**31 and torch.equal(got, reference.bmm_nt_int(qa, qb, mult))
+
+
+def test_compiled_backend_runs_supported_integer_designs_natively(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_native, "bmm_nt_int", lambda *args, **kw: calls.append(args[2].name) or 0)
+    mult, qa, qb = _int_operands("mbm-int8", (1, 3, 4), (1, 2, 4))
+    compiled.bmm_nt_int(qa, qb, mult)
+    assert calls == ["mbm-int8"]
+    assert not cpu_native.supports_int(as_multiplier("mbm-int13"))  # wider designs stay on inductor
+    assert not cpu_native.supports_int(Multiplier.from_table(torch.zeros(512, 512, dtype=torch.int64)))

@@ -149,11 +149,14 @@ def _int_kernel(multiplier: Multiplier):
 
 
 def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
-    """Integer ``qa @ qb.T`` (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums, fused by inductor.
+    """Integer ``qa @ qb.T`` (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums.
 
-    Falls back to the reference (one warning) where torch.compile does not work.
+    The C++ integer GEMM on the CPU for the designs it covers (:func:`cpu_native.supports_int`), else
+    fused by inductor; the reference (one warning) where torch.compile does not work either.
     """
     check_int_gemm(qa, qb, multiplier)
+    if cpu_native.supports_int(multiplier) and _native_available(qa.device):
+        return cpu_native.bmm_nt_int(qa, qb, multiplier)
     if _fallback_reason is not None:
         return reference.bmm_nt_int(qa, qb, multiplier)
     table = flat_table(multiplier, qa.device) if multiplier.kind == "table" else None

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..multipliers import Multiplier, split_operand
+from ..multipliers import Multiplier, int_fields, split_operand
 from .lowering import output_size, weight_rows
 
-__all__ = ["library", "isa", "gemm", "bmm_nt_split", "conv2d", "BuildError"]
+__all__ = ["library", "isa", "gemm", "bmm_nt_split", "conv2d", "BuildError", "supports_int", "bmm_nt_int"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {
@@ -100,6 +100,9 @@ def _library(capability: str) -> ctypes.CDLL:
     lib.mbm_gemm_tiles.argtypes = [ptr] * 4 + [i64] + [ptr] * 3 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32,
                                                                                 ctypes.c_int32, ctypes.c_int]
     lib.mbm_gemm_tiles.restype = None
+    lib.mbm_gemm_int_tiles.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ptr,
+                                                                 ctypes.c_int, i64, ctypes.c_int]
+    lib.mbm_gemm_int_tiles.restype = None
     lib.mbm_tiles.argtypes = [i64, i64]
     lib.mbm_tiles.restype = i64
     return lib
@@ -130,15 +133,14 @@ def _panels(x: torch.Tensor, cols: int, nr: int) -> torch.Tensor:
     return _padded_rows(x, cols).view(G, cols // nr, nr, K).transpose(2, 3).contiguous()
 
 
-def _run_tiles(lib, args: tuple, tiles: int, macs: int) -> None:
-    """Run tiles [0, tiles) of ``args`` (operands, M, Np, K | mbm, c0, c1) on OpenMP or Python threads."""
+def _run_tiles(lib, kernel, head: tuple, tail: tuple, tiles: int, macs: int) -> None:
+    """Run tiles [0, tiles) of ``kernel(*head, begin, end, *tail, threads)`` on OpenMP or Python threads."""
     workers = min(tiles, torch.get_num_threads()) if macs >= _MIN_PARALLEL_MACS else 1
     if workers <= 1 or lib.mbm_has_openmp():
-        lib.mbm_gemm_tiles(*args[:11], 0, tiles, *args[11:], workers)
+        kernel(*head, 0, tiles, *tail, workers)
         return
     bounds = [tiles * i // workers for i in range(workers + 1)]
-    jobs = [_pool(workers).submit(lib.mbm_gemm_tiles, *args[:11], lo, hi, *args[11:], 1)
-            for lo, hi in zip(bounds, bounds[1:])]
+    jobs = [_pool(workers).submit(kernel, *head, lo, hi, *tail, 1) for lo, hi in zip(bounds, bounds[1:])]
     for job in jobs:
         job.result()
 
@@ -160,8 +162,9 @@ def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col
     keep = (*a_fields, a_row, a_col, b_s, b_m, out)  # all contiguous; alive until the kernel returns
     c0, c1 = multiplier.corrections
     ptrs = [t.data_ptr() for t in keep]
-    args = (*ptrs[:4], a_group, *ptrs[4:], M, Np, K, int(multiplier.kind == "mbm"), c0, c1)
-    _run_tiles(lib, args, G * lib.mbm_tiles(M, Np), G * M * N * K)
+    head = (*ptrs[:4], a_group, *ptrs[4:], M, Np, K)
+    _run_tiles(lib, lib.mbm_gemm_tiles, head, (int(multiplier.kind == "mbm"), c0, c1), G * lib.mbm_tiles(M, Np),
+               G * M * N * K)
     return out if Np == N else out[:, :, :N].contiguous()
 
 
@@ -193,3 +196,68 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
     sw, mw = split_operand(weight_rows(w, groups), multiplier)  # (G, O/G, K)
     res = gemm(fields, a_row, a_col, Cg, sw, mw, multiplier, capability)  # (G, B*Ho*Wo, O/G)
     return res.view(groups, B, Ho * Wo, O // groups).permute(1, 0, 3, 2).reshape(B, O, Ho, Wo)
+
+
+# ----------------------------------------------------------------------------- integer multipliers (SPEC section 4)
+
+FORMULA_MAX_BITS = 12  # products < 2**24 and shifts that only go right: int32 lanes suffice
+TABLE_MAX_BITS = 8  # a 256 x 256 int32 table (256 KB) stays in the cache
+_INT_KINDS = {"mitchell": 0, "mbm": 1, "table": 2}
+
+
+def supports_int(multiplier: Multiplier) -> bool:
+    """Whether the C++ integer GEMM computes ``multiplier`` (formula designs <= 12 bits, int32 tables <= 8)."""
+    if multiplier.kind == "table":
+        return multiplier.bits <= TABLE_MAX_BITS and _max_product(multiplier) < 2**31
+    return multiplier.kind in _INT_KINDS and multiplier.bits <= FORMULA_MAX_BITS
+
+
+@functools.lru_cache(maxsize=16)
+def _max_product(multiplier: Multiplier) -> int:
+    """The largest |P| the multiplier gives: bounds how many products an int32 sum may take."""
+    if multiplier.kind == "table":
+        return max(1, int(multiplier.table.abs().max()))
+    return 2 ** (2 * multiplier.bits)  # P < G * 2**(2n - 25) with G < 2**25
+
+
+@functools.lru_cache(maxsize=16)
+def _kernel_table(multiplier: Multiplier) -> torch.Tensor:
+    """A table multiplier's entries as int32, row and column 0 zero (a zero operand gives 0, as its sign does)."""
+    table = multiplier.table.to(torch.int32).clone()
+    table[0, :], table[:, 0] = 0, 0
+    return table.reshape(-1).contiguous()
+
+
+def _int_operand(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sign mask 0/-1, f, h) int32 fields of sign-magnitude integers, as ``mbm_gemm_int_tiles`` reads them."""
+    q = q.to(torch.int32)
+    sign_mask = -(q < 0).to(torch.int32)
+    if multiplier.kind == "table":
+        magnitude = q.abs()
+        return sign_mask, magnitude, magnitude
+    exponent, mantissa = int_fields(q, multiplier)  # (sign * (k + 1), 23-bit mantissa field)
+    return sign_mask, torch.where(q == 0, -64, exponent.abs()).to(torch.int32), mantissa
+
+
+def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
+               capability: str | None = None) -> torch.Tensor:
+    """Integer ``qa @ qb.T`` on the CPU: (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums.
+
+    Each term is ``sign * P(|a|, |b|)`` as :func:`mbmlib.multipliers.int_products` gives it; ``multiplier``
+    must pass :func:`supports_int`.
+    """
+    lib = library(capability)
+    nr = lib.mbm_tile_cols()
+    G, M, K = qa.shape
+    N = qb.shape[1]
+    Np = -(-N // nr) * nr
+    a = [f.contiguous() for f in _int_operand(qa, multiplier)]
+    b = [_panels(f, Np, nr) for f in _int_operand(qb, multiplier)]  # (G, Np/nr, K, nr)
+    out = torch.empty(G, M, Np, dtype=torch.int64)
+    table = _kernel_table(multiplier) if multiplier.kind == "table" else a[0]  # a placeholder pointer otherwise
+    c0, c1 = multiplier.corrections
+    head = (*(t.data_ptr() for t in (*a, *b, out)), M, Np, K)
+    tail = (_INT_KINDS[multiplier.kind], c0, c1, table.data_ptr(), multiplier.bits,
+            (2**31 - 1) // _max_product(multiplier))
+    _run_tiles(lib, lib.mbm_gemm_int_tiles, head, tail, G * lib.mbm_tiles(M, Np), G * M * N * K)
+    return (out if Np == N else out[:, :, :N]).to(torch.float64)

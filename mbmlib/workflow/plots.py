@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -119,12 +120,14 @@ def loss_curves(history: pd.DataFrame, path: str | Path, labels: Optional[Mappin
     ax = fig.add_subplot()
     longest = int(history.groupby("run").size().max())
     span = smooth if smooth is not None else min(100, max(3, longest // 15))
-    for i, (run, h) in enumerate(history.sort_values("step").groupby("run", sort=True)):
+    runs = history.sort_values("step").groupby("run", sort=True)
+    palette = matplotlib.colormaps["tab20" if runs.ngroups > 10 else "tab10"]
+    for i, (run, h) in enumerate(runs):
         label = (labels or {}).get(run, run)
         steps, loss = h["step"].to_numpy(float), h["loss"].to_numpy(float)
-        color = f"C{i % 10}"
+        color, style = palette(i % palette.N), ("-", "--", ":", "-.")[i // palette.N % 4]  # no two runs alike
         ax.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(steps, _smooth(loss, span), color=color, linewidth=1.8, label=label)
+        ax.plot(steps, _smooth(loss, span), color=color, linestyle=style, linewidth=1.8, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step (mini-batches)")
     ax.set_ylabel("cross-entropy loss (nats)")

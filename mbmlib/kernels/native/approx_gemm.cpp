@@ -33,6 +33,14 @@ static inline vi i_shr1(vi a) { return _mm512_srai_epi32(a, 1); }
 static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { return _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(x, y), q, p); }
 static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { return _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(x, y), q, p); }
 static inline vf as_f(vi a) { return _mm512_castsi512_ps(a); }
+static inline vi i_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
+static inline vi i_xor(vi a, vi b) { return _mm512_xor_si512(a, b); }
+static inline vi i_andnot(vi a, vi b) { return _mm512_andnot_si512(a, b); }  // ~a & b
+static inline vi i_shl1(vi a) { return _mm512_slli_epi32(a, 1); }
+static inline vi i_shr24(vi a) { return _mm512_srli_epi32(a, 24); }
+static inline vi i_shrv(vi a, vi n) { return _mm512_srlv_epi32(a, n); }  // 0 where n > 31
+static inline vi i_gather(const int32_t* t, vi idx) { return _mm512_i32gather_epi32(idx, t, 4); }
+static inline void i_store(int32_t* p, vi x) { _mm512_storeu_si512(p, x); }
 #define ISA 2
 #define MR 6
 #define FLOAT_MBM 1
@@ -54,6 +62,14 @@ static inline vi i_shr1(vi a) { return _mm256_srai_epi32(a, 1); }
 static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { return _mm256_blendv_epi8(q, p, _mm256_cmpgt_epi32(y, x)); }
 static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { return _mm256_blendv_epi8(p, q, _mm256_cmpgt_epi32(y, x)); }
 static inline vf as_f(vi a) { return _mm256_castsi256_ps(a); }
+static inline vi i_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
+static inline vi i_xor(vi a, vi b) { return _mm256_xor_si256(a, b); }
+static inline vi i_andnot(vi a, vi b) { return _mm256_andnot_si256(a, b); }  // ~a & b
+static inline vi i_shl1(vi a) { return _mm256_slli_epi32(a, 1); }
+static inline vi i_shr24(vi a) { return _mm256_srli_epi32(a, 24); }
+static inline vi i_shrv(vi a, vi n) { return _mm256_srlv_epi32(a, n); }  // 0 where n > 31
+static inline vi i_gather(const int32_t* t, vi idx) { return _mm256_i32gather_epi32(t, idx, 4); }
+static inline void i_store(int32_t* p, vi x) { _mm256_storeu_si256((__m256i*)p, x); }
 #define ISA 1
 #else
 #define VW 8
@@ -73,6 +89,14 @@ static inline vi i_shr1(vi a) { LANES(vi, a.v[l] >> 1); }
 static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { LANES(vi, x.v[l] >= y.v[l] ? p.v[l] : q.v[l]); }
 static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { LANES(vi, x.v[l] < y.v[l] ? p.v[l] : q.v[l]); }
 static inline vf as_f(vi a) { vf r; std::memcpy(r.v, a.v, sizeof r.v); return r; }
+static inline vi i_sub(vi a, vi b) { LANES(vi, a.v[l] - b.v[l]); }
+static inline vi i_xor(vi a, vi b) { LANES(vi, a.v[l] ^ b.v[l]); }
+static inline vi i_andnot(vi a, vi b) { LANES(vi, ~a.v[l] & b.v[l]); }
+static inline vi i_shl1(vi a) { LANES(vi, (int32_t)((uint32_t)a.v[l] << 1)); }
+static inline vi i_shr24(vi a) { LANES(vi, (int32_t)((uint32_t)a.v[l] >> 24)); }
+static inline vi i_shrv(vi a, vi n) { LANES(vi, (uint32_t)n.v[l] > 31 ? 0 : (int32_t)((uint32_t)a.v[l] >> n.v[l])); }
+static inline vi i_gather(const int32_t* t, vi idx) { LANES(vi, t[idx.v[l]]); }
+static inline void i_store(int32_t* p, vi x) { for (int l = 0; l < VW; ++l) p[l] = x.v[l]; }
 #define ISA 0
 #endif
 
@@ -176,6 +200,92 @@ static void tile_rows(int rows, const AOperand& a, int64_t a0, int64_t m0, const
     }
 }
 
+// ----------------------------------------------------------------------------- integer multipliers (SPEC 4)
+//
+// out[g, m, n] = sum_k sign * P(|a[m,k]|, |b[k,n]|), exact int64 sums.  Every operand comes as three int32
+// fields: a sign mask (0 or -1), f and h.  Formula designs (n <= 12 bits): f = k + 1 for |q| = 2^k (1 + x)
+// (-64 for q = 0, which shifts the product out), h = the 23-bit mantissa field of float(|q|); then
+// P = G >> (25 - f_a - f_b), G the significand of mantissa_product (floating.py) in integer form.
+// Tables (n <= 8 bits): f = |q|, P = table[(f_a << n) + f_b] from a table whose row and column 0 are 0.
+// Products are summed in int32 for ``kblock`` steps at a time (kblock * max |P| < 2^31), then in int64.
+enum IntKind { INT_MITCHELL = 0, INT_MBM = 1, INT_TABLE = 2 };
+
+struct IntConsts {
+    vi one, one_c0, two_one, c1;  // ONE; ONE + c0; 2 * ONE; c1 (mantissa_product's constants)
+    const int32_t* table;
+    int bits;
+    int64_t kblock;
+};
+
+template <int KIND>
+static inline vi int_magnitude(int32_t fa, int32_t ha, vi fb, vi hb, vi shift_base, const IntConsts& c) {
+    if (KIND == INT_TABLE) return i_gather(c.table, i_add(i_set1(fa << c.bits), fb));
+    vi s = i_add(i_set1(ha), hb);  // mant_a + mant_b
+    vi g;
+    if (KIND == INT_MITCHELL) {
+        g = i_sel_ge(s, c.one, i_shl1(s), i_add(s, c.one));
+    } else {
+        vi m0 = i_add(s, c.one_c0);        // no carry: 1 + x1 + x2 + c, maybe >= 2
+        vi g0 = i_andnot(i_shr24(m0), m0);  // >= 2: drop the bit the normalising shift truncates
+        vi t1 = i_add(s, c.c1);            // carry: 2 * (x1 + x2 + c/2); corner case: skip the correction
+        g = i_sel_ge(s, c.one, i_shl1(i_sel_lt(t1, c.two_one, t1, s)), g0);
+    }
+    return i_shrv(g, i_sub(shift_base, fb));  // shift_base = 25 - f_a
+}
+
+template <int KIND, int ROWS>
+static void int_tile(const int32_t* const* a, int64_t m0, int64_t K, const int32_t* const* b, int64_t* out,
+                     int64_t ldo, const IntConsts& c) {
+    int64_t acc[ROWS][NR] = {};
+    int32_t part[VW];
+    for (int64_t k0 = 0; k0 < K; k0 += c.kblock) {
+        int64_t k1 = k0 + c.kblock < K ? k0 + c.kblock : K;
+        vi sum[ROWS][NV];
+        for (int i = 0; i < ROWS; ++i)
+            for (int j = 0; j < NV; ++j) sum[i][j] = i_set1(0);
+        for (int64_t k = k0; k < k1; ++k) {
+            vi bsg[NV], bf[NV], bh[NV];
+            for (int j = 0; j < NV; ++j) {
+                bsg[j] = i_load(b[0] + k * NR + j * VW);
+                bf[j] = i_load(b[1] + k * NR + j * VW);
+                bh[j] = i_load(b[2] + k * NR + j * VW);
+            }
+            for (int i = 0; i < ROWS; ++i) {
+                int64_t at = (m0 + i) * K + k;
+                int32_t fa = a[1][at], ha = a[2][at];
+                vi asg = i_set1(a[0][at]), shift_base = i_set1(25 - fa);
+                for (int j = 0; j < NV; ++j) {
+                    vi p = int_magnitude<KIND>(fa, ha, bf[j], bh[j], shift_base, c);
+                    vi neg = i_xor(asg, bsg[j]);  // -1 where the signs differ
+                    sum[i][j] = i_add(sum[i][j], i_sub(i_xor(p, neg), neg));
+                }
+            }
+        }
+        for (int i = 0; i < ROWS; ++i)
+            for (int j = 0; j < NV; ++j) {
+                i_store(part, sum[i][j]);
+                for (int l = 0; l < VW; ++l) acc[i][j * VW + l] += part[l];
+            }
+    }
+    for (int i = 0; i < ROWS; ++i)
+        for (int n = 0; n < NR; ++n) out[i * ldo + n] = acc[i][n];
+}
+
+template <int KIND>
+static void int_tile_rows(int rows, const int32_t* const* a, int64_t m0, int64_t K, const int32_t* const* b,
+                          int64_t* out, int64_t ldo, const IntConsts& c) {
+    switch (rows) {
+        case 1: int_tile<KIND, 1>(a, m0, K, b, out, ldo, c); break;
+        case 2: int_tile<KIND, 2>(a, m0, K, b, out, ldo, c); break;
+        case 3: int_tile<KIND, 3>(a, m0, K, b, out, ldo, c); break;
+#if MR > 4
+        case 4: int_tile<KIND, 4>(a, m0, K, b, out, ldo, c); break;
+        case 5: int_tile<KIND, 5>(a, m0, K, b, out, ldo, c); break;
+#endif
+        default: int_tile<KIND, MR>(a, m0, K, b, out, ldo, c);
+    }
+}
+
 extern "C" {
 
 int mbm_isa() { return ISA; }
@@ -208,6 +318,29 @@ void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, co
         if (kind == MBM_ONE_ADDEND) tile_rows<MBM_ONE_ADDEND>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
         else if (kind == MBM) tile_rows<MBM>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
         else tile_rows<MITCHELL>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
+    }
+}
+
+// Tiles [begin, end) as mbm_gemm_tiles, for an integer multiplier.  a_*: (G, M, K) row-major int32 fields
+// (sign mask, f, h); b_*: (G, Np / NR, K, NR) K-major column panels of the same fields; out: (G, M, Np) int64.
+// kind: 0 Mitchell, 1 MBM (corrections c0, c1), 2 table (``table``: (2^bits)^2 int32 entries, row/column 0 zero).
+void mbm_gemm_int_tiles(const int32_t* a_sign, const int32_t* a_f, const int32_t* a_h, const int32_t* b_sign,
+                        const int32_t* b_f, const int32_t* b_h, int64_t* out, int64_t M, int64_t Np, int64_t K,
+                        int64_t begin, int64_t end, int kind, int32_t c0, int32_t c1, const int32_t* table,
+                        int bits, int64_t kblock, int threads) {
+    IntConsts c{i_set1(ONE), i_set1(ONE + c0), i_set1(2 * ONE), i_set1(c1), table, bits, kblock < 1 ? 1 : kblock};
+    int64_t mt = (M + MR - 1) / MR, nt = Np / NR;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t t = begin; t < end; ++t) {
+        int64_t m = t % mt, n = (t / mt) % nt, g = t / (mt * nt);
+        int rows = (int)(M - m * MR < MR ? M - m * MR : MR);
+        int64_t a0 = g * M * K, b0 = (g * nt + n) * K * NR;
+        const int32_t* a[3] = {a_sign + a0, a_f + a0, a_h + a0};
+        const int32_t* b[3] = {b_sign + b0, b_f + b0, b_h + b0};
+        int64_t* o = out + (g * M + m * MR) * Np + n * NR;
+        if (kind == INT_TABLE) int_tile_rows<INT_TABLE>(rows, a, m * MR, K, b, o, Np, c);
+        else if (kind == INT_MBM) int_tile_rows<INT_MBM>(rows, a, m * MR, K, b, o, Np, c);
+        else int_tile_rows<INT_MITCHELL>(rows, a, m * MR, K, b, o, Np, c);
     }
 }
 
