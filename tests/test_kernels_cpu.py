@@ -256,3 +256,30 @@ def test_compiled_backend_runs_supported_integer_designs_natively(monkeypatch):
     assert calls == ["mbm-int8"]
     assert not cpu_native.supports_int(as_multiplier("mbm-int13"))  # wider designs stay on inductor
     assert not cpu_native.supports_int(Multiplier.from_table(torch.zeros(512, 512, dtype=torch.int64)))
+
+
+INT_CONV_CASES = [  # (B, C, H, W), (O, C/groups, kh, kw), stride, padding, dilation, groups
+    ((2, 3, 9, 8), (5, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((1, 4, 11, 7), (6, 2, 3, 2), (2, 1), (0, 2), (1, 2), 2),
+    ((3, 1, 6, 6), (7, 1, 5, 5), (1, 1), (2, 2), (1, 1), 1),
+    ((1, 6, 8, 8), (6, 1, 3, 3), (2, 2), (1, 0), (2, 1), 6),  # depthwise
+]
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("name", ["mbm-int8", "mitchell-int5", "mbm-int12"])
+@pytest.mark.parametrize("case", range(len(INT_CONV_CASES)))
+def test_integer_implicit_gemm_conv_equals_the_reference(capability, name, case):
+    x_shape, w_shape, stride, padding, dilation, groups = INT_CONV_CASES[case]
+    mult, qx, qw = _int_operands(name, x_shape, w_shape, seed=case)
+    got = cpu_native.conv2d_int(qx, qw, stride, padding, dilation, groups, mult, capability=capability)
+    want = reference.conv2d_int(qx, qw, stride, padding, dilation, groups, mult)
+    assert torch.equal(got, want) and got.stride() == want.stride()  # the layout too: it steers later rounding
+
+
+def test_compiled_integer_conv_uses_the_implicit_gemm(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_native, "conv2d_int", lambda *args, **kw: calls.append(args[6].name) or 0)
+    mult, qx, qw = _int_operands("mbm-int8", (1, 2, 5, 5), (3, 2, 3, 3))
+    compiled.conv2d_int(qx, qw, (1, 1), (1, 1), (1, 1), 1, mult)
+    assert calls == ["mbm-int8"]

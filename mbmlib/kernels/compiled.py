@@ -171,5 +171,9 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> to
 
 def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,
                multiplier: Multiplier) -> torch.Tensor:
-    """Integer convolution (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo) float64: im2col + :func:`bmm_nt_int`."""
+    """Integer convolution (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo) float64: the C++ implicit GEMM
+    where it covers the multiplier, else im2col + :func:`bmm_nt_int`."""
+    if cpu_native.supports_int(multiplier) and _native_available(qx.device):
+        check_int_gemm(qx, qw, multiplier, k=qw[0].numel())
+        return cpu_native.conv2d_int(qx, qw, stride, padding, dilation, groups, multiplier)
     return conv2d_int_via_gemm(qx, qw, stride, padding, dilation, groups, multiplier, bmm_nt_int)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..multipliers import Multiplier, int_fields, split_operand
 from .lowering import output_size, weight_rows
 
-__all__ = ["library", "isa", "gemm", "bmm_nt_split", "conv2d", "BuildError", "supports_int", "bmm_nt_int"]
+__all__ = ["library", "isa", "gemm", "bmm_nt_split", "conv2d", "BuildError", "supports_int", "bmm_nt_int", "conv2d_int"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {
@@ -100,7 +100,7 @@ def _library(capability: str) -> ctypes.CDLL:
     lib.mbm_gemm_tiles.argtypes = [ptr] * 4 + [i64] + [ptr] * 3 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32,
                                                                                 ctypes.c_int32, ctypes.c_int]
     lib.mbm_gemm_tiles.restype = None
-    lib.mbm_gemm_int_tiles.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ptr,
+    lib.mbm_gemm_int_tiles.argtypes = [ptr] * 5 + [i64] + [ptr] * 4 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ptr,
                                                                  ctypes.c_int, i64, ctypes.c_int]
     lib.mbm_gemm_int_tiles.restype = None
     lib.mbm_tiles.argtypes = [i64, i64]
@@ -183,18 +183,33 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
 
     (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo); same products and k order as im2col + GEMM.
     """
+    x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, w.shape, stride, padding, dilation)
+    sw, mw = split_operand(weight_rows(w, groups), multiplier)  # (G, O/G, K)
+    res = gemm(split_operand(x_cl, multiplier), a_row, a_col, w.shape[1], sw, mw, multiplier, capability)
+    return _conv_output(res, x.shape[0], w.shape[0], groups, Ho, Wo)
+
+
+def _implicit_patches(x: torch.Tensor, w_shape, stride, padding, dilation):
+    """The padded channels-last image and where each im2col element lies in it, without copying patches.
+
+    Returns ``(x_cl, a_row, a_col, (Ho, Wo))``: ``x_cl`` (B, Hp, Wp, C) contiguous (padding zero), patch
+    (b, ho, wo) starting at ``a_row``, its (kh, kw, channel) elements at ``a_col`` (weight_rows order).
+    """
     B, C, H, W = x.shape
-    O, Cg, kh, kw = w.shape
+    O, Cg, kh, kw = w_shape
     Ho, Wo = output_size((H, W), (kh, kw), stride, padding, dilation)
     pads = (0, 0, padding[1], padding[1], padding[0], padding[0])
-    fields = split_operand(F.pad(x.permute(0, 2, 3, 1), pads), multiplier)  # (B, Hp, Wp, C); padding: scale 0
-    sB, sH, sW, _ = fields[0].stride()
+    x_cl = F.pad(x.permute(0, 2, 3, 1), pads).contiguous()
+    sB, sH, sW, _ = x_cl.stride()
     a_row = (torch.arange(B)[:, None, None] * sB + torch.arange(Ho)[:, None] * (stride[0] * sH)
              + torch.arange(Wo) * (stride[1] * sW)).reshape(-1)  # (B*Ho*Wo,) patch corners
     a_col = (torch.arange(kh)[:, None, None] * (dilation[0] * sH) + torch.arange(kw)[:, None] * (dilation[1] * sW)
              + torch.arange(Cg)).reshape(-1)  # (kh*kw*Cg,) in weight_rows order
-    sw, mw = split_operand(weight_rows(w, groups), multiplier)  # (G, O/G, K)
-    res = gemm(fields, a_row, a_col, Cg, sw, mw, multiplier, capability)  # (G, B*Ho*Wo, O/G)
+    return x_cl, a_row, a_col, (Ho, Wo)
+
+
+def _conv_output(res: torch.Tensor, B: int, O: int, groups: int, Ho: int, Wo: int) -> torch.Tensor:
+    """(G, B*Ho*Wo, O/G) GEMM result -> (B, O, Ho, Wo)."""
     return res.view(groups, B, Ho * Wo, O // groups).permute(1, 0, 3, 2).reshape(B, O, Ho, Wo)
 
 
@@ -239,6 +254,25 @@ def _int_operand(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor,
     return sign_mask, torch.where(q == 0, -64, exponent.abs()).to(torch.int32), mantissa
 
 
+def _gemm_int(a_fields: list, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, qb: torch.Tensor,
+              multiplier: Multiplier, capability: str | None) -> torch.Tensor:
+    """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) float64 exact sums; b is (G, N, K)."""
+    lib = library(capability)
+    nr = lib.mbm_tile_cols()
+    G, N, K = qb.shape
+    M, Np = a_row.numel(), -(-N // nr) * nr
+    b = [_panels(f, Np, nr) for f in _int_operand(qb, multiplier)]  # (G, Np/nr, K, nr)
+    out = torch.empty(G, M, Np, dtype=torch.int64)
+    table = _kernel_table(multiplier) if multiplier.kind == "table" else b[0]  # a placeholder pointer otherwise
+    c0, c1 = multiplier.corrections
+    head = (*(t.data_ptr() for t in a_fields), a_row.data_ptr(), a_col.data_ptr(), a_group,
+            *(t.data_ptr() for t in (*b, out)), M, Np, K)
+    tail = (_INT_KINDS[multiplier.kind], c0, c1, table.data_ptr(), multiplier.bits,
+            (2**31 - 1) // _max_product(multiplier))
+    _run_tiles(lib, lib.mbm_gemm_int_tiles, head, tail, G * lib.mbm_tiles(M, Np), G * M * N * K)
+    return (out if Np == N else out[:, :, :N]).to(torch.float64)
+
+
 def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
                capability: str | None = None) -> torch.Tensor:
     """Integer ``qa @ qb.T`` on the CPU: (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums.
@@ -246,18 +280,21 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
     Each term is ``sign * P(|a|, |b|)`` as :func:`mbmlib.multipliers.int_products` gives it; ``multiplier``
     must pass :func:`supports_int`.
     """
-    lib = library(capability)
-    nr = lib.mbm_tile_cols()
     G, M, K = qa.shape
-    N = qb.shape[1]
-    Np = -(-N // nr) * nr
     a = [f.contiguous() for f in _int_operand(qa, multiplier)]
-    b = [_panels(f, Np, nr) for f in _int_operand(qb, multiplier)]  # (G, Np/nr, K, nr)
-    out = torch.empty(G, M, Np, dtype=torch.int64)
-    table = _kernel_table(multiplier) if multiplier.kind == "table" else a[0]  # a placeholder pointer otherwise
-    c0, c1 = multiplier.corrections
-    head = (*(t.data_ptr() for t in (*a, *b, out)), M, Np, K)
-    tail = (_INT_KINDS[multiplier.kind], c0, c1, table.data_ptr(), multiplier.bits,
-            (2**31 - 1) // _max_product(multiplier))
-    _run_tiles(lib, lib.mbm_gemm_int_tiles, head, tail, G * lib.mbm_tiles(M, Np), G * M * N * K)
-    return (out if Np == N else out[:, :, :N]).to(torch.float64)
+    a_row, a_col = torch.arange(M, dtype=torch.int64) * K, torch.arange(K, dtype=torch.int64)
+    return _gemm_int(a, a_row, a_col, M * K, qb, multiplier, capability)
+
+
+def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int, multiplier: Multiplier,
+               capability: str | None = None) -> torch.Tensor:
+    """Integer convolution as an implicit GEMM: (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo) float64.
+
+    The operand fields are computed once per image element (not per patch element) and the patches are
+    read from them in place; same products and exact sums as im2col + :func:`bmm_nt_int`.
+    """
+    x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(qx, qw.shape, stride, padding, dilation)
+    a = [f.contiguous() for f in _int_operand(x_cl, multiplier)]  # padding is 0: a zero operand
+    res = _gemm_int(a, a_row, a_col, qw.shape[1], weight_rows(qw, groups), multiplier, capability)
+    # contiguous like im2col + GEMM's result: a channels-last view would change BatchNorm's rounding downstream
+    return _conv_output(res, qx.shape[0], qw.shape[0], groups, Ho, Wo).contiguous()

@@ -7,7 +7,7 @@ unrolled input never takes more than ``memory_budget`` bytes, whatever the layer
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -112,16 +112,18 @@ def conv2d_via_gemm(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation,
                                  memory_budget)
 
 
-def check_int_gemm(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> None:
-    """Integer GEMM operands: integer tensors within the multiplier's magnitudes, sums exact in float64."""
+def check_int_gemm(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, k: Optional[int] = None) -> None:
+    """Integer GEMM operands: integer tensors within the multiplier's magnitudes, sums of ``k`` (default: the
+    last dimension of ``qa``) products exact in float64."""
     if not multiplier.is_integer:
         raise TypeError(f"integer kernels need an integer or table multiplier such as 'mbm-int8', got "
                         f"{multiplier.name!r}")
     check_int_tensor(qa, "qa", multiplier)
     check_int_tensor(qb, "qb", multiplier)
     largest = int(multiplier.table.max()) if multiplier.kind == "table" else 1 << (2 * multiplier.bits)
-    if qa.shape[-1] * largest >= EXACT_SUM_LIMIT:
-        raise ValueError(f"K = {qa.shape[-1]} products of up to {largest} may not sum exactly in float64 "
+    k = qa.shape[-1] if k is None else k
+    if k * largest >= EXACT_SUM_LIMIT:
+        raise ValueError(f"K = {k} products of up to {largest} may not sum exactly in float64 "
                          f"(limit 2**53); split K or use fewer bits")
 
 

@@ -233,9 +233,19 @@ static inline vi int_magnitude(int32_t fa, int32_t ha, vi fb, vi hb, vi shift_ba
     return i_shrv(g, i_sub(shift_base, fb));  // shift_base = 25 - f_a
 }
 
+// The A operand of an integer GEMM: three int32 fields, (m, k) at offset row[m] + col[k] (see AOperand).
+struct IntAOperand {
+    const int32_t* f[3];
+    const int64_t* row;
+    const int64_t* col;
+};
+
 template <int KIND, int ROWS>
-static void int_tile(const int32_t* const* a, int64_t m0, int64_t K, const int32_t* const* b, int64_t* out,
+static void int_tile(const IntAOperand& a, int64_t a0, int64_t m0, int64_t K, const int32_t* const* b, int64_t* out,
                      int64_t ldo, const IntConsts& c) {
+    const int32_t* rows[3][ROWS];
+    for (int f = 0; f < 3; ++f)
+        for (int i = 0; i < ROWS; ++i) rows[f][i] = a.f[f] + a0 + a.row[m0 + i];
     int64_t acc[ROWS][NR] = {};
     int32_t part[VW];
     for (int64_t k0 = 0; k0 < K; k0 += c.kblock) {
@@ -250,10 +260,10 @@ static void int_tile(const int32_t* const* a, int64_t m0, int64_t K, const int32
                 bf[j] = i_load(b[1] + k * NR + j * VW);
                 bh[j] = i_load(b[2] + k * NR + j * VW);
             }
+            int64_t kc = a.col[k];
             for (int i = 0; i < ROWS; ++i) {
-                int64_t at = (m0 + i) * K + k;
-                int32_t fa = a[1][at], ha = a[2][at];
-                vi asg = i_set1(a[0][at]), shift_base = i_set1(25 - fa);
+                int32_t fa = rows[1][i][kc], ha = rows[2][i][kc];
+                vi asg = i_set1(rows[0][i][kc]), shift_base = i_set1(25 - fa);
                 for (int j = 0; j < NV; ++j) {
                     vi p = int_magnitude<KIND>(fa, ha, bf[j], bh[j], shift_base, c);
                     vi neg = i_xor(asg, bsg[j]);  // -1 where the signs differ
@@ -272,17 +282,17 @@ static void int_tile(const int32_t* const* a, int64_t m0, int64_t K, const int32
 }
 
 template <int KIND>
-static void int_tile_rows(int rows, const int32_t* const* a, int64_t m0, int64_t K, const int32_t* const* b,
-                          int64_t* out, int64_t ldo, const IntConsts& c) {
+static void int_tile_rows(int rows, const IntAOperand& a, int64_t a0, int64_t m0, int64_t K,
+                          const int32_t* const* b, int64_t* out, int64_t ldo, const IntConsts& c) {
     switch (rows) {
-        case 1: int_tile<KIND, 1>(a, m0, K, b, out, ldo, c); break;
-        case 2: int_tile<KIND, 2>(a, m0, K, b, out, ldo, c); break;
-        case 3: int_tile<KIND, 3>(a, m0, K, b, out, ldo, c); break;
+        case 1: int_tile<KIND, 1>(a, a0, m0, K, b, out, ldo, c); break;
+        case 2: int_tile<KIND, 2>(a, a0, m0, K, b, out, ldo, c); break;
+        case 3: int_tile<KIND, 3>(a, a0, m0, K, b, out, ldo, c); break;
 #if MR > 4
-        case 4: int_tile<KIND, 4>(a, m0, K, b, out, ldo, c); break;
-        case 5: int_tile<KIND, 5>(a, m0, K, b, out, ldo, c); break;
+        case 4: int_tile<KIND, 4>(a, a0, m0, K, b, out, ldo, c); break;
+        case 5: int_tile<KIND, 5>(a, a0, m0, K, b, out, ldo, c); break;
 #endif
-        default: int_tile<KIND, MR>(a, m0, K, b, out, ldo, c);
+        default: int_tile<KIND, MR>(a, a0, m0, K, b, out, ldo, c);
     }
 }
 
@@ -321,26 +331,28 @@ void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, co
     }
 }
 
-// Tiles [begin, end) as mbm_gemm_tiles, for an integer multiplier.  a_*: (G, M, K) row-major int32 fields
-// (sign mask, f, h); b_*: (G, Np / NR, K, NR) K-major column panels of the same fields; out: (G, M, Np) int64.
-// kind: 0 Mitchell, 1 MBM (corrections c0, c1), 2 table (``table``: (2^bits)^2 int32 entries, row/column 0 zero).
-void mbm_gemm_int_tiles(const int32_t* a_sign, const int32_t* a_f, const int32_t* a_h, const int32_t* b_sign,
-                        const int32_t* b_f, const int32_t* b_h, int64_t* out, int64_t M, int64_t Np, int64_t K,
+// Tiles [begin, end) as mbm_gemm_tiles, for an integer multiplier.  A: the int32 fields (sign mask, f, h),
+// element (g, m, k) at g * a_group + a_row[m] + a_col[k]; b_*: (G, Np / NR, K, NR) K-major column panels of
+// the same fields; out: (G, M, Np) int64.  kind: 0 Mitchell, 1 MBM (corrections c0, c1), 2 table
+// (``table``: (2^bits)^2 int32 entries, row and column 0 zero).
+void mbm_gemm_int_tiles(const int32_t* a_sign, const int32_t* a_f, const int32_t* a_h, const int64_t* a_row,
+                        const int64_t* a_col, int64_t a_group, const int32_t* b_sign, const int32_t* b_f,
+                        const int32_t* b_h, int64_t* out, int64_t M, int64_t Np, int64_t K,
                         int64_t begin, int64_t end, int kind, int32_t c0, int32_t c1, const int32_t* table,
                         int bits, int64_t kblock, int threads) {
     IntConsts c{i_set1(ONE), i_set1(ONE + c0), i_set1(2 * ONE), i_set1(c1), table, bits, kblock < 1 ? 1 : kblock};
+    IntAOperand a{{a_sign, a_f, a_h}, a_row, a_col};
     int64_t mt = (M + MR - 1) / MR, nt = Np / NR;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t t = begin; t < end; ++t) {
         int64_t m = t % mt, n = (t / mt) % nt, g = t / (mt * nt);
         int rows = (int)(M - m * MR < MR ? M - m * MR : MR);
-        int64_t a0 = g * M * K, b0 = (g * nt + n) * K * NR;
-        const int32_t* a[3] = {a_sign + a0, a_f + a0, a_h + a0};
+        int64_t b0 = (g * nt + n) * K * NR;
         const int32_t* b[3] = {b_sign + b0, b_f + b0, b_h + b0};
         int64_t* o = out + (g * M + m * MR) * Np + n * NR;
-        if (kind == INT_TABLE) int_tile_rows<INT_TABLE>(rows, a, m * MR, K, b, o, Np, c);
-        else if (kind == INT_MBM) int_tile_rows<INT_MBM>(rows, a, m * MR, K, b, o, Np, c);
-        else int_tile_rows<INT_MITCHELL>(rows, a, m * MR, K, b, o, Np, c);
+        if (kind == INT_TABLE) int_tile_rows<INT_TABLE>(rows, a, g * a_group, m * MR, K, b, o, Np, c);
+        else if (kind == INT_MBM) int_tile_rows<INT_MBM>(rows, a, g * a_group, m * MR, K, b, o, Np, c);
+        else int_tile_rows<INT_MITCHELL>(rows, a, g * a_group, m * MR, K, b, o, Np, c);
     }
 }
 
