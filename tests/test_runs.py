@@ -247,3 +247,24 @@ print(out.shape[1], (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) 
     assert res.returncode == 0, res.stderr
     channels, extra_mb = res.stdout.split()
     assert channels == "1" and float(extra_mb) < 300, f"peak extra memory {extra_mb} MB"
+
+
+def test_a_sweep_with_overwrite_moves_the_earlier_run_before_papermill_writes_there(tmp_path, capsys):
+    """The trainer's own --overwrite would move the folder while papermill saves the notebook into it."""
+    from mbmlib.workflow import sweep
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (run / "02_train_mnist.ipynb").write_text("{}")
+    sweep._replace_if_asked({"output": str(run / "02_train_mnist.ipynb"), "parameters": {"overwrite": True}})
+    assert not run.exists()
+    (aside,) = (tmp_path / "runs" / ".replaced").iterdir()
+    assert aside.name.startswith("r1-") and (aside / "metrics.json").exists()
+    assert "moved the earlier run r1" in capsys.readouterr().out
+    run.mkdir()
+    (run / "02_train_mnist.ipynb").write_text("{}")  # a notebook alone is not a run: left where it is
+    sweep._replace_if_asked({"output": str(run / "02_train_mnist.ipynb"), "parameters": {"overwrite": True}})
+    (run / "metrics.json").write_text("{}")
+    sweep._replace_if_asked({"output": str(run / "02_train_mnist.ipynb"), "parameters": {"overwrite": False}})
+    assert (run / "02_train_mnist.ipynb").exists() and (run / "metrics.json").exists()

@@ -7,8 +7,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+
+CHECKPOINT = "checkpoint.pt"
+REPLACED = ".replaced"  # where a replaced run goes, inside the results folder
+RUN_FILES = ("config.json", "metrics.json", "history.csv", CHECKPOINT)
 
 
 _UMASK = os.umask(0)
@@ -60,3 +65,19 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             tmp.unlink()
             removed.append(tmp)
     return removed
+
+
+def holds_run(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a run's records (config, metrics, history or checkpoint)."""
+    return any((Path(run_dir) / name).exists() for name in RUN_FILES)
+
+
+def move_run_aside(run_dir: str | os.PathLike) -> Path:
+    """Move a run folder to ``<parent>/.replaced/<name>-<UTC time>/``, so replacing a run loses nothing."""
+    run_dir = Path(run_dir)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    aside = run_dir.parent / REPLACED / f"{run_dir.name}-{stamp}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(run_dir, aside)
+    print(f"--overwrite: moved the earlier run {run_dir.name} to {aside}", flush=True)
+    return aside

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from . import runtime
-from .store import atomic_write, write_json
+from .store import atomic_write, holds_run, move_run_aside, write_json
 
 __all__ = [
     "repo_root",
@@ -287,6 +287,17 @@ def _plan_after(spec: Mapping, root: Path, results: Path) -> list[dict]:
     return after
 
 
+def _replace_if_asked(run: Mapping) -> None:
+    """With ``overwrite``, move an earlier run aside before papermill writes into its folder.
+
+    The trainer would move it itself, but only after papermill has started saving the executed
+    notebook there: the folder would vanish under papermill's feet.
+    """
+    folder = Path(run["output"]).parent
+    if run["parameters"].get("overwrite") and holds_run(folder):
+        move_run_aside(folder)
+
+
 def _execute(summary: dict, root: Path, kernel_name: str, timeout: Optional[float], summary_path: Path,
              log: Callable[[str], None]) -> None:
     """Run every planned notebook in turn, updating and writing the summary after each one."""
@@ -296,6 +307,7 @@ def _execute(summary: dict, root: Path, kernel_name: str, timeout: Optional[floa
         for i, r in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {r['name']}: running {Path(r['notebook']).name}")
             r["status"] = "running"
+            _replace_if_asked(r)
             r.update(run_notebook(r["notebook"], r["output"], r["parameters"], root, kernel_name, timeout))
             summary["ok"] = sum(x["status"] == "ok" for x in todo)
             summary["failed"] = sum(x["status"] == "failed" for x in todo)

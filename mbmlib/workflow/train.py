@@ -35,17 +35,15 @@ from . import data as mdata
 from . import runtime
 from .config import PRESETS, TrainConfig, config_with_preset, default_run_name, identity_differences
 from .models import model_channels, new_model
-from .store import atomic_write, read_json, remove_stale_temporaries, write_json, write_text
+from .store import (CHECKPOINT, atomic_write, holds_run, move_run_aside, read_json, remove_stale_temporaries,
+                    write_json, write_text)
 from .timing import compare
 from .train_data import EVAL_BATCH, LoaderTrainData, TensorTrainData, uses_memory_path
 
 __all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "train", "evaluate",
            "TrainingDiverged", "RunFolderError", "CHECKPOINT"]
 
-CHECKPOINT = "checkpoint.pt"
 TrainData = Union[TensorTrainData, LoaderTrainData]
-REPLACED = ".replaced"  # where --overwrite moves an earlier run, inside the results folder
-_RUN_FILES = ("config.json", "metrics.json", "history.csv", CHECKPOINT)
 
 
 class TrainingDiverged(RuntimeError):
@@ -233,20 +231,15 @@ def _log(msg: str, dist_info: Dist) -> None:
 
 def claim_run_folder(cfg: TrainConfig, run_dir: Path) -> None:
     """Make ``run_dir`` this config's: refuse another run's folder, check a resume, move aside on overwrite."""
-    holds_run = any((run_dir / name).exists() for name in _RUN_FILES)
     if cfg.resume:
         if not (run_dir / CHECKPOINT).exists():
             raise RunFolderError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}; run without --resume first, "
                                  "or pass the --run-name of the run to continue")
         _check_same_config(cfg, run_dir)
         remove_stale_temporaries(run_dir)
-    elif holds_run and cfg.overwrite:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        aside = run_dir.parent / REPLACED / f"{run_dir.name}-{stamp}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(run_dir, aside)
-        print(f"--overwrite: moved the earlier run {run_dir.name} to {aside}", flush=True)
-    elif holds_run:
+    elif holds_run(run_dir) and cfg.overwrite:
+        move_run_aside(run_dir)
+    elif holds_run(run_dir):
         raise RunFolderError(f"run folder {run_dir} already holds a run; pass --resume to continue it, "
                              "--overwrite to replace it (the old one is moved aside), or another --run-name")
 
