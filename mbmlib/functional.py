@@ -59,9 +59,14 @@ def _bmm_nt_setup(ctx, inputs, output):
 
 
 def bmm_nt_exact_grads(grad: Tensor, a: Tensor, b: Tensor, needs) -> tuple:
-    """(grad_a, grad_b) of the exact ``a @ b.T``, each only where ``needs`` says (else None)."""
-    grad_a = torch.bmm(grad, b.to(grad.dtype)) if needs[0] else None  # (G, M, N) @ (G, N, K)
-    grad_b = torch.bmm(grad.transpose(1, 2), a.to(grad.dtype)) if needs[1] else None  # (G, N, M) @ (G, M, K)
+    """(grad_a, grad_b) of the exact ``a @ b.T``, each only where ``needs`` says (else None).
+
+    With one group the products are ``torch.mm``s, as ``F.linear``'s own backward computes them:
+    ``torch.bmm`` may pick another BLAS kernel and sum in another order (last bits differ on some CPUs).
+    """
+    mm = torch.bmm if grad.shape[0] != 1 else (lambda p, q: torch.mm(p[0], q[0])[None])
+    grad_a = mm(grad, b.to(grad.dtype)) if needs[0] else None  # (G, M, N) @ (G, N, K)
+    grad_b = mm(grad.transpose(1, 2), a.to(grad.dtype)) if needs[1] else None  # (G, N, M) @ (G, M, K)
     return grad_a, grad_b
 
 

@@ -141,3 +141,17 @@ def test_module_gradients_equal_the_exact_layer_or_the_reference_approximate_ker
     before = [layer.weight.detach().clone() for layer in seen]
     opt.step()
     assert all(not torch.equal(w, layer.weight) for w, layer in zip(before, seen))
+
+
+def test_linear_straight_through_gradients_equal_nn_linear_bit_for_bit_over_many_shapes():
+    """bmm and mm may sum in different orders on some CPUs: the exact backward must be nn.Linear's own."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        m, n, k = (int(v) for v in torch.randint(1, 40, (3,), generator=gen))
+        layer = MBMLinear(k, n, multiplier="mbm", backward="exact")
+        x = torch.randn(m, k, generator=gen, requires_grad=True)
+        out = layer(x)
+        g = torch.randn(out.shape, generator=gen)
+        got = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
+        want = want_grads_exact(layer, x, g)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (m, n, k)

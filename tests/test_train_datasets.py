@@ -88,3 +88,15 @@ def test_configs_saved_before_the_dataset_field_are_mnist_runs(tmp_path):
                                                   "final": {"val_accuracy": 90.0}}))
     runs, _ = report.read_run(run)
     assert runs.loc[0, "dataset"] == "mnist"
+
+
+def test_final_validation_is_the_last_epochs_and_that_of_the_saved_weights(tmp_path):
+    from mbmlib.workflow import train as trainer
+
+    cfg = small(tmp_path, epochs=2)
+    metrics = train(cfg)
+    assert metrics["final"]["val_accuracy"] == metrics["epochs"][-1]["val_accuracy"]
+    model = new_model("resnet8", num_classes=10, in_channels=3, multiplier="mbm")
+    model.load_state_dict(torch.load(tmp_path / "runs" / "run" / "checkpoint.pt", weights_only=False)["model"])
+    again = trainer.evaluate(model, trainer._load_data(cfg, torch.device("cpu")).eval_batches("val"))
+    assert again == {"loss": metrics["final"]["val_loss"], "accuracy": metrics["final"]["val_accuracy"]}
