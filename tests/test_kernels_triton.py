@@ -20,8 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mbmlib
 from mbmlib.kernels import reference
-from mbmlib.multipliers import as_multiplier
+from mbmlib.multipliers import Multiplier, as_multiplier
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -396,6 +397,93 @@ def test_functional_approx_backward_matches_reference(tk, monkeypatch):
     for got, ref in zip(grads["triton"], grads["reference"]):
         assert got.shape == ref.shape
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- integer and table multipliers
+
+def _ints(shape, top, seed):
+    """Sign-magnitude integers in [-top, top], a fifth of them 0, the extremes included."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-top, top + 1, shape, generator=gen)
+    q[torch.rand(shape, generator=gen) < 0.2] = 0
+    q.view(-1)[:2] = torch.tensor([top, -top])[: q.numel()]
+    return q
+
+
+def _table_multiplier(bits, high, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return Multiplier.from_table(torch.randint(0, high, (1 << bits, 1 << bits), generator=gen))
+
+
+INT_DESIGNS = ["mbm-int8", "mitchell-int8", "mbm-int4", "mbm-int12", "mitchell-int13", "mbm-int16"]
+
+
+INT_BMM_SHAPES = [(1, 1, 1, 1), (2, 3, 17, 33), (1, 17, 3, 5), (2, 33, 1, 17), (1, 5, 33, 3)]
+
+
+@pytest.mark.parametrize("shape", INT_BMM_SHAPES, ids=[f"G{g}-M{m}-N{n}-K{k}" for g, m, n, k in INT_BMM_SHAPES])
+@pytest.mark.parametrize("name", INT_DESIGNS)
+def test_bmm_nt_int_equals_the_reference_exactly(tk, name, shape):
+    """mbm-int12 is the widest design summed in int32 with one right shift; 13 and 16 bits take the int64 path."""
+    G, M, N, K = shape
+    m = as_multiplier(name)
+    qa, qb = _ints((G, M, K), m.max_magnitude, seed=M + K), _ints((G, N, K), m.max_magnitude, seed=N + 2 * K)
+    out = tk.bmm_nt_int(qa.to(DEVICE), qb.to(DEVICE), m)
+    assert out.dtype == torch.float64 and torch.equal(out.cpu(), reference.bmm_nt_int(qa, qb, m))
+
+
+@pytest.mark.parametrize("high", [1 << 16, 1 << 32], ids=["int32-table", "int64-table"])
+def test_bmm_nt_int_table_both_operand_orders(tk, high):
+    """Lanes run along the longer side, so a table is read transposed when N > M; huge entries sum in int64."""
+    t = _table_multiplier(4, high, seed=3)
+    qa, qb = _ints((2, 5, 9), 15, seed=1), _ints((2, 19, 9), 15, seed=2)
+    for a, b in ((qa, qb), (qb, qa)):
+        assert torch.equal(tk.bmm_nt_int(a.to(DEVICE), b.to(DEVICE), t).cpu(), reference.bmm_nt_int(a, b, t))
+
+
+def test_int_kernels_sum_in_int64_when_int32_could_overflow(tk):
+    m = as_multiplier("mbm-int8")
+    assert not tk.int_kind_args(m, 32767)["ACC64"] and tk.int_kind_args(m, 32768)["ACC64"]
+    assert tk.int_kind_args(as_multiplier("mbm-int13"), 1)["WIDE"]
+    assert not tk.int_kind_args(as_multiplier("mbm-int12"), 1)["WIDE"]
+
+
+INT_CONV = [(case, name) for case in CONV_CASES for name in ("mbm-int8", "table")] + [
+    (case, "mitchell-int6") for case in CONV_CASES[1::3]]
+
+
+@pytest.mark.parametrize("case, name", INT_CONV, ids=[f"{c[0]}-{n}" for c, n in INT_CONV])
+def test_conv2d_int_equals_the_reference_exactly(tk, case, name):
+    _, xs, ws, stride, padding, dilation, groups = case
+    m = _table_multiplier(5, 1 << 12, seed=4) if name == "table" else as_multiplier(name)
+    qx, qw = _ints(xs, m.max_magnitude, seed=61), _ints(ws, m.max_magnitude, seed=62)
+    out = tk.conv2d_int(qx.to(DEVICE), qw.to(DEVICE), stride, padding, dilation, groups, m)
+    want = reference.conv2d_int(qx, qw, stride, padding, dilation, groups, m)
+    assert out.dtype == torch.float64 and out.shape == want.shape and torch.equal(out.cpu(), want)
+
+
+def test_the_mbm_int8_table_gives_the_design_s_sums(tk):
+    m = as_multiplier("mbm-int8")
+    table = Multiplier.from_table(mbmlib.approx_mul(torch.arange(256)[:, None], torch.arange(256), m))  # (256, 256)
+    qx, qw = _ints((2, 3, 6, 5), 255, seed=71), _ints((4, 3, 3, 3), 255, seed=72)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    assert torch.equal(tk.conv2d_int(qx.to(DEVICE), qw.to(DEVICE), *args, table).cpu(),
+                       tk.conv2d_int(qx.to(DEVICE), qw.to(DEVICE), *args, m).cpu())
+
+
+def test_int_kernels_refuse_bad_operands(tk):
+    m = as_multiplier("mbm-int8")
+    q = torch.ones(1, 2, 3, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(TypeError, match="integer tensors"):
+        tk.bmm_nt_int(q.float(), q, m)
+    with pytest.raises(ValueError, match="above 255"):
+        tk.bmm_nt_int(q * 256, q, m)
+    with pytest.raises(TypeError, match="integer or table multiplier"):
+        tk.bmm_nt_int(q, q, as_multiplier("mbm"))
+    with pytest.raises(ValueError, match="groups"):
+        tk.conv2d_int(q.view(1, 2, 3, 1), torch.ones(2, 3, 1, 1, dtype=torch.int64, device=DEVICE),
+                      (1, 1), (0, 0), (1, 1), 1, m)
+    assert torch.equal(tk.bmm_nt_int(q[:, :, :0], q[:, :, :0], m).cpu(), torch.zeros(1, 2, 2, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- fallback to the compiled backend

@@ -23,6 +23,10 @@ num_warps along the lanes, so every thread owns a TN x TM register tile
 and does ``acc[n, m] += product(a[m, k], b[k, n])``: no shuffles, no shared memory.
 GEMM operands are stored K-major and padded to the tile, so the GEMM K loop has
 no masks; the convolution kernels mask input loads at the padding only.
+Integer and table multipliers (SPEC section 4) run the same GEMM and implicit-GEMM
+convolution loops on words of their integer fields (``sign * (k + 1)`` and the mantissa
+field, or sign and magnitude for a table): the product from the integer formula or one
+gather from the table, summed exactly in int32 where no sum can overflow it, else int64.
 If a kernel fails to compile or launch on the user's GPU, the call warns once and
 runs the ``compiled`` backend instead.
 """
@@ -44,9 +48,8 @@ except ImportError as err:  # the backend picker (mbmlib.kernels.default_backend
 
 import torch
 
-from ..multipliers import Multiplier, check_float_tensors, split_operand
-from .compiled import bmm_nt_int, conv2d_int  # noqa: F401  (integer multipliers: no Triton kernel yet)
-from .lowering import output_size
+from ..multipliers import Multiplier, check_float_tensors, int_fields, split_operand
+from .lowering import check_int_gemm, output_size
 
 name = "triton"
 
@@ -185,26 +188,46 @@ def _conv2d_kernel(
 ):
     """out[b, o, oh, ow] = sum over (i, j, c) of approx(x[b, c, ih, iw], w[o, c, i, j]), padding masked."""
     grp, offs_m, offs_n = _program_tile(g_offset, BLOCK_M, BLOCK_N)
-    # Row m = (b, oh, ow), decoded once; consecutive m are neighbouring output columns (loads along M).
-    b = offs_m // (Ho * Wo)
-    r = offs_m % (Ho * Wo)  # oh * Wo + ow
-    ih0 = (r // Wo) * conv_sh - pad_h
-    iw0 = (r % Wo) * conv_sw - pad_w
+    b, r, ih0, iw0 = _conv_rows(offs_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w)
     x_rows = x_ptr + b.to(tl.int64) * stride_xb + grp * Cg * stride_xc
     w_cols = w_ptr + grp * stride_wg + offs_n  # weights (i, j, c)-major, output channel contiguous
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for i in tl.static_range(KH):
         for j in tl.static_range(KW):
-            ih = ih0 + i * dil_h
-            iw = iw0 + j * dil_w
-            # Padding and rows past M load the word 0 (+0): what a zero-padded input gives, 0 * inf included.
-            inside = (offs_m < M) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            px = x_rows + ih * stride_xh + iw * stride_xw
-            pw = w_cols + (i * KW + j) * Cg * stride_wk
+            px, pw, inside = _conv_tap(x_rows, w_cols, ih0, iw0, i, j, offs_m, M, H, W, Cg, KW, dil_h, dil_w,
+                                       stride_xh, stride_xw, stride_wk)
             for _ in range(Cg):  # the K loop: input channels at this kernel offset
                 acc = _rank1(acc, tl.load(px, mask=inside, other=0), tl.load(pw), IS_MBM, C0, C1, RZ)
                 px += stride_xc
                 pw += stride_wk
+    _store_conv_tile(out_ptr, acc, b, r, offs_m, offs_n, grp, M, N, stride_ob, stride_oc)
+
+
+@triton.jit
+def _conv_rows(offs_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w):
+    """(b, oh * Wo + ow, top input row, left input column) of GEMM rows m = (b, oh, ow).
+
+    Decoded once per tile; consecutive m are neighbouring output columns, so input loads run along M.
+    """
+    b = offs_m // (Ho * Wo)
+    r = offs_m % (Ho * Wo)
+    return b, r, (r // Wo) * conv_sh - pad_h, (r % Wo) * conv_sw - pad_w
+
+
+@triton.jit
+def _conv_tap(x_rows, w_cols, ih0, iw0, i, j, offs_m, M, H, W, Cg, KW, dil_h, dil_w,
+              stride_xh, stride_xw, stride_wk):
+    """Pointers to the input (per row) and weight (per column) words of kernel tap (i, j), channel 0, and the
+    mask of rows that read inside the image: padding and rows past M load the word 0 (a zero operand)."""
+    ih = ih0 + i * dil_h
+    iw = iw0 + j * dil_w
+    inside = (offs_m < M) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return x_rows + ih * stride_xh + iw * stride_xw, w_cols + (i * KW + j) * Cg * stride_wk, inside
+
+
+@triton.jit
+def _store_conv_tile(out_ptr, acc, b, r, offs_m, offs_n, grp, M, N, stride_ob, stride_oc):
+    """Store an (N, M) tile of a convolution's output (B, O, ...) at rows (b, r) and channels grp * N + n."""
     o_off = (b.to(tl.int64) * stride_ob + r)[None, :] + ((grp * N + offs_n) * stride_oc)[:, None]
     tl.store(out_ptr + o_off, acc, mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
 
@@ -246,8 +269,7 @@ def _conv2d_grad_input_kernel(
                 acc = tl.where(hit[None, :], new, acc) if NONFINITE_W else new
                 pg += stride_go
                 pw += stride_wk
-    o_off = (b.to(tl.int64) * stride_ob + r)[None, :] + ((grp * N + offs_n) * stride_oc)[:, None]
-    tl.store(out_ptr + o_off, acc, mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+    _store_conv_tile(out_ptr, acc, b, r, offs_m, offs_n, grp, M, N, stride_ob, stride_oc)
 
 
 @triton.jit
@@ -290,6 +312,103 @@ def _conv2d_grad_weight_kernel(
         px_b += stride_xb
     o_off = split * stride_os + grp * stride_og + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     tl.store(out_ptr + o_off, acc, mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+
+
+# --------------------------------------------------------------------------- integer and table multipliers
+
+@triton.jit
+def _int_mac(acc, wa, wb, table_ptr, TABLE: tl.constexpr, BITS: tl.constexpr, IS_MBM: tl.constexpr,
+             C0: tl.constexpr, C1: tl.constexpr, WIDE: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) += sign(a*b) * P(|a|, |b|) for one k, from words of int_words (SPEC section 4).
+
+    Formula designs: G from the summed mantissa fields as mantissa_product computes it, then
+    P = G * 2**(k1 + k2) >> 23 (one right shift when P < 2**31 for every pair, else in int64);
+    tables: one gather.  The sign field times the other's is 0 for a zero operand or a padded word.
+    """
+    fa = wa.to(tl.int32)[None, :]  # low half: sign * (k + 1), or the sign for a table
+    fb = wb.to(tl.int32)[:, None]
+    ma = (wa >> 32).to(tl.int32)[None, :]  # high half: 23-bit mantissa field, or the magnitude
+    mb = (wb >> 32).to(tl.int32)[:, None]
+    sign = fa * fb
+    if TABLE:
+        p = tl.load(table_ptr + ((ma << BITS) + mb)) * sign
+    else:
+        s = ma + mb
+        if IS_MBM:
+            m0 = s + (_ONE + C0)  # no carry: 1 + x1 + x2 + c, maybe >= 2: truncated
+            t1 = s + C1  # carry: 2 * (x1 + x2 + c/2), no correction in the corner case
+            g = tl.where(s >= _ONE, tl.where(t1 < _TWO, t1, s) << 1, m0 & ~(m0 >> 24))
+        else:
+            g = tl.where(s >= _ONE, s << 1, s + _ONE)
+        shift = tl.abs(fa) + tl.abs(fb) - 2  # k1 + k2; -1 or -2 with a zero operand (then sign is 0)
+        if WIDE:
+            p = (g.to(tl.int64) << tl.maximum(shift, 0).to(tl.int64)) >> 23
+        else:
+            p = g >> (23 - shift)  # shift <= 22: a right shift of 1 to 25 bits
+        p = tl.where(sign > 0, p, tl.where(sign < 0, -p, 0))
+    return acc + p.to(acc.dtype)
+
+
+@triton.jit
+def _int_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC64: tl.constexpr):
+    """A zero (BLOCK_N, BLOCK_M) accumulator: int32 where every sum fits, else int64."""
+    if ACC64:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int64)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    return acc
+
+
+@triton.jit(do_not_specialize=["stride_ak"])
+def _gemm_int_kernel(
+    a_ptr, b_ptr, out_ptr, table_ptr,  # words of A (G, K, Mp), of B (G, K, Np), K-major; int64 output; table
+    M, N, K, g_offset,
+    stride_ag, stride_ak, stride_bg, stride_bk,
+    stride_og, stride_om, stride_on,
+    TABLE: tl.constexpr, BITS: tl.constexpr, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+    WIDE: tl.constexpr, ACC64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Integer GEMM, the loop of _gemm_kernel with exact integer sums."""
+    g, offs_m, offs_n = _program_tile(g_offset, BLOCK_M, BLOCK_N)
+    pa = a_ptr + g * stride_ag + offs_m  # M and N are padded to the tile with word 0: no masks in the K loop
+    pb = b_ptr + g * stride_bg + offs_n
+    acc = _int_acc(BLOCK_M, BLOCK_N, ACC64)
+    for _ in range(K):
+        acc = _int_mac(acc, tl.load(pa), tl.load(pb), table_ptr, TABLE, BITS, IS_MBM, C0, C1, WIDE)
+        pa += stride_ak
+        pb += stride_bk
+    o_off = g * stride_og + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None] * stride_on
+    tl.store(out_ptr + o_off, acc.to(tl.int64), mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+
+
+@triton.jit
+def _conv2d_int_kernel(
+    x_ptr, w_ptr, out_ptr, table_ptr,  # words of x (B, C, H, W); of w, K-major (G, KH, KW, Cg, Np); int64 output
+    M, N, Cg, H, W, Ho, Wo, g_offset,  # M = B*Ho*Wo, N = O // groups
+    stride_xb, stride_xc, stride_xh, stride_xw, stride_wg, stride_wk, stride_ob, stride_oc,
+    conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    TABLE: tl.constexpr, BITS: tl.constexpr, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr,
+    WIDE: tl.constexpr, ACC64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Integer implicit-GEMM convolution, the loop of _conv2d_kernel with exact integer sums."""
+    grp, offs_m, offs_n = _program_tile(g_offset, BLOCK_M, BLOCK_N)
+    b, r, ih0, iw0 = _conv_rows(offs_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w)
+    x_rows = x_ptr + b.to(tl.int64) * stride_xb + grp * Cg * stride_xc
+    w_cols = w_ptr + grp * stride_wg + offs_n
+    acc = _int_acc(BLOCK_M, BLOCK_N, ACC64)
+    for i in tl.static_range(KH):
+        for j in tl.static_range(KW):
+            px, pw, inside = _conv_tap(x_rows, w_cols, ih0, iw0, i, j, offs_m, M, H, W, Cg, KW, dil_h, dil_w,
+                                       stride_xh, stride_xw, stride_wk)
+            for _ in range(Cg):
+                acc = _int_mac(acc, tl.load(px, mask=inside, other=0), tl.load(pw), table_ptr, TABLE, BITS,
+                               IS_MBM, C0, C1, WIDE)
+                px += stride_xc
+                pw += stride_wk
+    _store_conv_tile(out_ptr, acc.to(tl.int64), b, r, offs_m, offs_n, grp, M, N, stride_ob, stride_oc)
 
 
 # --------------------------------------------------------------------------- host: operands
@@ -427,10 +546,10 @@ def _conv_args(stride, padding, dilation):
     return (*stride, *padding, *dilation)
 
 
-def _kmajor_weights(w, groups, multiplier, block, channels_out: bool):
-    """Biased weight words K-major: (G, KH, KW, Cg, Np) [o contiguous] or (G, KH, KW, Og, Np) [c contiguous]."""
-    O, Cg, KH, KW = w.shape
-    ww = words(w, multiplier, BIAS).view(groups, O // groups, Cg, KH, KW)
+def _kmajor_weights(ww, groups, block, channels_out: bool):
+    """Weight words (O, Cg, KH, KW) K-major: (G, KH, KW, Cg, Np) [o contiguous] or (G, KH, KW, Og, Np) [c contiguous]."""
+    O, Cg, KH, KW = ww.shape
+    ww = ww.view(groups, O // groups, Cg, KH, KW)
     ww = ww.permute(0, 3, 4, 2, 1) if channels_out else ww.permute(0, 3, 4, 1, 2)
     return _pad_last(ww, block)
 
@@ -459,7 +578,7 @@ def _conv2d_launch(x, w, stride, padding, dilation, groups, multiplier, kind, ou
     M, N = B * Ho * Wo, O // groups
     tile = _tile_for(M, N, tile)
     wx = words(x.contiguous(), multiplier)  # (B, C, H, W)
-    ww = _kmajor_weights(w, groups, multiplier, tile.block_n, channels_out=True)  # (G, KH, KW, Cg, Np)
+    ww = _kmajor_weights(words(w, multiplier, BIAS), groups, tile.block_n, channels_out=True)  # (G, KH, KW, Cg, Np)
     for g0, ng in _z_chunks(groups):
         _conv2d_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
             wx, ww, out, M, N, Cg, x.shape[2], x.shape[3], Ho, Wo, g0,
@@ -505,7 +624,7 @@ def _grad_input_launch(wg, w, stride, padding, dilation, groups, multiplier, kin
     O, Cg, KH, KW = w.shape
     M, N = B * H * W, Cg
     tile = _tile_for(M, N, tile)
-    ww = _kmajor_weights(w, groups, multiplier, tile.block_n, channels_out=False)  # (G, KH, KW, Og, Np)
+    ww = _kmajor_weights(words(w, multiplier, BIAS), groups, tile.block_n, channels_out=False)  # (G, KH, KW, Og, Np)
     for g0, ng in _z_chunks(groups):
         _conv2d_grad_input_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
             wg, ww, grad_x, M, N, O // groups, H, W, wg.shape[2], wg.shape[3], g0,
@@ -541,3 +660,110 @@ def _grad_weight_launch(wg, x, w_shape, stride, padding, dilation, groups, multi
         gl.stride(0), gl.stride(2), gl.stride(3), *xp.stride(), part.stride(0), part.stride(1),
         *stride, *dilation, KW=KW, **kind, **tile.meta())
     return part.sum(0).view(w_shape)  # (G, Og, Cg*KH*KW) -> (O, Cg, KH, KW)
+
+
+# --------------------------------------------------------------------------- host: integer and table multipliers
+
+def int_words(q: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
+    """int64 words of the integer fields of :func:`mbmlib.multipliers.int_fields`: field 1 low, field 2 high.
+
+    The integer 0 (and the padding) is the word 0, whose products are 0 in every design.
+    """
+    f1, f2 = int_fields(q, multiplier)
+    return (f2.to(torch.int64) << 32) | (f1.to(torch.int64) & 0xFFFFFFFF)
+
+
+def _int_device(op: str, multiplier: Multiplier, *tensors: torch.Tensor) -> torch.device:
+    """The one device of ``tensors``: CUDA, or the CPU under the interpreter; a one-line error otherwise."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"triton.{op}: the operands are on different devices ({', '.join(map(str, devices))})")
+    device = devices.pop()
+    if device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"the triton backend needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+                         "before importing it to run the kernels on the CPU (slow, for testing)")
+    return device
+
+
+def _table(multiplier: Multiplier, device: torch.device, transposed: bool) -> torch.Tensor:
+    """A table multiplier's entries flattened (A-major, or B-major if ``transposed``): int32 where they fit."""
+    t = multiplier.table.t() if transposed else multiplier.table
+    dtype = torch.int32 if int(t.max()) < 2**31 else torch.int64
+    return t.contiguous().reshape(-1).to(device=device, dtype=dtype)
+
+
+def int_kind_args(multiplier: Multiplier, k: int) -> dict:
+    """The integer kernels' constexprs for sums of ``k`` products (also used by mbmlib.workflow.sass)."""
+    if not multiplier.is_integer:
+        raise TypeError(f"integer kernels need an integer or table multiplier such as 'mbm-int8', got "
+                        f"{multiplier.name!r}")
+    table = multiplier.kind == "table"
+    largest = int(multiplier.table.max()) if table else 1 << (2 * multiplier.bits)
+    wide = not table and 2 * (multiplier.bits - 1) > 22  # k1 + k2 > 22: P needs a left shift, in int64
+    c0, c1 = multiplier.corrections
+    return {"TABLE": table, "BITS": multiplier.bits, "IS_MBM": multiplier.kind == "mbm", "C0": c0, "C1": c1,
+            "WIDE": wide, "ACC64": wide or max(1, k) * largest >= 2**31}
+
+
+def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *,
+               _tile: Tile | None = None) -> torch.Tensor:
+    """Integer ``qa @ qb.T`` of sign-magnitude integers: (G, M, K), (G, N, K) -> (G, M, N) float64, exact sums."""
+    check_int_gemm(qa, qb, multiplier)
+    if qa.dim() != 3 or qb.dim() != 3 or qa.shape[0] != qb.shape[0] or qa.shape[2] != qb.shape[2]:
+        raise ValueError(f"triton.bmm_nt_int expects qa (G, M, K) and qb (G, N, K), got {tuple(qa.shape)} and "
+                         f"{tuple(qb.shape)}")
+    device = _int_device("bmm_nt_int", multiplier, qa, qb)
+    out = torch.zeros(qa.shape[0], qa.shape[1], qb.shape[1], dtype=torch.int64, device=device)
+    if out.numel() == 0 or qa.shape[2] == 0:
+        return out.to(torch.float64)
+    return _guarded("bmm_nt_int", device, _bmm_nt_int_launch, (qa, qb, multiplier, out, _tile),
+                    (qa, qb, multiplier))
+
+
+def _bmm_nt_int_launch(qa, qb, multiplier, out, tile):
+    """As _bmm_nt_launch: lanes along the longer of M and N; a table is then read transposed."""
+    swap = qb.shape[1] > qa.shape[1]
+    rows, cols = (qb, qa) if swap else (qa, qb)
+    G, M, K = rows.shape
+    N = cols.shape[1]
+    tile = _tile_for(M, N, tile)
+    wa = _pad_last(int_words(rows, multiplier).transpose(1, 2), tile.block_m)  # (G, K, Mp), K-major
+    wb = _pad_last(int_words(cols, multiplier).transpose(1, 2), tile.block_n)  # (G, K, Np)
+    table = _table(multiplier, out.device, swap) if multiplier.kind == "table" else wa  # wa: an unused pointer
+    stride_om, stride_on = out.stride()[1:] if not swap else out.stride()[:0:-1]
+    for g0, ng in _z_chunks(G):
+        _gemm_int_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
+            wa, wb, out, table, M, N, K, g0, wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1),
+            out.stride(0), stride_om, stride_on, **int_kind_args(multiplier, K), **tile.meta())
+    return out.to(torch.float64)
+
+
+def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,
+               multiplier: Multiplier, *, _tile: Tile | None = None) -> torch.Tensor:
+    """Integer convolution as an implicit GEMM: (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo) float64."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    check_int_gemm(qx, qw, multiplier, k=qw[0].numel())
+    device = _int_device("conv2d_int", multiplier, qx, qw)
+    (B, C, H, W), (O, Cg, KH, KW), (Ho, Wo) = _check_conv("conv2d_int", qx, qw, stride, padding, dilation, groups)
+    out = torch.zeros(B, O, Ho, Wo, dtype=torch.int64, device=device)
+    if out.numel() == 0 or Cg * KH * KW == 0:
+        return out.to(torch.float64)
+    args = (qx, qw, stride, padding, dilation, groups, multiplier)
+    return _guarded("conv2d_int", device, _conv2d_int_launch, args + (out, _tile), args)
+
+
+def _conv2d_int_launch(qx, qw, stride, padding, dilation, groups, multiplier, out, tile):
+    B, O, Ho, Wo = out.shape
+    Cg, KH, KW = qw.shape[1:]
+    M, N = B * Ho * Wo, O // groups
+    tile = _tile_for(M, N, tile)
+    wx = int_words(qx.contiguous(), multiplier)  # (B, C, H, W)
+    ww = _kmajor_weights(int_words(qw.contiguous(), multiplier), groups, tile.block_n, channels_out=True)
+    table = _table(multiplier, out.device, False) if multiplier.kind == "table" else wx  # wx: an unused pointer
+    for g0, ng in _z_chunks(groups):
+        _conv2d_int_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
+            wx, ww, out, table, M, N, Cg, qx.shape[2], qx.shape[3], Ho, Wo, g0,
+            *wx.stride(), ww.stride(0), ww.stride(3), out.stride(0), out.stride(1),
+            *_conv_args(stride, padding, dilation), KH=KH, KW=KW, **int_kind_args(multiplier, Cg * KH * KW),
+            **tile.meta())
+    return out.to(torch.float64)

@@ -82,9 +82,10 @@ def describe(device: str | torch.device = "auto") -> dict:
 
 
 def runtime_label(dev: torch.device, name: str) -> str:
-    """Short file-name-safe label of a runtime, e.g. ``cpu-amd-epyc`` or ``colab-tesla-t4``."""
+    """Short file-name-safe label of a runtime, e.g. ``cpu-amd-epyc``, ``cpu-intel-xeon`` or ``colab-gpu-tesla-t4``."""
     prefix = "colab-" if on_colab() else ""
     kind = "gpu" if dev.type == "cuda" else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    slug = re.sub(r"-(processor|cpu|\d+-core)$", "", slug)
+    plain = re.sub(r"\((r|tm)\)", "", name.lower())  # "Intel(R) Xeon(R)": trademark signs are no part of a name
+    slug = re.sub(r"[^a-z0-9]+", "-", plain).strip("-")
+    slug = re.sub(r"(-(processor|cpu|\d+-core))+$", "", slug)
     return f"{prefix}{kind}-{slug}"[:60]
