@@ -83,6 +83,29 @@ def test_every_kernel_and_tile_compiles_clean(arch):
         assert e["instructions_per_mac"] <= (15 if e["multiplier"] == "mbm" else 11), e
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
+def test_every_integer_kernel_and_tile_compiles_clean(arch):
+    """The integer GEMM and convolution: no spills, shuffles or shared memory; within 17 (MBM) and 12 (Mitchell)
+    instructions per MAC for every tile, the bounds they compile to today with int32 sums."""
+    entries = aot(arch, ["gemm_int", "conv2d_int"], mults=("mbm-int8", "mitchell-int8"))
+    assert len(entries) == 2 * 2 * 5
+    assert_clean(entries)
+    for e in entries:
+        assert e["instructions_per_mac"] <= (17 if e["multiplier"] == "mbm-int8" else 12), e
+
+
+def test_integer_macs_are_counted_by_operand_loads():
+    """An integer loop body has no accumulation opcode of its own: tm x tn MACs per tm + tn word loads."""
+    import collections
+
+    from mbmlib.kernels.triton import Tile
+    from mbmlib.workflow.sass import int_macs
+
+    tile = Tile(256, 4, 1)  # 8 x 4 outputs a thread
+    assert int_macs(tile)(collections.Counter({"LDG": 24, "IADD3": 100})) == 64  # two steps of k unrolled
+
+
 def test_k_loop_stats_reads_a_listing():
     """The parser on a hand-made listing: the innermost backward branch, FADDs as MACs."""
     from mbmlib.workflow.sass import k_loop_stats
@@ -111,4 +134,5 @@ def test_committed_reports_match_the_format():
         report = json.load(open(path))
         assert report["arch"] == arch and report["chip"]["sms"] > 0
         assert {(e["kernel"], e["multiplier"]) for e in report["kernels"]} == {
-            (k, m) for k in ("gemm", "conv2d", "conv2d_grad_input", "conv2d_grad_weight") for m in ("mbm", "mitchell")}
+            (k, m) for k in ("gemm", "conv2d", "conv2d_grad_input", "conv2d_grad_weight") for m in ("mbm", "mitchell")
+        } | {(k, m) for k in ("gemm_int", "conv2d_int") for m in ("mbm-int8", "mitchell-int8")}

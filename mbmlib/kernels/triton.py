@@ -322,16 +322,17 @@ def _int_mac(acc, wa, wb, table_ptr, TABLE: tl.constexpr, BITS: tl.constexpr, IS
     """acc (BLOCK_N, BLOCK_M) += sign(a*b) * P(|a|, |b|) for one k, from words of int_words (SPEC section 4).
 
     Formula designs: G from the summed mantissa fields as mantissa_product computes it, then
-    P = G * 2**(k1 + k2) >> 23 (one right shift when P < 2**31 for every pair, else in int64);
-    tables: one gather.  The sign field times the other's is 0 for a zero operand or a padded word.
+    P = G >> (23 - k1 - k2), the shift from the A word's 23 - k1 and the B word's k2 (one
+    subtraction; in int64 with a left shift where k1 + k2 > 23); tables: one gather.  The
+    sign fields (-1, 0, 1; 0 for a zero operand or a padded word) multiply the product once.
     """
-    fa = wa.to(tl.int32)[None, :]  # low half: sign * (k + 1), or the sign for a table
-    fb = wb.to(tl.int32)[:, None]
+    la = wa.to(tl.int32)  # low half: sign << 8 | (23 - k1) for A, sign << 8 | k2 for B
+    lb = wb.to(tl.int32)
+    sign = (la >> 8)[None, :] * (lb >> 8)[:, None]
     ma = (wa >> 32).to(tl.int32)[None, :]  # high half: 23-bit mantissa field, or the magnitude
     mb = (wb >> 32).to(tl.int32)[:, None]
-    sign = fa * fb
     if TABLE:
-        p = tl.load(table_ptr + ((ma << BITS) + mb)) * sign
+        p = tl.load(table_ptr + ((ma << BITS) + mb))
     else:
         s = ma + mb
         if IS_MBM:
@@ -340,13 +341,13 @@ def _int_mac(acc, wa, wb, table_ptr, TABLE: tl.constexpr, BITS: tl.constexpr, IS
             g = tl.where(s >= _ONE, tl.where(t1 < _TWO, t1, s) << 1, m0 & ~(m0 >> 24))
         else:
             g = tl.where(s >= _ONE, s << 1, s + _ONE)
-        shift = tl.abs(fa) + tl.abs(fb) - 2  # k1 + k2; -1 or -2 with a zero operand (then sign is 0)
+        r = (la & 0xFF)[None, :] - (lb & 0xFF)[:, None]  # 23 - k1 - k2
         if WIDE:
-            p = (g.to(tl.int64) << tl.maximum(shift, 0).to(tl.int64)) >> 23
+            g64 = g.to(tl.int64)
+            p = tl.where(r >= 0, g64 >> tl.maximum(r, 0).to(tl.int64), g64 << tl.maximum(-r, 0).to(tl.int64))
         else:
-            p = g >> (23 - shift)  # shift <= 22: a right shift of 1 to 25 bits
-        p = tl.where(sign > 0, p, tl.where(sign < 0, -p, 0))
-    return acc + p.to(acc.dtype)
+            p = g >> r  # k1 + k2 <= 22: a right shift of 1 to 23 bits
+    return acc + (p * sign.to(p.dtype)).to(acc.dtype)  # |P| < 2**31 unless WIDE: the signed product fits p
 
 
 @triton.jit
@@ -664,13 +665,21 @@ def _grad_weight_launch(wg, x, w_shape, stride, padding, dilation, groups, multi
 
 # --------------------------------------------------------------------------- host: integer and table multipliers
 
-def int_words(q: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
-    """int64 words of the integer fields of :func:`mbmlib.multipliers.int_fields`: field 1 low, field 2 high.
+def int_words(q: torch.Tensor, multiplier: Multiplier, m_side: bool) -> torch.Tensor:
+    """int64 words of sign-magnitude integers for the integer kernels (see _int_mac).
 
-    The integer 0 (and the padding) is the word 0, whose products are 0 in every design.
+    High half: the mantissa field (formula designs) or the magnitude (tables).  Low half:
+    ``sign << 8`` plus, for formula designs, ``23 - k`` on the M side and ``k`` on the N side, so
+    one subtraction gives the product's right shift.  The integer 0 has sign 0 (and k = 0), the
+    padding the word 0: both give products 0.
     """
-    f1, f2 = int_fields(q, multiplier)
-    return (f2.to(torch.int64) << 32) | (f1.to(torch.int64) & 0xFFFFFFFF)
+    f1, f2 = int_fields(q, multiplier)  # (sign * (k + 1), mantissa) or (sign, magnitude)
+    sign = torch.sign(f1)
+    low = sign << 8
+    if multiplier.kind != "table":
+        k = (f1.abs() - 1).clamp(min=0)
+        low = low | (23 - k if m_side else k)
+    return (f2.to(torch.int64) << 32) | (low.to(torch.int64) & 0xFFFFFFFF)
 
 
 def _int_device(op: str, multiplier: Multiplier, *tensors: torch.Tensor) -> torch.device:
@@ -727,8 +736,8 @@ def _bmm_nt_int_launch(qa, qb, multiplier, out, tile):
     G, M, K = rows.shape
     N = cols.shape[1]
     tile = _tile_for(M, N, tile)
-    wa = _pad_last(int_words(rows, multiplier).transpose(1, 2), tile.block_m)  # (G, K, Mp), K-major
-    wb = _pad_last(int_words(cols, multiplier).transpose(1, 2), tile.block_n)  # (G, K, Np)
+    wa = _pad_last(int_words(rows, multiplier, True).transpose(1, 2), tile.block_m)  # (G, K, Mp), K-major
+    wb = _pad_last(int_words(cols, multiplier, False).transpose(1, 2), tile.block_n)  # (G, K, Np)
     table = _table(multiplier, out.device, swap) if multiplier.kind == "table" else wa  # wa: an unused pointer
     stride_om, stride_on = out.stride()[1:] if not swap else out.stride()[:0:-1]
     for g0, ng in _z_chunks(G):
@@ -757,8 +766,8 @@ def _conv2d_int_launch(qx, qw, stride, padding, dilation, groups, multiplier, ou
     Cg, KH, KW = qw.shape[1:]
     M, N = B * Ho * Wo, O // groups
     tile = _tile_for(M, N, tile)
-    wx = int_words(qx.contiguous(), multiplier)  # (B, C, H, W)
-    ww = _kmajor_weights(int_words(qw.contiguous(), multiplier), groups, tile.block_n, channels_out=True)
+    wx = int_words(qx.contiguous(), multiplier, True)  # (B, C, H, W)
+    ww = _kmajor_weights(int_words(qw.contiguous(), multiplier, False), groups, tile.block_n, channels_out=True)
     table = _table(multiplier, out.device, False) if multiplier.kind == "table" else wx  # wx: an unused pointer
     for g0, ng in _z_chunks(groups):
         _conv2d_int_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](

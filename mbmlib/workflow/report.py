@@ -22,6 +22,7 @@ from typing import Optional
 import pandas as pd
 
 from .config import TrainConfig
+from .runtime import plain_name
 from .store import write_text
 
 __all__ = [
@@ -93,8 +94,8 @@ def runtime_name(runtime: Optional[dict]) -> str:
     """A readable runtime name from a recorded runtime description, e.g. ``Tesla T4 (Colab)``."""
     if not runtime:
         return "unknown"
-    name = runtime.get("device_name") or runtime.get("runtime") or runtime.get("device") or "unknown"
-    if runtime.get("device_type") == "CPU" and not str(name).upper().endswith("CPU"):
+    name = plain_name(str(runtime.get("device_name") or runtime.get("runtime") or runtime.get("device") or "unknown"))
+    if runtime.get("device_type") == "CPU" and not name.upper().endswith("CPU"):
         name = f"{name} CPU"
     return f"{name} (Colab)" if runtime.get("colab") else str(name)
 

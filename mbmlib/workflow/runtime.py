@@ -81,11 +81,17 @@ def describe(device: str | torch.device = "auto") -> dict:
     }
 
 
+def plain_name(name: str) -> str:
+    """A device name without trademark signs, clock and trailing "Processor"/"CPU": ``Intel Xeon``, ``AMD EPYC 7B13``."""
+    name = re.sub(r"\((r|tm)\)", "", name, flags=re.IGNORECASE)
+    name = re.sub(r"\s+@.*$", "", name)
+    name = re.sub(r"(\s+(processor|cpu|\d+-core))+\s*$", "", name, flags=re.IGNORECASE)
+    return re.sub(r"\s+", " ", name).strip()
+
+
 def runtime_label(dev: torch.device, name: str) -> str:
     """Short file-name-safe label of a runtime, e.g. ``cpu-amd-epyc``, ``cpu-intel-xeon`` or ``colab-gpu-tesla-t4``."""
     prefix = "colab-" if on_colab() else ""
     kind = "gpu" if dev.type == "cuda" else "cpu"
-    plain = re.sub(r"\((r|tm)\)", "", name.lower())  # "Intel(R) Xeon(R)": trademark signs are no part of a name
-    slug = re.sub(r"[^a-z0-9]+", "-", plain).strip("-")
-    slug = re.sub(r"(-(processor|cpu|\d+-core))+$", "", slug)
+    slug = re.sub(r"[^a-z0-9]+", "-", plain_name(name).lower()).strip("-")
     return f"{prefix}{kind}-{slug}"[:60]

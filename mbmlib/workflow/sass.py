@@ -1,10 +1,11 @@
 """Static speed report of the Triton kernels: compiled ahead of time, no GPU needed.
 
 Every kernel of :mod:`mbmlib.kernels.triton` (GEMM, convolution forward, both convolution
-gradients), for MBM and Mitchell and every tile the host may pick, is compiled with
-``triton.compile`` for a ``GPUTarget`` (sm_75, sm_80, sm_90), disassembled with the
-``cuobjdump`` shipped with Triton, and its K loop (the innermost loop: a backward branch
-whose body holds the float accumulations) is read instruction by instruction.  Per MAC:
+gradients for MBM and Mitchell; the integer GEMM and convolution for mbm-int8 and mitchell-int8),
+for every tile the host may pick, is compiled with ``triton.compile`` for a ``GPUTarget``
+(sm_75, sm_80, sm_90), disassembled with the ``cuobjdump`` shipped with Triton, and its K loop
+(the innermost loop: a backward branch whose body holds the multiply-accumulates) is read
+instruction by instruction.  Per MAC:
 instructions, global loads, warp shuffles and shared-memory operations; per kernel:
 registers and local-memory (spill) bytes.  The implied ceiling assumes every SM issues
 4 warp instructions per clock, 32 lanes each: SMs x 4 x 32 x clock / instructions per MAC.
@@ -19,8 +20,9 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["CHIPS", "KERNELS", "compile_kernel", "k_loop_stats", "analyse", "write_reports"]
+__all__ = ["CHIPS", "KERNELS", "multipliers_of", "compile_kernel", "k_loop_stats", "int_macs", "analyse", "write_reports"]
 
 # Named chip per architecture: (name, SMs, clock in GHz) -- boost clocks from the vendors' data sheets.
 CHIPS = {
@@ -36,8 +38,17 @@ KERNELS = {
     "conv2d": ("_conv2d_kernel", {"KH": 3, "KW": 3}),
     "conv2d_grad_input": ("_conv2d_grad_input_kernel", {"KH": 3, "KW": 3, "NONFINITE_W": False}),
     "conv2d_grad_weight": ("_conv2d_grad_weight_kernel", {"KW": 3}),
+    "gemm_int": ("_gemm_int_kernel", {}),
+    "conv2d_int": ("_conv2d_int_kernel", {"KH": 3, "KW": 3}),
 }
-MULTIPLIERS = ("mbm", "mitchell")
+FLOAT_MULTIPLIERS = ("mbm", "mitchell")
+INT_MULTIPLIERS = ("mbm-int8", "mitchell-int8")  # tables need a file; their loop is the formula's with a gather
+INT_K = 3 * 3 * 64  # the sum length the integer kernels are compiled for: int32 sums (below 2**31)
+
+
+def multipliers_of(kernel: str) -> tuple[str, ...]:
+    """The multipliers a kernel of the report is compiled for."""
+    return INT_MULTIPLIERS if kernel.endswith("_int") else FLOAT_MULTIPLIERS
 _SHARED_OPS = ("LDS", "STS", "LDSM", "ATOMS", "BAR", "LDGSTS")
 
 
@@ -60,12 +71,15 @@ def compile_kernel(kernel: str, multiplier: str, tile, arch: str):
 
     attr, shape = KERNELS[kernel]
     fn = getattr(tk, attr)
-    kind = tk.kind_args(as_multiplier(multiplier))
+    integer = kernel.endswith("_int")
+    m = as_multiplier(multiplier)
+    kind = dict(tk.int_kind_args(m, INT_K), enable_fp_fusion=False) if integer else tk.kind_args(m)
     options = {"num_warps": tile.num_warps, "num_stages": 1, "enable_fp_fusion": kind.pop("enable_fp_fusion")}
     consts = dict(kind, RZ=True, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **shape)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    sig = {n: "constexpr" if n in consts else ("*fp32" if n == "out_ptr" else "*i64") if n.endswith("_ptr")
-           else "i32" for n in fn.arg_names}
+    pointers = {"out_ptr": "*i64" if integer else "*fp32", "table_ptr": "*i32"}
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "*i64") if n.endswith("_ptr") else "i32"
+           for n in fn.arg_names}
     aligned = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n.endswith("_ptr")}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=aligned)
@@ -88,12 +102,25 @@ def _opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
 
 
-def k_loop_stats(sass: str) -> dict:
+def _float_macs(ops: collections.Counter) -> int:
+    return ops["FADD"]  # the accumulations: the float kernels' only FADDs
+
+
+def int_macs(tile) -> Callable[[collections.Counter], int]:
+    """MACs of an integer kernel's loop body: tm x tn per step of k, one load per owned row and column a step.
+
+    Integer accumulations have no opcode of their own (IADD3 also adds indices), so the steps of k in
+    the body (the compiler may unroll) are counted by its loads of operand words.
+    """
+    return lambda ops: ops["LDG"] * tile.tm * tile.tn // (tile.tm + tile.tn)
+
+
+def k_loop_stats(sass: str, macs_of: Callable[[collections.Counter], int] = _float_macs) -> dict:
     """Instruction counts of the K loops of a SASS listing.
 
-    Loops are backward branches; a K loop is an innermost one whose body holds float adds (the
-    accumulations, one per MAC: the kernels' only FADDs).  Returns the counts of the loop with the
-    most instructions per MAC (the worst of, e.g., the KH x KW loops of a convolution).
+    Loops are backward branches; a K loop is an innermost one with MACs in its body, counted by
+    ``macs_of`` from its opcodes (default: the float accumulations).  Returns the counts of the loop
+    with the most instructions per MAC (the worst of, e.g., the KH x KW loops of a convolution).
     """
     ins = [(int(m.group(1), 16), m.group(2)) for m in map(_INSTR.match, sass.splitlines()) if m]
     index = {addr: i for i, (addr, _) in enumerate(ins)}
@@ -103,7 +130,7 @@ def k_loop_stats(sass: str) -> dict:
     best = None
     for s, e in innermost:
         ops = collections.Counter(_opcode(t) for _, t in ins[s:e + 1])
-        macs = ops["FADD"]
+        macs = macs_of(ops)
         if macs == 0:
             continue
         stats = {"instructions": e + 1 - s, "macs": macs, "instructions_per_mac": round((e + 1 - s) / macs, 3),
@@ -113,8 +140,8 @@ def k_loop_stats(sass: str) -> dict:
         if best is None or stats["instructions_per_mac"] > best["instructions_per_mac"]:
             best = stats
     if best is None:
-        raise ValueError("no K loop (backward branch with float accumulations) found in the SASS listing")
-    best["k_loops"] = sum(1 for s, e in innermost if any(_opcode(t) == "FADD" for _, t in ins[s:e + 1]))
+        raise ValueError("no K loop (backward branch with multiply-accumulates) found in the SASS listing")
+    best["k_loops"] = sum(1 for s, e in innermost if macs_of(collections.Counter(_opcode(t) for _, t in ins[s:e + 1])))
     return best
 
 
@@ -130,7 +157,7 @@ def analyse(kernel: str, multiplier: str, tile, arch: str) -> tuple[dict, str]:
     compiled = compile_kernel(kernel, multiplier, tile, arch)
     cubin = compiled.asm["cubin"]
     sass = _disassemble(cubin, "-sass")
-    stats = k_loop_stats(sass)
+    stats = k_loop_stats(sass, int_macs(tile) if kernel.endswith("_int") else _float_macs)
     _, sms, ghz = CHIPS[arch]
     entry = {"kernel": kernel, "multiplier": multiplier,
              "tile": {"tm": tile.tm, "tn": tile.tn, "num_warps": tile.num_warps,
@@ -146,7 +173,7 @@ def _report(arch: str, tiles) -> tuple[dict, str]:
     name, sms, ghz = CHIPS[arch]
     entries, default_sass = [], ""
     for kernel in KERNELS:
-        for mult in MULTIPLIERS:
+        for mult in multipliers_of(kernel):
             for tile in tiles:
                 entry, sass = analyse(kernel, mult, tile, arch)
                 entries.append(entry)
