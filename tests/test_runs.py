@@ -172,8 +172,9 @@ def test_csv_runs_subset_the_validation_split(tmp_path, capsys):
     (["--gemm-size", "-1"], "gemm_size must be >= 0"),
     (["--multipliers", "booth"], "unknown multiplier 'booth'"),
 ])
-def test_bad_layer_bench_options_write_nothing(tmp_path, capsys, args, message):
-    assert cli.main(["bench", "layers", "--out", str(tmp_path), *args]) == 2
+@pytest.mark.parametrize("what", ["layers", "all"])  # all: refused before the elementwise run, not after it
+def test_bad_layer_bench_options_write_nothing(tmp_path, capsys, what, args, message):
+    assert cli.main(["bench", what, "--out", str(tmp_path), *args]) == 2
     assert message in one_error_line(capsys)
     assert not list(tmp_path.iterdir())
 

@@ -132,21 +132,25 @@ def available_backends(device: torch.device) -> dict[str, str | None]:
     return status
 
 
+def check_layer_options(batches, gemm_size: int, multipliers, backends, rounds: int) -> tuple[Multiplier, ...]:
+    """The layer benchmark's options checked (ValueError naming the bad one) before anything is timed."""
+    _check_counts(batches=list(batches), rounds=rounds)
+    if gemm_size < 0:
+        raise ValueError(f"gemm_size must be >= 0 (0 skips the GEMM), got {gemm_size}")
+    unknown = sorted(set(backends or ()) - set(kernels.BACKENDS))
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; valid backends are {', '.join(kernels.BACKENDS)}")
+    return tuple(as_multiplier(m) for m in multipliers)
+
+
 def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
                  multipliers=("mitchell", "mbm", "mbm-int8"), backends=None, rounds: int = 5,
                  progress: bool = True) -> dict:
     """Time exact vs every backend x multiplier on the SeedNet layers and one square GEMM."""
-    _check_counts(batches=list(batches), rounds=rounds)
-    if gemm_size < 0:
-        raise ValueError(f"gemm_size must be >= 0 (0 skips the GEMM), got {gemm_size}")
-    multipliers = tuple(as_multiplier(m) for m in multipliers)
+    multipliers = check_layer_options(batches, gemm_size, multipliers, backends, rounds)
     dev = runtime.resolve_device(device)
     status = available_backends(dev)
     if backends is not None:
-        unknown = sorted(set(backends) - set(kernels.BACKENDS))
-        if unknown:
-            raise ValueError(f"unknown backend(s) {', '.join(unknown)}; valid backends are "
-                             f"{', '.join(kernels.BACKENDS)}")
         status = {b: status[b] for b in backends}
     cases = [(f"{n}@b{b}", kind, (b, *xs), ws, pad) for b in batches for n, kind, xs, ws, pad in SEEDNET_LAYERS]
     if gemm_size:

@@ -52,6 +52,8 @@ def _run_bench(args) -> int:
         for path in sass.write_reports(args.out):
             print(f"wrote {path}")
         return 0
+    if args.what in ("all", "layers"):  # a bad layer option fails before the elementwise run, not after it
+        bench.check_layer_options(args.batches, args.gemm_size, args.multipliers, args.backends, args.rounds)
     if args.what in ("all", "elementwise"):
         report = bench.stamp(bench.bench_elementwise(args.elements, args.device, args.repeat), args.device)
         path = bench.save_report(report, args.out)
