@@ -28,6 +28,8 @@ __all__ = [
     "save_figure",
     "run_labels",
     "loss_curves",
+    "loss_groups",
+    "loss_panels",
     "run_epochs",
     "accuracy_bars",
     "epoch_time_bars",
@@ -136,6 +138,57 @@ def loss_curves(history: pd.DataFrame, path: str | Path, labels: Optional[Mappin
     ax.set_title(f"{title}\n(lines: exponential moving average over {span} step(s); faint: raw loss per step)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
+    return save_figure(fig, path)
+
+
+def loss_groups(history: pd.DataFrame, runs: pd.DataFrame) -> dict[tuple[str, int], list[str]]:
+    """Runs with a history, grouped by (runtime, training samples per epoch), largest epochs first per runtime."""
+    info = runs.drop_duplicates("run").set_index("run")
+    groups: dict[tuple[str, int], list[str]] = {}
+    for run in sorted(set(history["run"]) & set(info.index)):
+        samples = info.at[run, "train_samples"]
+        groups.setdefault((str(info.at[run, "runtime"]), 0 if pd.isna(samples) else int(samples)), []).append(run)
+    return {key: groups[key] for key in sorted(groups, key=lambda k: (k[0], -k[1]))}
+
+
+def loss_panels(history: pd.DataFrame, runs: pd.DataFrame, path: str | Path, smooth: Optional[int] = None,
+                title: str = "Training loss of every run") -> Path:
+    """The loss of many runs, one panel per runtime and epoch size, one colour per multiplier.
+
+    Runs that differ only in the seed share their multiplier's colour and one legend entry; the
+    raw loss per step is drawn faintly behind the smoothed lines (EMA span as in :func:`loss_curves`).
+    """
+    groups = loss_groups(history, runs) if not (history.empty or runs.empty) else {}
+    if not groups:
+        fig = _figure()
+        _empty(fig, "no training history found")
+        return save_figure(fig, path)
+    cols = min(2, len(groups))
+    rows = -(-len(groups) // cols)
+    fig = _figure(6.2 * cols, 3.4 * rows + 0.6)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    multiplier = runs.drop_duplicates("run").set_index("run")["multiplier"].astype(str)
+    colors = _mult_colors(multiplier[sorted(multiplier.index)])
+    for ax, ((runtime, samples), names) in zip(axes, groups.items()):
+        curves = [history[history["run"] == run].sort_values("step") for run in names]
+        span = smooth if smooth is not None else min(100, max(3, max(len(h) for h in curves) // 15))
+        labelled = set()
+        for run, h in zip(names, curves):
+            mult, (steps, loss) = multiplier[run], (h["step"].to_numpy(float), h["loss"].to_numpy(float))
+            ax.plot(steps, loss, color=colors[mult], alpha=0.12, linewidth=0.6)
+            ax.plot(steps, _smooth(loss, span), color=colors[mult], linewidth=1.6,
+                    label=None if mult in labelled else mult)
+            labelled.add(mult)
+        size = f"{samples:,} samples/epoch" if samples else "epoch size unknown"
+        ax.set_title(f"{runtime}, {size}: {len(names)} run(s), EMA over {span} steps", fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("training step (mini-batches)")
+        ax.set_ylabel("cross-entropy loss (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right", title="multiplier", title_fontsize=8)
+    for ax in axes[len(groups):]:
+        ax.set_axis_off()
+    fig.suptitle(f"{title} (lines: smoothed; faint: raw loss per step)")
     return save_figure(fig, path)
 
 
@@ -609,8 +662,7 @@ def comparison_figures(results, out_dir: str | Path, smooth: Optional[int] = Non
     """
     out = Path(out_dir)
     labels = run_labels(results.runs) if not results.runs.empty else {}
-    paths = [loss_curves(results.history, out / "loss_curves.png", labels, smooth=smooth,
-                         title="Training loss of every run"),
+    paths = [loss_panels(results.history, results.runs, out / "loss_curves.png", smooth=smooth),
              accuracy_bars(results.runs, out / "accuracy.png", labels),
              epoch_time_bars(results.runs, out / "training_speed.png"),
              seed_intervals(results.runs, out / "seed_intervals.png"),
