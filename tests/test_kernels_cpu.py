@@ -283,3 +283,69 @@ def test_compiled_integer_conv_uses_the_implicit_gemm(monkeypatch):
     mult, qx, qw = _int_operands("mbm-int8", (1, 2, 5, 5), (3, 2, 3, 3))
     compiled.conv2d_int(qx, qw, (1, 1), (1, 1), (1, 1), 1, mult)
     assert calls == ["mbm-int8"]
+
+
+# --------------------------------------------------------------------------- Mitchell in the bit domain
+
+def _range(*values):
+    mult = Multiplier("mitchell", 0)
+    _, lo, hi = cpu_native.mitchell_words(*split_operand(torch.tensor(values, dtype=torch.float32), mult), 0)
+    return lo, hi
+
+
+def test_products_stay_normal_at_the_edges_of_the_float_range():
+    assert cpu_native.products_stay_normal(_range(2.0**-63), _range(-(2.0**-63)))  # 2**-126 * [1, 4): normal
+    assert not cpu_native.products_stay_normal(_range(2.0**-64), _range(2.0**-63))  # 2**-127: subnormal
+    assert cpu_native.products_stay_normal(_range(2.0**63), _range(1.5 * 2.0**63))  # below 2**128
+    assert not cpu_native.products_stay_normal(_range(2.0**63), _range(2.0**64))  # up to 2**129: overflow
+    assert not cpu_native.products_stay_normal(_range(1.0, float("inf")), _range(1.0))
+    assert not cpu_native.products_stay_normal(_range(1.0), _range(float("nan")))
+    assert _range(0.0, -0.0, 1e-40) == (256, -1)  # zeros and subnormals have no exponent: no product
+    assert cpu_native.products_stay_normal(_range(0.0, 1e-40), _range(3e38))
+
+
+def test_words_are_the_operand_bits_minus_the_bias_and_a_zero_word_for_zeros():
+    mult = Multiplier("mitchell", 0)
+    x = torch.tensor([1.5, -2.75, 0.0, -0.0, 1e-40, 3e38, -1e-30])
+    words, lo, hi = cpu_native.mitchell_words(*split_operand(x, mult), 0x3F800000)
+    want = (x.view(torch.int32).to(torch.int64) - 0x3F800000) % 2**32
+    want = torch.where(want >= 2**31, want - 2**32, want).to(torch.int32)
+    nonzero = torch.tensor([True, True, False, False, False, True, True])
+    assert torch.equal(words[nonzero], want[nonzero]) and (words[~nonzero] == -0x3F800000).all()
+    assert (lo, hi) == (int(torch.frexp(torch.tensor(1e-30)).exponent) + 126, 254)
+
+
+def _awkward_normal_operands(seed):
+    """Operands whose products are all normal: magnitudes over 2**+-40, zeros, -0, subnormals, both signs."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(2, 37, 300, generator=gen) * 2.0 ** torch.randint(-40, 40, (2, 37, 300), generator=gen)
+    b = torch.randn(2, 45, 300, generator=gen) * 2.0 ** torch.randint(-40, 40, (2, 45, 300), generator=gen)
+    for t in (a, b):
+        t[torch.rand(t.shape, generator=gen) < 0.3] = 0.0
+        t.view(-1)[:4] = torch.tensor([-0.0, 1e-40, -1e-42, 0.0])
+    return a, b
+
+
+@pytest.mark.parametrize("mult", [Multiplier("mitchell", 0), Multiplier("mitchell", 9)], ids=str)
+def test_the_bit_domain_mitchell_kernel_equals_the_general_one_bit_for_bit(mult, monkeypatch):
+    """Same products, same k order: the words path (AVX-512) gives the very same float32 sums, GEMM and conv."""
+    a, b = _awkward_normal_operands(seed=5)
+    fields = (*split_operand(a, mult), *split_operand(b, mult))
+    x, w = a[:, :36].reshape(2, 4, 9, 300)[:, :, :, :9], b[0, :6, :36].reshape(6, 4, 3, 3)  # (2, 4, 9, 9), (6, 4, 3, 3)
+    assert cpu_native.products_stay_normal(cpu_native.mitchell_words(*fields[:2], 0)[1:],
+                                           cpu_native.mitchell_words(*fields[2:], 0)[1:])
+    fast = cpu_native.bmm_nt_split(*fields, mult)
+    fast_conv = cpu_native.conv2d(x, w, (1, 1), (1, 1), (1, 1), 1, mult)
+    monkeypatch.setattr(cpu_native, "products_stay_normal", lambda *ranges: False)
+    assert torch.equal(fast, cpu_native.bmm_nt_split(*fields, mult))
+    assert torch.equal(fast_conv, cpu_native.conv2d(x, w, (1, 1), (1, 1), (1, 1), 1, mult))
+    want, abs_sum = _oracle(a, b, mult)
+    assert ((fast.double() - want).abs() <= 1e-5 * abs_sum + 1e-300).all()
+
+
+def test_products_that_could_underflow_take_the_general_kernel():
+    mult = Multiplier("mitchell", 0)
+    a = torch.full((1, 3, 4), 2.0**-70)
+    b = torch.full((1, 2, 4), 2.0**-70)  # every product 2**-140: subnormal, rounded as the reference does
+    got = cpu_native.bmm_nt_split(*split_operand(a, mult), *split_operand(b, mult), mult)
+    assert torch.equal(got, reference.bmm_nt(a, b, mult)) and (got > 0).all()

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from ..multipliers import Multiplier, int_fields, split_operand
 from .lowering import output_size, weight_rows
 
-__all__ = ["library", "isa", "gemm", "bmm_nt_split", "conv2d", "BuildError", "supports_int", "bmm_nt_int", "conv2d_int"]
+__all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt_split", "conv2d", "BuildError", "supports_int",
+           "bmm_nt_int", "conv2d_int"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {
@@ -103,6 +104,9 @@ def _library(capability: str) -> ctypes.CDLL:
     lib.mbm_gemm_int_tiles.argtypes = [ptr] * 5 + [i64] + [ptr] * 4 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ptr,
                                                                  ctypes.c_int, i64, ctypes.c_int]
     lib.mbm_gemm_int_tiles.restype = None
+    lib.mbm_has_words.restype = ctypes.c_int
+    lib.mbm_mitchell_words.argtypes = [ptr] * 3 + [i64, ctypes.c_int32, ptr, ctypes.c_int]
+    lib.mbm_mitchell_words.restype = None
     lib.mbm_tiles.argtypes = [i64, i64]
     lib.mbm_tiles.restype = i64
     return lib
@@ -157,15 +161,48 @@ def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col
     nr = lib.mbm_tile_cols()
     G, N, K = sb.shape
     M, Np = a_row.numel(), -(-N // nr) * nr
+    kind = 1 if multiplier.kind == "mbm" else 0
+    if kind == 0 and lib.mbm_has_words():
+        a_words, *range_a = mitchell_words(*a_fields, _ONE_BITS, lib)
+        b_words, *range_b = mitchell_words(sb, mb, 0, lib)
+        if products_stay_normal(range_a, range_b):
+            kind = 3  # Mitchell in the bit domain: the kernel reads words instead of mantissas
+            a_fields, mb = (a_fields[0], a_words), b_words
     b_s, b_m = _panels(sb, Np, nr), _panels(mb, Np, nr)  # (G, Np/nr, K, nr)
     out = torch.empty(G, M, Np, dtype=torch.float32)
     keep = (*a_fields, a_row, a_col, b_s, b_m, out)  # all contiguous; alive until the kernel returns
     c0, c1 = multiplier.corrections
     ptrs = [t.data_ptr() for t in keep]
     head = (*ptrs[:4], a_group, *ptrs[4:], M, Np, K)
-    _run_tiles(lib, lib.mbm_gemm_tiles, head, (int(multiplier.kind == "mbm"), c0, c1), G * lib.mbm_tiles(M, Np),
-               G * M * N * K)
+    _run_tiles(lib, lib.mbm_gemm_tiles, head, (kind, c0, c1), G * lib.mbm_tiles(M, Np), G * M * N * K)
     return out if Np == N else out[:, :, :N].contiguous()
+
+
+_ONE_BITS = 0x3F800000  # bits of 1.0f
+
+
+def mitchell_words(scale: torch.Tensor, mant: torch.Tensor, bias: int, lib=None) -> tuple[torch.Tensor, int, int]:
+    """Words of the bit-domain Mitchell kernel and the (smallest, largest) biased exponent of the nonzero scales.
+
+    A word is bits(scale) + mant - bias mod 2**32, or -bias for a zero scale (zeros and subnormals);
+    the exponents are (256, -1) if every scale is zero, and 255 stands for an infinity or NaN.
+    """
+    lib = lib or library()
+    scale, mant = scale.contiguous(), mant.contiguous()
+    words = torch.empty(scale.shape, dtype=torch.int32)
+    rng = torch.empty(2, dtype=torch.int32)
+    lib.mbm_mitchell_words(scale.data_ptr(), mant.data_ptr(), words.data_ptr(), scale.numel(), bias, rng.data_ptr(),
+                           torch.get_num_threads() if scale.numel() >= 1 << 16 else 1)
+    return words, int(rng[0]), int(rng[1])
+
+
+def products_stay_normal(range_a: tuple[int, int], range_b: tuple[int, int]) -> bool:
+    """Whether every product of nonzero operands with these biased exponent ranges (and a significand in
+    [1, 4)) is a normal float: then Mitchell's products are exactly integer sums of the operands' bits."""
+    (lo_a, hi_a), (lo_b, hi_b) = range_a, range_b
+    if hi_a < 0 or hi_b < 0:
+        return True  # one side is all zeros: every product is a zero, left out
+    return lo_a + lo_b - 127 >= 1 and hi_a + hi_b - 127 + 1 <= 254  # no infinity or NaN (255) passes either
 
 
 def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Tensor,

@@ -115,7 +115,9 @@ struct Consts {
 
 // What a kernel computes: Mitchell, MBM, or MBM whose correction is the same float addend with and
 // without a carry (c1 = c0 / 2, true for t <= 16: 1 + x1 + x2 + c and 2 * (x1 + x2 + c/2) both add c).
-enum Kind { MITCHELL = 0, MBM = 1, MBM_ONE_ADDEND = 2 };
+// MITCHELL_WORDS: Mitchell in the bit domain, for calls whose products are all normal floats (see
+// words_tile); AVX-512 only.
+enum Kind { MITCHELL = 0, MBM = 1, MBM_ONE_ADDEND = 2, MITCHELL_WORDS = 3 };
 
 // The significand G * 2^-23 of a product as a float, from the bits sb = mant_a + mant_b + ONE_BITS
 // (mantissa_product in floating.py).  As a float, sb is 1 + x1 + x2 below a carry and 2 * (x1 + x2)
@@ -183,6 +185,57 @@ static void tile(const AOperand& a, int64_t a0, int64_t m0, const float* sb, con
     for (int i = 0; i < ROWS; ++i)
         for (int j = 0; j < NV; ++j) f_store(out + i * ldo + j * VW, acc[i][j]);
 }
+
+#if defined(__AVX512F__)
+// Mitchell in the bit domain: where scale_a * scale_b * G * 2^-23 is a normal float (the caller checks it
+// for every pair of nonzero operands), its bits are bits(a) + bits(b) - bits(1.0f) of the (truncated)
+// operands: the signs add mod 2 in bit 31, the mantissa sum's carry is Mitchell's normalisation.  The
+// caller passes words: A's bits minus bits(1.0f), or ZERO_WORD for a zero; B's bits, or 0 for a zero.
+// A zero's lanes are left out (adding +-0 to a sum that starts at +0 never changes it).  Per product:
+// one masked compare, one integer add, one masked float add; same sums, same k order, as tile().
+static const int32_t ZERO_WORD = -ONE_BITS;  // no nonzero operand's word: its float exponent would be 0
+
+template <int ROWS>
+static void words_tile(const int32_t* aw, const int64_t* a_row, const int64_t* a_col, int64_t a0, int64_t m0,
+                       const int32_t* bw, float* out, int64_t K, int64_t ldo) {
+    const int32_t* rows[ROWS];
+    for (int i = 0; i < ROWS; ++i) rows[i] = aw + a0 + a_row[m0 + i];
+    vf acc[ROWS][NV];
+    for (int i = 0; i < ROWS; ++i)
+        for (int j = 0; j < NV; ++j) acc[i][j] = f_zero();
+    const vi zero_word = i_set1(ZERO_WORD);
+    for (int64_t k = 0; k < K; ++k) {
+        vi b[NV];
+        __mmask16 b_nonzero[NV];
+        for (int j = 0; j < NV; ++j) {
+            b[j] = i_load(bw + k * NR + j * VW);
+            b_nonzero[j] = _mm512_test_epi32_mask(b[j], b[j]);
+        }
+        int64_t kc = a_col[k];
+        for (int i = 0; i < ROWS; ++i) {
+            vi a = i_set1(rows[i][kc]);
+            for (int j = 0; j < NV; ++j) {
+                __mmask16 keep = _mm512_mask_cmpneq_epi32_mask(b_nonzero[j], a, zero_word);
+                acc[i][j] = _mm512_mask_add_ps(acc[i][j], keep, acc[i][j], as_f(i_add(a, b[j])));
+            }
+        }
+    }
+    for (int i = 0; i < ROWS; ++i)
+        for (int j = 0; j < NV; ++j) f_store(out + i * ldo + j * VW, acc[i][j]);
+}
+
+static void words_tile_rows(int rows, const int32_t* aw, const int64_t* a_row, const int64_t* a_col, int64_t a0,
+                            int64_t m0, const int32_t* bw, float* out, int64_t K, int64_t ldo) {
+    switch (rows) {
+        case 1: words_tile<1>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
+        case 2: words_tile<2>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
+        case 3: words_tile<3>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
+        case 4: words_tile<4>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
+        case 5: words_tile<5>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
+        default: words_tile<MR>(aw, a_row, a_col, a0, m0, bw, out, K, ldo);
+    }
+}
+#endif
 
 // A tile of the given number of rows (the last row tile may be short).
 template <int KIND>
@@ -299,6 +352,32 @@ static void int_tile_rows(int rows, const IntAOperand& a, int64_t a0, int64_t m0
 extern "C" {
 
 int mbm_isa() { return ISA; }
+
+// The words of n operands for words_tile (bits(scale) + mant - bias mod 2^32; -bias for a zero scale) and
+// the smallest and largest biased exponent of their nonzero scales in range[0], range[1] (256 and -1 if
+// every scale is zero; 255 for an infinity or NaN), in one pass.
+void mbm_mitchell_words(const float* scale, const int32_t* mant, int32_t* out, int64_t n, int32_t bias,
+                        int32_t* range, int threads) {
+    int32_t lo = 256, hi = -1;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(min : lo) reduction(max : hi) if (threads > 1)
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, scale + i, sizeof bits);
+        int32_t e = (int32_t)((bits >> 23) & 0xFF);
+        out[i] = e ? (int32_t)(bits + (uint32_t)mant[i] - (uint32_t)bias) : -bias;
+        if (e) {
+            lo = e < lo ? e : lo;
+            hi = e > hi ? e : hi;
+        }
+    }
+    range[0] = lo;
+    range[1] = hi;
+}
+#if defined(__AVX512F__)
+int mbm_has_words() { return 1; }  // whether mbm_gemm_tiles takes mbm = 3 (words_tile)
+#else
+int mbm_has_words() { return 0; }
+#endif
 int mbm_has_openmp() { return HAS_OPENMP; }
 int mbm_tile_cols() { return NR; }
 
@@ -308,6 +387,7 @@ int64_t mbm_tiles(int64_t M, int64_t Np) { return ((M + MR - 1) / MR) * (Np / NR
 // Tiles [begin, end) of G x (Np / NR) x ceil(M / MR), row tiles innermost so a B panel is reused.
 // A: element (g, m, k) at g * a_group + a_row[m] + a_col[k] of sa / ma; sb, mb: (G, Np / NR, K, NR)
 // K-major column panels; out: (G, M, Np).  Np % NR == 0.  With OpenMP, ``threads`` split the range.
+// mbm: 1 MBM, 0 Mitchell, 3 Mitchell from words (words_tile: ma and mb hold the words, sa and sb unused).
 void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, const int64_t* a_col, int64_t a_group,
                     const float* sb, const int32_t* mb, float* out, int64_t M, int64_t Np, int64_t K,
                     int64_t begin, int64_t end, int mbm, int32_t c0, int32_t c1, int threads) {
@@ -315,7 +395,7 @@ void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, co
              i_set1(c0), i_set1(c1),
              f_set1((float)c0 / (float)ONE), f_set1((float)c1 / (float)(ONE / 2))};
     AOperand a{sa, ma, a_row, a_col};
-    int kind = !mbm ? MITCHELL : (2 * c1 == c0 ? MBM_ONE_ADDEND : MBM);
+    int kind = mbm != 1 ? MITCHELL : (2 * c1 == c0 ? MBM_ONE_ADDEND : MBM);
     int64_t mt = (M + MR - 1) / MR, nt = Np / NR;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t t = begin; t < end; ++t) {
@@ -325,6 +405,10 @@ void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, co
         float* o = out + (g * M + m * MR) * Np + n * NR;
         const float* bs = sb + b0;
         const int32_t* bm = mb + b0;
+#if defined(__AVX512F__)
+        if (mbm == MITCHELL_WORDS) words_tile_rows(rows, ma, a_row, a_col, g * a_group, m * MR, bm, o, K, Np);
+        else
+#endif
         if (kind == MBM_ONE_ADDEND) tile_rows<MBM_ONE_ADDEND>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
         else if (kind == MBM) tile_rows<MBM>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
         else tile_rows<MITCHELL>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
