@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from ..multipliers import Multiplier, int_fields, split_operand
 from .lowering import output_size, weight_rows
 
-__all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt_split", "conv2d", "BuildError", "supports_int",
-           "bmm_nt_int", "conv2d_int"]
+__all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt_split", "conv2d", "BuildError",
+           "supports_int", "bmm_nt_int", "conv2d_int"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {

@@ -24,15 +24,16 @@ and does ``acc[n, m] += product(a[m, k], b[k, n])``: no shuffles, no shared memo
 GEMM operands are stored K-major and padded to the tile, so the GEMM K loop has
 no masks; the convolution kernels mask input loads at the padding only.
 Integer and table multipliers (SPEC section 4) run the same GEMM and implicit-GEMM
-convolution loops on words of their integer fields (``sign * (k + 1)`` and the mantissa
-field, or sign and magnitude for a table): the product from the integer formula or one
-gather from the table, summed exactly in int32 where no sum can overflow it, else int64.
+convolution loops on int64 words of their own (:func:`int_words`: sign and shift low,
+mantissa field or magnitude high): the product from the integer formula or one gather
+from the table, summed exactly in int32 where no sum can overflow it, else int64.
 If a kernel fails to compile or launch on the user's GPU, the call warns once and
 runs the ``compiled`` backend instead.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from typing import NamedTuple
@@ -419,7 +420,11 @@ def _check_tensors(op: str, **tensors: torch.Tensor) -> torch.device:
     for name, t in tensors.items():
         if getattr(t, "dtype", None) != torch.float32:
             raise TypeError(f"triton.{op} takes float32 tensors; {name} is {getattr(t, 'dtype', type(t).__name__)}")
-    device = check_float_tensors(tensors, f"triton.{op}")
+    return _kernel_device(check_float_tensors(tensors, f"triton.{op}"))
+
+
+def _kernel_device(device: torch.device) -> torch.device:
+    """``device`` if the kernels can run there: CUDA, or the CPU under the interpreter; a one-line error otherwise."""
     if device.type != "cuda" and not INTERPRET:
         raise ValueError(f"the triton backend needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
                          "before importing it to run the kernels on the CPU (slow, for testing)")
@@ -682,20 +687,20 @@ def int_words(q: torch.Tensor, multiplier: Multiplier, m_side: bool) -> torch.Te
     return (f2.to(torch.int64) << 32) | (low.to(torch.int64) & 0xFFFFFFFF)
 
 
-def _int_device(op: str, multiplier: Multiplier, *tensors: torch.Tensor) -> torch.device:
-    """The one device of ``tensors``: CUDA, or the CPU under the interpreter; a one-line error otherwise."""
+def _int_device(op: str, *tensors: torch.Tensor) -> torch.device:
+    """The one device of the integer operands, checked as :func:`_kernel_device` does."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"triton.{op}: the operands are on different devices ({', '.join(map(str, devices))})")
-    device = devices.pop()
-    if device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"the triton backend needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
-                         "before importing it to run the kernels on the CPU (slow, for testing)")
-    return device
+    return _kernel_device(devices.pop())
 
 
+@functools.lru_cache(maxsize=16)
 def _table(multiplier: Multiplier, device: torch.device, transposed: bool) -> torch.Tensor:
-    """A table multiplier's entries flattened (A-major, or B-major if ``transposed``): int32 where they fit."""
+    """A table multiplier's entries flattened (A-major, or B-major if ``transposed``): int32 where they fit.
+
+    Cached, like :func:`mbmlib.multipliers.flat_table`: a layer's every call reads the same table.
+    """
     t = multiplier.table.t() if transposed else multiplier.table
     dtype = torch.int32 if int(t.max()) < 2**31 else torch.int64
     return t.contiguous().reshape(-1).to(device=device, dtype=dtype)
@@ -721,7 +726,7 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *,
     if qa.dim() != 3 or qb.dim() != 3 or qa.shape[0] != qb.shape[0] or qa.shape[2] != qb.shape[2]:
         raise ValueError(f"triton.bmm_nt_int expects qa (G, M, K) and qb (G, N, K), got {tuple(qa.shape)} and "
                          f"{tuple(qb.shape)}")
-    device = _int_device("bmm_nt_int", multiplier, qa, qb)
+    device = _int_device("bmm_nt_int", qa, qb)
     out = torch.zeros(qa.shape[0], qa.shape[1], qb.shape[1], dtype=torch.int64, device=device)
     if out.numel() == 0 or qa.shape[2] == 0:
         return out.to(torch.float64)
@@ -752,7 +757,7 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
     """Integer convolution as an implicit GEMM: (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo) float64."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     check_int_gemm(qx, qw, multiplier, k=qw[0].numel())
-    device = _int_device("conv2d_int", multiplier, qx, qw)
+    device = _int_device("conv2d_int", qx, qw)
     (B, C, H, W), (O, Cg, KH, KW), (Ho, Wo) = _check_conv("conv2d_int", qx, qw, stride, padding, dilation, groups)
     out = torch.zeros(B, O, Ho, Wo, dtype=torch.int64, device=device)
     if out.numel() == 0 or Cg * KH * KW == 0:
