@@ -16,7 +16,10 @@ from .multipliers import (
     error_stats,
     mbm_mul,
     mitchell_mul,
+    register_design,
+    registered_designs,
     table_from_multiplier,
+    unregister_design,
     write_csv,
 )
 
@@ -30,7 +33,10 @@ __all__ = [
     "error_stats",
     "mbm_mul",
     "mitchell_mul",
+    "register_design",
+    "registered_designs",
     "table_from_multiplier",
+    "unregister_design",
     "write_csv",
     "__version__",
 ]

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
-from .multipliers import MultiplierLike, as_multiplier, check_float_tensors
+from .multipliers.floating import check_float_tensors
+from .multipliers.specs import MultiplierLike, as_multiplier
 
 BACKWARD_MODES = ("exact", "approx")
 
@@ -208,12 +209,14 @@ def _check_conv_shapes(input: Tensor, weight: Tensor, bias: Optional[Tensor], gr
 
 
 def _resolve(multiplier: MultiplierLike, backward: str, backend: Optional[str], device) -> tuple[str, str, str]:
+    """(multiplier key, backward, backend) of a float call: checked once here, routed by the design's kernels."""
     mult = as_multiplier(multiplier)
     if mult.is_integer:
         raise ValueError(f"the integer multiplier {mult.name!r} multiplies quantised values and needs scales: use "
                          "mbmlib.quant.conv2d / linear, or MBMConv2d / MBMLinear(multiplier=...)")
     check_backward(backward)
-    return mult.name, backward, kernels.resolve(backend, device)
+    way = kernels.route(mult, kernels.resolve(backend, device))
+    return way.key, backward, way.backend
 
 
 # ----------------------------------------------------------------------------- public API

@@ -6,8 +6,8 @@ output is ``s_x * s_w[o] * sum(sign * P(|q_x|, |q_w|))`` with the integer sum ex
 (float64 from the kernels), scaled in float64, rounded once to the input's dtype,
 then the bias added exactly.  Gradients are straight-through: those of the float
 layer with the float weights (quantisation-aware training).  The integer sums
-come from the backend's ``bmm_nt_int`` / ``conv2d_int`` (the Triton backend has no
-integer kernels of its own yet and hands these to the compiled backend).
+come from the backend's ``bmm_nt_int`` / ``conv2d_int`` (C++ on the CPU, Triton on CUDA),
+which :func:`mbmlib.kernels.route` picks per design.
 
 Scales are given (:class:`QuantSpec`), calibrated (:func:`calibrate`, with
 PyTorch's own observers) or, when neither, follow the observed ranges while the
@@ -157,8 +157,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     mult = _integer(multiplier)
     x, stride, padding, dilation, unbatched = AF.conv2d_args(input, weight, bias, stride, padding, dilation, groups)
     s_x, s_w = _scales(act_scale, weight_scale, weight.shape[0], input.device)
-    out = _conv2d_quant(x, weight, bias, s_x, s_w, stride, padding, dilation, groups, mult.name,
-                        kernels.resolve(backend, input.device))
+    way = kernels.route(mult, kernels.resolve(backend, input.device))
+    out = _conv2d_quant(x, weight, bias, s_x, s_w, stride, padding, dilation, groups, way.key, way.backend)
     return out.squeeze(0) if unbatched else out
 
 
@@ -168,7 +168,8 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act_
     mult = _integer(multiplier)
     x, w, out_shape = AF.linear_args(input, weight, bias)
     s_x, s_w = _scales(act_scale, weight_scale, w.shape[1], input.device)
-    out = _bmm_nt_quant(x, w, s_x, s_w, mult.name, kernels.resolve(backend, input.device)).reshape(out_shape)
+    way = kernels.route(mult, kernels.resolve(backend, input.device))
+    out = _bmm_nt_quant(x, w, s_x, s_w, way.key, way.backend).reshape(out_shape)
     return out if bias is None else out + bias
 
 

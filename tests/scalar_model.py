@@ -68,6 +68,38 @@ def approx_mul_bits(a_bits: int, b_bits: int, kind: str, t: int = 0) -> int:
     return sign | (e << 23) | (M % (1 << 23))
 
 
+def design_mul_bits(a_bits: int, b_bits: int, significand, t: int = 0) -> int:
+    """Product bit pattern under any float design given by ``significand(ma, mb) -> G`` (Python ints).
+
+    The frame of SPEC section 1 (rules 1-3 and 6) around a design's G: subnormal inputs are zero,
+    special cases, truncation, then G truncated to 24 significant bits (each halving adds one to
+    the exponent), overflow and underflow by the result exponent.
+    """
+    sa, ea, ma = a_bits >> 31, (a_bits >> 23) & 0xFF, a_bits & 0x7FFFFF
+    sb, eb, mb = b_bits >> 31, (b_bits >> 23) & 0xFF, b_bits & 0x7FFFFF
+    sign = (sa ^ sb) << 31
+    if (ea == 0xFF and ma) or (eb == 0xFF and mb):
+        return 0x7FC00000
+    if (ea == 0xFF and eb == 0) or (eb == 0xFF and ea == 0):
+        return 0x7FC00000
+    if ea == 0xFF or eb == 0xFF:
+        return sign | 0x7F800000
+    if ea == 0 or eb == 0:
+        return sign
+    if t > 0:
+        ma = (ma & ~((1 << t) - 1)) | (1 << t)
+        mb = (mb & ~((1 << t) - 1)) | (1 << t)
+    M, norm = significand(ma, mb), 0
+    while M >= (1 << 24):
+        M, norm = M >> 1, norm + 1
+    e = ea + eb - 127 + norm
+    if e >= 255:
+        return sign | 0x7F800000
+    if e <= 0:
+        return sign
+    return sign | (e << 23) | (M % (1 << 23))
+
+
 def approx_mul_scalar(a: float, b: float, kind: str, t: int = 0) -> float:
     return b2f(approx_mul_bits(f2b(a), f2b(b), kind, t))
 

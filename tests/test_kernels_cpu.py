@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mbmlib.kernels import compiled, cpu_native, reference
-from mbmlib.multipliers import Multiplier, as_multiplier, products, split_operand
+from mbmlib.multipliers import Multiplier, as_multiplier
+from mbmlib.multipliers.floating import products, split_operand
 
 _ORDER = ("DEFAULT", "AVX2", "AVX512")
 _HERE = torch.backends.cpu.get_cpu_capability()

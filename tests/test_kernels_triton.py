@@ -1,19 +1,8 @@
 """Triton backend (mbmlib.kernels.triton) against the reference backend.
 
 Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), slowly, so the shapes
-are small.  Triton reads that flag when ``triton`` itself is first imported (its standard library is
-decorated then) and when a kernel is decorated, and once more at the first launch (a lazy import).
-Importing triton inside a fixture would come too late when the whole suite runs: the torch.compile
-tests that run earlier import triton as a side effect.  So this module imports the backend at
-collection time, with the flag set only for the duration of that import and restored right after:
-other test modules see an unchanged environment (``mbmlib.kernels.resolve`` still refuses
-backend="triton" on the CPU), only the process-wide ``triton`` module is the interpreter flavour,
-which nothing else uses on a CPU-only machine.  If triton was imported before this module in a
-CPU-only process, the tests here are skipped with the reason.
+are small; :mod:`triton_backend` says how the backend is imported for that.
 """
-import importlib
-import os
-import sys
 import warnings
 
 import pytest
@@ -21,44 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import mbmlib
+from triton_backend import triton_backend
 from mbmlib.kernels import reference
 from mbmlib.multipliers import Multiplier, as_multiplier
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _import_backend():
-    """(module, None), or (None, why it cannot be tested here)."""
-    if torch.cuda.is_available():
-        try:
-            return importlib.import_module("mbmlib.kernels.triton"), None
-        except ImportError as err:
-            return None, f"triton backend not importable: {err}"
-    loaded = sys.modules.get("mbmlib.kernels.triton")
-    if loaded is not None:
-        return (loaded, None) if loaded.INTERPRET else (None, "mbmlib.kernels.triton was imported without "
-                                                              "TRITON_INTERPRET=1; run this file on its own")
-    if "triton" in sys.modules:
-        return None, "triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own"
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        importlib.import_module("triton")
-        try:  # imported lazily at the first launch, where it also needs the flag
-            importlib.import_module("triton.experimental.gluon")
-        except ImportError:
-            pass
-        return importlib.import_module("mbmlib.kernels.triton"), None
-    except ImportError as err:
-        return None, f"triton backend not importable: {err}"
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-_BACKEND, _SKIP_REASON = _import_backend()
+_BACKEND, _SKIP_REASON = triton_backend()
 pytestmark = pytest.mark.skipif(_BACKEND is None, reason=_SKIP_REASON or "")
 
 APPROX = ["mbm", "mitchell", "mbm-t16", "mitchell-t8"]
@@ -321,7 +280,7 @@ def test_pick_tile():
 
 def test_words_pack_both_fields(tk):
     """Scale bits low, mantissa (+ bias) high; +0 and padding are the word 0, NaN keeps a NaN scale."""
-    from mbmlib.multipliers import split_operand
+    from mbmlib.multipliers.floating import split_operand
 
     x = torch.tensor([1.5, -2.5, 0.0, 1e-40, float("inf"), float("nan"), 3.0e38])
     m = as_multiplier("mbm-t16")

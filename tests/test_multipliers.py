@@ -143,7 +143,7 @@ def test_bad_multiplier_names(bad):
 def test_bad_multiplier_objects():
     with pytest.raises(ValueError, match="0..22"):
         Multiplier("mbm", 23)
-    with pytest.raises(ValueError, match="valid kinds"):
+    with pytest.raises(ValueError, match="unknown float design 'booth'.*valid names"):
         Multiplier("booth")
     with pytest.raises(TypeError):
         as_multiplier(3)

@@ -141,3 +141,71 @@ def test_console_script_and_package_data_point_at_what_exists():
     for package, patterns in project["tool"]["setuptools"]["package-data"].items():
         folder = PACKAGE.parent / package.replace(".", "/")
         assert all(list(folder.glob(p)) for p in patterns), (package, patterns)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(paths) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (function-level imports too).
+
+    ``from pkg import name`` points at the submodule ``pkg.name`` when there is one, else at ``pkg``; the
+    parents a submodule import initialises on the way are Python's doing, not an edge.
+    """
+    modules = {_module_name(p) for p in paths}
+    graph = {}
+    for path in paths:
+        edges = set()
+        for name, _ in imported_modules(path):
+            if name in modules:
+                edges.add(name)
+        # an imported name that is a submodule replaces its package as the edge
+        for name in list(edges):
+            if any(other.startswith(name + ".") and other in edges for other in edges):
+                edges.discard(name)
+        graph[_module_name(path)] = edges - {_module_name(path)}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan): each is an import circle."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_lazy_import_circle(tmp_path):
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle_anywhere_in_the_package():
+    graph = import_graph(ALL)
+    assert graph["mbmlib.multipliers.specs"] >= {"mbmlib.multipliers.designs", "mbmlib.multipliers.table"}
+    assert import_cycles(graph) == []

@@ -15,20 +15,56 @@ torch.compile kernels on the CPU.  Every backend module provides
 
 Multiplier ``"exact"`` never reaches a backend: :mod:`mbmlib.functional` runs
 PyTorch's own ops for it.  Index maths shared by backends is in :mod:`.lowering`.
+
+The kernels specialise the multiply-accumulate of designs that declare one
+(``Design.mac``: MBM, Mitchell, tables).  :func:`route` sends every other design
+to a generic path, with one warning: an integer design of up to 12 bits to the
+table kernels of the same backend (its generated table, the same products), any
+other design to the reference backend.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import os
-from types import ModuleType
+import warnings
+from typing import NamedTuple, Protocol
 
 import torch
+
+from ..multipliers.designs import on_registry_change
+from ..multipliers.integer import generated_table
+from ..multipliers.specs import Multiplier, MultiplierLike, as_multiplier
+from ..multipliers.table import MAX_TABLE_BITS
 
 BACKENDS = ("reference", "compiled", "triton")
 ENV_VAR = "MBMLIB_BACKEND"
 
-__all__ = ["BACKENDS", "ENV_VAR", "load", "default_backend", "resolve"]
+__all__ = ["BACKENDS", "ENV_VAR", "Backend", "Route", "GenericPathWarning", "load", "default_backend", "resolve",
+           "route"]
+
+
+class Backend(Protocol):
+    """What a backend module provides (see the module docstring for shapes and dtypes)."""
+
+    name: str
+
+    def bmm_nt(self, a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier) -> torch.Tensor: ...
+
+    def conv2d(self, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int,
+               multiplier: Multiplier) -> torch.Tensor: ...
+
+    def conv2d_grads(self, grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation,
+                     groups: int, multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def bmm_nt_int(self, qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> torch.Tensor: ...
+
+    def conv2d_int(self, qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,
+                   multiplier: Multiplier) -> torch.Tensor: ...
+
+
+class GenericPathWarning(UserWarning):
+    """A design without a specialised kernel runs on a generic path (said once per design and path)."""
 
 
 def _check_name(backend: str) -> str:
@@ -39,7 +75,7 @@ def _check_name(backend: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load(backend: str) -> ModuleType:
+def load(backend: str) -> Backend:
     """Import a backend module by name (ImportError if e.g. Triton is missing)."""
     return importlib.import_module(f".{_check_name(backend)}", __name__)
 
@@ -66,3 +102,44 @@ def resolve(backend: str | None, device: torch.device) -> str:
         raise ValueError("the 'triton' backend needs a CUDA device (or TRITON_INTERPRET=1 for CPU testing); "
                          "use backend='compiled' or 'reference' on the CPU")
     return backend
+
+
+class Route(NamedTuple):
+    """Where a call runs: the ``backend``, the ``multiplier`` form it computes, and that form's ``key`` (its name
+    for the custom ops, parsed back without touching files)."""
+
+    backend: str
+    multiplier: Multiplier
+    key: str
+
+
+def route(multiplier: MultiplierLike, backend: str) -> Route:
+    """The route of ``multiplier`` on the concrete ``backend``: specialised kernels, else a generic path.
+
+    An integer design without a specialised MAC (up to 12 bits) runs on ``backend``'s table kernels with
+    its generated table; any other design without one runs on the reference backend.  Each is said once
+    (:class:`GenericPathWarning`), naming the design and the path; never computed as another design.
+    """
+    return _route(as_multiplier(multiplier), backend)
+
+
+@functools.lru_cache(maxsize=256)
+def _route(mult: Multiplier, backend: str) -> Route:
+    if mult.is_exact or mult.mac is not None:
+        return Route(backend, mult, mult.key)
+    if mult.is_integer and mult.bits <= MAX_TABLE_BITS:
+        table = generated_table(mult)
+        _warn_generic(mult, f"the table kernels of the {backend!r} backend (its generated {1 << mult.bits} x "
+                            f"{1 << mult.bits} table)")
+        return Route(backend, table, table.key)
+    _warn_generic(mult, "the 'reference' backend (plain PyTorch, slow)" + (
+        "" if backend == "reference" else f" instead of {backend!r}"))
+    return Route("reference", mult, mult.key)
+
+
+def _warn_generic(mult: Multiplier, path: str) -> None:
+    warnings.warn(f"mbmlib: design {mult.kind!r} has no specialised kernel; {mult.name!r} runs on {path}",
+                  GenericPathWarning, stacklevel=4)
+
+
+on_registry_change(_route.cache_clear)

@@ -19,7 +19,10 @@ import warnings
 
 import torch
 
-from ..multipliers import MANT_BITS, Multiplier, flat_table, int_fields, int_products, mantissa_product, split_operand
+from ..multipliers.designs import MANT_BITS
+from ..multipliers.floating import significand, split_operand
+from ..multipliers.integer import flat_table, int_fields, int_products
+from ..multipliers.specs import Multiplier
 from . import cpu_native, reference
 from .lowering import check_int_gemm, conv2d_grads_via_gemm, conv2d_int_via_gemm, conv2d_via_gemm
 
@@ -33,8 +36,7 @@ _DYNAMO_LIMITS = {"recompile_limit": 64, "accumulated_recompile_limit": 1024}
 
 def _fused_bmm_nt(sa, ma, sb, mb, multiplier: Multiplier):
     """sum_k product(a[g, m, k], b[g, n, k]) from split operands; written for inductor to fuse."""
-    s = ma[:, :, None, :] + mb[:, None, :, :]  # (G, M, N, K): K innermost, contiguous in both operands
-    g = mantissa_product(s, multiplier).to(torch.float32)
+    g = significand(ma[:, :, None, :], mb[:, None, :, :], multiplier).to(torch.float32)  # (G, M, N, K): K innermost
     return ((sa[:, :, None, :] * sb[:, None, :, :]) * (g * 2.0**-MANT_BITS)).sum(-1)
 
 

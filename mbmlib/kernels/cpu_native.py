@@ -4,7 +4,7 @@ The source is compiled once per instruction set (AVX-512, AVX2 or portable C++, 
 from ``torch.backends.cpu.get_cpu_capability()``) with the system C++ compiler into a cache folder
 (env ``MBMLIB_CACHE``, else ``$XDG_CACHE_HOME/mbmlib``, i.e. ``~/.cache/mbmlib``: the data loader's
 cache too), then loaded with :mod:`ctypes`.  No torch headers are needed, so a build takes about a second.  ``-ffp-contract=off`` keeps every product
-rounded exactly as :func:`mbmlib.multipliers.products` rounds it.  Tiles run on
+rounded exactly as :func:`mbmlib.multipliers.floating.products` rounds it.  Tiles run on
 ``torch.get_num_threads()`` threads: OpenMP ones where the compiler has ``-fopenmp`` (the library
 then binds to the libgomp torch has loaded, so it reuses torch's threads instead of fighting their
 spin-waits for the cores), else Python threads (ctypes releases the GIL).
@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..multipliers import Multiplier, int_fields, split_operand
+from ..multipliers.designs import MAC_IDS
+from ..multipliers.floating import split_operand
+from ..multipliers.integer import int_fields
+from ..multipliers.specs import Multiplier
 from .lowering import output_size, weight_rows
 
 __all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt_split", "conv2d", "BuildError",
@@ -161,7 +164,7 @@ def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col
     nr = lib.mbm_tile_cols()
     G, N, K = sb.shape
     M, Np = a_row.numel(), -(-N // nr) * nr
-    kind = 1 if multiplier.kind == "mbm" else 0
+    kind = specialised_mac(multiplier, MAC_IDS)
     if kind == 0 and lib.mbm_has_words():
         a_words, *range_a = mitchell_words(*a_fields, _ONE_BITS, lib)
         b_words, *range_b = mitchell_words(sb, mb, 0, lib)
@@ -254,22 +257,22 @@ def _conv_output(res: torch.Tensor, B: int, O: int, groups: int, Ho: int, Wo: in
 
 FORMULA_MAX_BITS = 12  # products < 2**24 and shifts that only go right: int32 lanes suffice
 TABLE_MAX_BITS = 8  # a 256 x 256 int32 table (256 KB) stays in the cache
-_INT_KINDS = {"mitchell": 0, "mbm": 1, "table": 2}
+_INT_MACS = {**MAC_IDS, "table": 2}  # the integer kernel's MAC template ids
 
 
 def supports_int(multiplier: Multiplier) -> bool:
-    """Whether the C++ integer GEMM computes ``multiplier`` (formula designs <= 12 bits, int32 tables <= 8)."""
+    """Whether the C++ integer GEMM computes ``multiplier`` (log designs <= 12 bits, int32 tables <= 8)."""
     if multiplier.kind == "table":
-        return multiplier.bits <= TABLE_MAX_BITS and _max_product(multiplier) < 2**31
-    return multiplier.kind in _INT_KINDS and multiplier.bits <= FORMULA_MAX_BITS
+        return multiplier.bits <= TABLE_MAX_BITS and multiplier.max_product < 2**31
+    return multiplier.mac in _INT_MACS and multiplier.bits <= FORMULA_MAX_BITS
 
 
-@functools.lru_cache(maxsize=16)
-def _max_product(multiplier: Multiplier) -> int:
-    """The largest |P| the multiplier gives: bounds how many products an int32 sum may take."""
-    if multiplier.kind == "table":
-        return max(1, int(multiplier.table.abs().max()))
-    return 2 ** (2 * multiplier.bits)  # P < G * 2**(2n - 25) with G < 2**25
+def specialised_mac(multiplier: Multiplier, ids: dict) -> int:
+    """The kernel's template id of the multiplier's MAC; ValueError for a design the kernel does not specialise."""
+    if multiplier.mac not in ids:
+        raise ValueError(f"the native kernel has no multiply-accumulate for {multiplier.name!r}; run it through "
+                         "mbmlib.functional (mbmlib.kernels.route picks its generic path)")
+    return ids[multiplier.mac]
 
 
 @functools.lru_cache(maxsize=16)
@@ -304,8 +307,8 @@ def _gemm_int(a_fields: list, a_row: torch.Tensor, a_col: torch.Tensor, a_group:
     c0, c1 = multiplier.corrections
     head = (*(t.data_ptr() for t in a_fields), a_row.data_ptr(), a_col.data_ptr(), a_group,
             *(t.data_ptr() for t in (*b, out)), M, Np, K)
-    tail = (_INT_KINDS[multiplier.kind], c0, c1, table.data_ptr(), multiplier.bits,
-            (2**31 - 1) // _max_product(multiplier))
+    tail = (specialised_mac(multiplier, _INT_MACS), c0, c1, table.data_ptr(), multiplier.bits,
+            (2**31 - 1) // multiplier.max_product)
     _run_tiles(lib, lib.mbm_gemm_int_tiles, head, tail, G * lib.mbm_tiles(M, Np), G * M * N * K)
     return (out if Np == N else out[:, :, :N]).to(torch.float64)
 
@@ -314,7 +317,7 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
                capability: str | None = None) -> torch.Tensor:
     """Integer ``qa @ qb.T`` on the CPU: (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums.
 
-    Each term is ``sign * P(|a|, |b|)`` as :func:`mbmlib.multipliers.int_products` gives it; ``multiplier``
+    Each term is ``sign * P(|a|, |b|)`` as :func:`mbmlib.multipliers.integer.int_products` gives it; ``multiplier``
     must pass :func:`supports_int`.
     """
     G, M, K = qa.shape

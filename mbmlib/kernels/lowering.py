@@ -12,7 +12,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..multipliers import EXACT_SUM_LIMIT, Multiplier, check_int_tensor, split_operand
+from ..multipliers.floating import split_operand
+from ..multipliers.integer import EXACT_SUM_LIMIT, check_int_tensor
+from ..multipliers.specs import Multiplier
 
 __all__ = ["output_size", "im2col", "col2im", "weight_rows", "conv2d_via_gemm", "conv2d_grads_via_gemm",
            "conv2d_int_via_gemm", "check_int_gemm", "DEFAULT_MEMORY_BUDGET"]
@@ -120,7 +122,7 @@ def check_int_gemm(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, k
                         f"{multiplier.name!r}")
     check_int_tensor(qa, "qa", multiplier)
     check_int_tensor(qb, "qb", multiplier)
-    largest = int(multiplier.table.max()) if multiplier.kind == "table" else 1 << (2 * multiplier.bits)
+    largest = multiplier.max_product
     k = qa.shape[-1] if k is None else k
     if k * largest >= EXACT_SUM_LIMIT:
         raise ValueError(f"K = {k} products of up to {largest} may not sum exactly in float64 "

@@ -5,7 +5,7 @@ is computed block by block so that the (rows, K, N) tensor of products never
 exceeds ``memory_budget`` bytes, whatever the layer size.  Operands are split
 into (scale, mantissa) once per call (see :mod:`mbmlib.multipliers`).
 The integer kernels (``bmm_nt_int``, ``conv2d_int``) run the same loop on the
-integer fields of :func:`mbmlib.multipliers.int_fields`, summing exactly in int64.
+integer fields of :func:`mbmlib.multipliers.integer.int_fields`, summing exactly in int64.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import functools
 
 import torch
 
-from ..multipliers import Multiplier, int_fields, int_products, products, split_operand
+from ..multipliers.floating import products, split_operand
+from ..multipliers.integer import int_fields, int_products
+from ..multipliers.specs import Multiplier
 from .lowering import (DEFAULT_MEMORY_BUDGET, check_int_gemm, conv2d_grads_via_gemm, conv2d_int_via_gemm,
                        conv2d_via_gemm)
 

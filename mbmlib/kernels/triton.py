@@ -2,7 +2,7 @@
 
 Every operand is split once per tensor, outside the kernels, into the float ``scale``
 (``sign * 2**k``) and the int32 (truncated) mantissa field ``mant``
-(:func:`mbmlib.multipliers.split_operand`), and the two fields are packed into one
+(:func:`mbmlib.multipliers.floating.split_operand`), and the two fields are packed into one
 64-bit word (scale bits low, mantissa high), so one load brings both.  The words
 of the operand broadcast along N also carry the float exponent bias ``0x3F800000``
 in their mantissa, so the sum of two mantissa fields is at once the bit pattern of
@@ -49,7 +49,9 @@ except ImportError as err:  # the backend picker (mbmlib.kernels.default_backend
 
 import torch
 
-from ..multipliers import Multiplier, check_float_tensors, int_fields, split_operand
+from ..multipliers.floating import check_float_tensors, split_operand
+from ..multipliers.integer import int_fields
+from ..multipliers.specs import Multiplier
 from .lowering import check_int_gemm, output_size
 
 name = "triton"
@@ -439,7 +441,7 @@ def kind_args(multiplier: Multiplier) -> dict:
     c0, c1 = multiplier.corrections
     # enable_fp_fusion=False: no FMA contraction, so every product is rounded on its own exactly as in
     # the reference before it is summed.  RZ: the cvt.rz instruction exists on CUDA, not in the interpreter.
-    return {"IS_MBM": multiplier.kind == "mbm", "C0": c0, "C1": c1, "RZ": not INTERPRET, "enable_fp_fusion": False}
+    return {"IS_MBM": _mac(multiplier) == "mbm", "C0": c0, "C1": c1, "RZ": not INTERPRET, "enable_fp_fusion": False}
 
 
 def words(x: torch.Tensor, multiplier: Multiplier, bias: int = 0) -> torch.Tensor:
@@ -699,7 +701,7 @@ def _int_device(op: str, *tensors: torch.Tensor) -> torch.device:
 def _table(multiplier: Multiplier, device: torch.device, transposed: bool) -> torch.Tensor:
     """A table multiplier's entries flattened (A-major, or B-major if ``transposed``): int32 where they fit.
 
-    Cached, like :func:`mbmlib.multipliers.flat_table`: a layer's every call reads the same table.
+    Cached, like :func:`mbmlib.multipliers.integer.flat_table`: a layer's every call reads the same table.
     """
     t = multiplier.table.t() if transposed else multiplier.table
     dtype = torch.int32 if int(t.max()) < 2**31 else torch.int64
@@ -712,11 +714,19 @@ def int_kind_args(multiplier: Multiplier, k: int) -> dict:
         raise TypeError(f"integer kernels need an integer or table multiplier such as 'mbm-int8', got "
                         f"{multiplier.name!r}")
     table = multiplier.kind == "table"
-    largest = int(multiplier.table.max()) if table else 1 << (2 * multiplier.bits)
+    largest = multiplier.max_product
     wide = not table and 2 * (multiplier.bits - 1) > 22  # k1 + k2 > 22: P needs a left shift, in int64
     c0, c1 = multiplier.corrections
-    return {"TABLE": table, "BITS": multiplier.bits, "IS_MBM": multiplier.kind == "mbm", "C0": c0, "C1": c1,
+    return {"TABLE": table, "BITS": multiplier.bits, "IS_MBM": _mac(multiplier) == "mbm", "C0": c0, "C1": c1,
             "WIDE": wide, "ACC64": wide or max(1, k) * largest >= 2**31}
+
+
+def _mac(multiplier: Multiplier) -> str:
+    """The multiplier's specialised MAC ("mbm", "mitchell", "table"); ValueError for a design without one."""
+    if multiplier.mac is None:
+        raise ValueError(f"the Triton kernels have no multiply-accumulate for {multiplier.name!r}; run it through "
+                         "mbmlib.functional (mbmlib.kernels.route picks its generic path)")
+    return multiplier.mac
 
 
 def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *,

@@ -1,14 +1,19 @@
-"""The arithmetic core: multiplier specs and bit-exact elementwise products (torch only).
+"""The arithmetic core: the design registry, multipliers and bit-exact elementwise products (torch only).
 
-``specs`` names the multipliers, ``floating`` computes float32 products bit for
-bit (SPEC section 1), ``integer`` and ``table`` the integer and lookup-table
-multipliers (section 4), ``stats`` measures their error.
+``designs`` is the registry (one entry per design; users add theirs with
+``register_design``), ``specs`` names multipliers (a design with its parameters),
+``floating`` and ``integer`` are the float and integer frames (SPEC sections 1 and 4),
+``table`` checks and reads lookup tables, ``elementwise`` is ``approx_mul``, ``stats``
+measures errors.  This package exports what users need; the kernels import the
+frames' plumbing (``split_operand``, ``int_fields``, ...) from the modules themselves.
 """
-from . import floating, integer, specs, stats, table
-from .floating import *  # noqa: F401,F403  (each module's __all__ is this package's face)
-from .integer import *  # noqa: F401,F403
-from .specs import *  # noqa: F401,F403
-from .stats import *  # noqa: F401,F403
-from .table import *  # noqa: F401,F403
+from .designs import INT_BITS_RANGE, MAX_TRUNCATION, Design, register_design, registered_designs, unregister_design
+from .elementwise import approx_mul, mbm_mul, mitchell_mul
+from .integer import table_from_multiplier, write_csv
+from .specs import Multiplier, MultiplierLike, as_multiplier
+from .stats import error_map, error_stats
+from .table import MAX_TABLE_BITS
 
-__all__ = specs.__all__ + floating.__all__ + integer.__all__ + table.__all__ + stats.__all__
+__all__ = ["Design", "register_design", "unregister_design", "registered_designs", "Multiplier", "MultiplierLike",
+           "as_multiplier", "approx_mul", "mbm_mul", "mitchell_mul", "error_stats", "error_map",
+           "table_from_multiplier", "write_csv", "MAX_TRUNCATION", "INT_BITS_RANGE", "MAX_TABLE_BITS"]

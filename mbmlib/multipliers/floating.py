@@ -13,20 +13,22 @@ rules exactly; results below the smallest normal are flushed to zero.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .specs import MANT_BITS, MANT_MASK, ONE, Multiplier, MultiplierLike, as_multiplier
+from .designs import MANT_BITS, MANT_MASK, normalise_significand, on_registry_change
+from .specs import Multiplier
 
 __all__ = [
     "SMALLEST_NORMAL",
+    "MANTISSA_TABLE_MAX_BITS",
     "split_operand",
     "check_float_tensor",
     "check_float_tensors",
-    "mantissa_product",
+    "significand",
     "products",
-    "approx_mul",
-    "mbm_mul",
-    "mitchell_mul",
+    "approx_mul_float",
 ]
 
 SIGN_EXP_MASK = -(1 << MANT_BITS)  # int32 0xFF800000
@@ -52,26 +54,40 @@ def split_operand(x: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor
     return scale, mant
 
 
-def mantissa_product(mant_sum: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
-    """Significand ``G`` (int32, < 2**25, at most 24 significant bits) of a product.
+MANTISSA_TABLE_MAX_BITS = 8  # a generic float design keeping this many mantissa bits or fewer is looked up
 
-    ``mant_sum = mant_a + mant_b``; the product is ``scale_a*scale_b*G*2**-23``.
-    Mitchell: ``1 + x1 + x2``, or ``2 * (x1 + x2)`` after a carry.  MBM adds
-    the correction (halved after a carry), truncates when normalising, and
-    skips the correction in the carry/overflow corner case.
+
+def significand(ma: torch.Tensor, mb: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
+    """Significand ``G`` (< 2**25, at most 24 significant bits) of products of mantissa fields (broadcasting).
+
+    The product is ``scale_a*scale_b*G*2**-23``.  The design gives ``G``; the frame
+    normalises it (truncating).  A design without a specialised kernel whose
+    mantissas keep 8 bits or fewer is read from its table of significands, as
+    ApproxTrain simulates float designs; the table is made from the same function.
     """
-    if multiplier.is_exact:
-        raise ValueError("the exact multiplier has no mantissa approximation; multiply the floats directly")
-    s = mant_sum
-    carry = s >= ONE
-    if multiplier.kind == "mitchell":
-        return torch.where(carry, s << 1, s + ONE)
-    c0, c1 = multiplier.corrections
-    m0 = s + (ONE + c0)  # no carry: 1 + x1 + x2 + c, maybe >= 2
-    g0 = m0 & ~(m0 >> 24)  # >= 2: drop the bit the normalising shift truncates
-    t1 = s + c1  # carry: 2 * (x1 + x2 + c/2)
-    g1 = torch.where(t1 < 2 * ONE, t1, s) << 1  # corner case: skip the correction
-    return torch.where(carry, g1, g0)
+    design = multiplier.design
+    if design is None:
+        raise ValueError(f"the {multiplier.name!r} multiplier has no mantissa approximation")
+    if design.mac is None and MANT_BITS - multiplier.t <= MANTISSA_TABLE_MAX_BITS:
+        table, shift, width = _mantissa_table(multiplier, ma.device)
+        return table[((ma >> shift) << width) + (mb >> shift)]
+    return normalise_significand(design.reference(ma, mb, multiplier.t))
+
+
+@functools.lru_cache(maxsize=16)
+def _mantissa_table(multiplier: Multiplier, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """(flat table of normalised G over the truncated fields, the fields' shift, index width) of a float design.
+
+    A truncated field is ``(hi << (t + 1)) | (1 << t)``: ``hi`` (22 - t bits) is its index.
+    """
+    shift = multiplier.t + 1
+    width = MANT_BITS - shift
+    fields = (torch.arange(1 << width, dtype=torch.int64) << shift) | (1 << multiplier.t)
+    g = normalise_significand(multiplier.design.reference(fields[:, None], fields[None, :], multiplier.t))
+    return g.reshape(-1).to(device=device, dtype=torch.int32), shift, width
+
+
+on_registry_change(_mantissa_table.cache_clear)
 
 
 def products(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Tensor, multiplier: Multiplier,
@@ -81,7 +97,7 @@ def products(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Ten
     ``flush`` zeroes results below 2**-126, as the circuit does.  The GEMM kernels
     pass ``flush=False``: a flushed term changes a sum by less than 2**-126.
     """
-    g = mantissa_product(ma + mb, multiplier).to(torch.float32)
+    g = significand(ma, mb, multiplier).to(torch.float32)
     r = (sa * sb) * (g * 2.0**-MANT_BITS)
     if not flush:
         return r
@@ -152,21 +168,8 @@ class _StraightThrough(torch.autograd.Function):
         return grad_a, grad_b, None
 
 
-def approx_mul(a: torch.Tensor, b: torch.Tensor, multiplier: MultiplierLike = "mbm") -> torch.Tensor:
-    """Elementwise approximate product, broadcasting like ``torch.mul``.
-
-    Float multipliers: computed in float32 bit patterns and returned in the
-    promoted input dtype; gradients are straight-through, those of ``a * b``
-    (``grad_a = grad * b``, ``grad_b = grad * a``).  ``"exact"`` is ``torch.mul``.
-    Integer multipliers ("mbm-int8", tables) take integer tensors of
-    sign-magnitude values and return ``sign(a*b) * P(|a|, |b|)`` as int64.
-    Integer inputs to a float multiplier, or float inputs to an integer one,
-    raise ``TypeError``; tensors on different devices raise what ``torch.mul`` raises.
-    """
-    mult = as_multiplier(multiplier)
-    if mult.is_integer:
-        from .integer import approx_mul_int
-        return approx_mul_int(a, b, mult)
+def approx_mul_float(a: torch.Tensor, b: torch.Tensor, mult: Multiplier) -> torch.Tensor:
+    """Elementwise approximate products of float tensors (see :func:`mbmlib.approx_mul`)."""
     _check_float_operands(a, b)
     if a.device != b.device:
         if a.dim() > 0 and b.dim() > 0:
@@ -178,13 +181,3 @@ def approx_mul(a: torch.Tensor, b: torch.Tensor, multiplier: MultiplierLike = "m
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return _StraightThrough.apply(a, b, mult)
     return _approx_mul_forward(a, b, mult)
-
-
-def mbm_mul(a: torch.Tensor, b: torch.Tensor, t: int = 0) -> torch.Tensor:
-    """Minimally Biased Multiplier product (Saadat et al. 2018), mantissa truncation ``t``."""
-    return approx_mul(a, b, Multiplier("mbm", t))
-
-
-def mitchell_mul(a: torch.Tensor, b: torch.Tensor, t: int = 0) -> torch.Tensor:
-    """Mitchell's logarithmic multiplier product, mantissa truncation ``t``."""
-    return approx_mul(a, b, Multiplier("mitchell", t))

@@ -7,8 +7,12 @@ significand of section 1 (:func:`mantissa_product`).  Every operand is split onc
 into two int32 fields, which the GEMM kernels then combine pair by pair with
 :func:`int_products` (int64, so sums are exact):
 
-* formula multipliers: ``(sign * (k + 1), 23-bit mantissa field)``, 0 for a zero operand;
-* table multipliers: ``(sign, magnitude)``, the product a gather from the table.
+* the built-in log designs: ``(sign * (k + 1), 23-bit mantissa field)``, 0 for a zero operand;
+* table multipliers and every other design: ``(sign, magnitude)``, the product a gather
+  from the table or the design's own function of the magnitudes.
+
+A design without a specialised kernel (a user's) runs on the table kernels through
+:func:`generated_table`, its table of products made from the same function.
 """
 from __future__ import annotations
 
@@ -17,10 +21,13 @@ from typing import Optional
 
 import torch
 
-from .floating import mantissa_product, split_operand
-from .specs import Multiplier
+from .designs import MAC_IDS, MANT_BITS, on_registry_change
+from .floating import significand, split_operand
+from .specs import Multiplier, MultiplierLike, as_multiplier
+from .table import MAX_TABLE_BITS, write_table_csv
 
-__all__ = ["check_int_tensor", "int_fields", "int_products", "flat_table", "approx_mul_int", "EXACT_SUM_LIMIT"]
+__all__ = ["check_int_tensor", "int_fields", "int_products", "flat_table", "approx_mul_int", "EXACT_SUM_LIMIT",
+           "table_from_multiplier", "generated_table", "write_csv"]
 
 EXACT_SUM_LIMIT = 2**53  # float64 holds every integer sum below this exactly
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -53,11 +60,17 @@ def int_fields(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor, t
     """Split sign-magnitude integers into the two int32 fields :func:`int_products` combines (shape of ``q``)."""
     q = q.to(torch.int32)  # int8 -128 has no int8 magnitude
     sign = torch.sign(q)
-    if multiplier.kind == "table":
+    if multiplier.mac not in MAC_IDS:  # tables and designs without a log-domain kernel
         return sign, q.abs()
     qf = q.to(torch.float32)  # exact: |q| < 2**16
     _, mant = split_operand(qf, multiplier)
     return sign * torch.frexp(qf).exponent, mant  # frexp's exponent of |q| >= 1 is k + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _float_twin(kind: str) -> Multiplier:
+    """The float multiplier whose significand a built-in integer log design uses (SPEC section 4)."""
+    return Multiplier(kind)
 
 
 def int_products(a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor,
@@ -69,9 +82,11 @@ def int_products(a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch
     if multiplier.kind == "table":
         table = flat_table(multiplier, a2.device) if table is None else table
         return (a1 * b1).to(torch.int64) * table[(a2 << multiplier.bits) + b2]
-    g = mantissa_product(a2 + b2, multiplier).to(torch.int64)  # 2**23 * significand, < 2**25
+    if multiplier.mac not in MAC_IDS:  # a design's own function of the magnitudes
+        return (a1 * b1).to(torch.int64) * multiplier.design.reference(a2, b2, multiplier.bits)
+    g = significand(a2, b2, _float_twin(multiplier.kind)).to(torch.int64)  # 2**23 * significand, < 2**25
     shift = (a1.abs() + b1.abs() - 2).to(torch.int64)  # k1 + k2 (-1, -2: a zero operand, masked by the sign)
-    return torch.sign(a1 * b1).to(torch.int64) * ((g << shift.clamp(min=0)) >> 23)
+    return torch.sign(a1 * b1).to(torch.int64) * ((g << shift.clamp(min=0)) >> MANT_BITS)
 
 
 def approx_mul_int(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
@@ -83,3 +98,28 @@ def approx_mul_int(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier) -> 
     a, b = torch.broadcast_tensors(a, b)
     return int_products(*int_fields(a, multiplier), *int_fields(b, multiplier), multiplier)
 
+
+def table_from_multiplier(multiplier: MultiplierLike) -> torch.Tensor:
+    """The (2**n, 2**n) int64 table ``P(A, B)`` of an integer multiplier (n <= 12)."""
+    mult = as_multiplier(multiplier)
+    if not mult.is_integer or mult.bits > MAX_TABLE_BITS:
+        raise ValueError(f"tables are built from integer multipliers of at most {MAX_TABLE_BITS} bits such as "
+                         f"'mbm-int8', got {mult.name!r}")
+    if mult.kind == "table":
+        return mult.table.clone()
+    a = torch.arange(1 << mult.bits)
+    return approx_mul_int(a[:, None], a[None, :], mult)  # (2**n, 2**n)
+
+
+@functools.lru_cache(maxsize=16)
+def generated_table(multiplier: Multiplier) -> Multiplier:
+    """The table multiplier of an integer design (n <= 12): the same products, on the table kernels."""
+    return Multiplier.from_table(table_from_multiplier(multiplier))
+
+
+on_registry_change(generated_table.cache_clear)
+
+
+def write_csv(multiplier: MultiplierLike, path, column: str = "MBM") -> None:
+    """Write an integer multiplier's table as CSV ``A,B,<column>``, A-major (the format ``Multiplier.from_csv`` reads)."""
+    write_table_csv(table_from_multiplier(multiplier), path, column)

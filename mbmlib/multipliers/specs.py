@@ -1,55 +1,47 @@
-"""Multiplier specs: names such as "exact", "mbm", "mbm-t16", "mbm-int8", "table:<file.csv>" and SPEC constants.
+"""Multipliers: a registered design with its parameters, named "exact", "mbm", "mbm-t16", "mbm-int8", "table:<file.csv>".
 
 A multiplier is named by a string or given as a :class:`Multiplier`; every
-layer, kernel and config takes either (``MultiplierLike``).  Float multipliers
-(SPEC section 1) have ``bits=None``; integer ones (section 4) multiply n-bit
-magnitudes, either by formula ("mbm-int8", "mitchell-int12") or by a lookup
-table (kind "table", see :mod:`.table`).
+layer, kernel and config takes either (``MultiplierLike``).  Names are parsed
+from the design registry (:mod:`.designs`): float designs (SPEC section 1) have
+``bits=None`` and a truncation ``t``; integer designs (section 4) multiply n-bit
+magnitudes ("mbm-int8", "mitchell-int12"); a lookup table (kind "table", see
+:mod:`.table`) multiplies n-bit magnitudes by its entries.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import re
 from typing import Any, Optional, Union
+
+from .designs import INT_BITS_RANGE, MAX_TRUNCATION, Design, find_design, mbm_corrections, on_registry_change, valid_names
+from .table import checked_table, read_table_csv, table_digest
 
 __all__ = [
     "Multiplier",
     "MultiplierLike",
     "as_multiplier",
-    "MULTIPLIER_KINDS",
     "MAX_TRUNCATION",
-    "MANT_BITS",
-    "MANT_MASK",
-    "ONE",
-    "MBM_CORRECTION",
     "INT_BITS_RANGE",
     "TABLE_PREFIX",
 ]
 
-MULTIPLIER_KINDS = ("exact", "mitchell", "mbm")
-MAX_TRUNCATION = 22
-MANT_BITS = 23
-MANT_MASK = (1 << MANT_BITS) - 1
-ONE = 1 << MANT_BITS  # 1.0 in 23-bit fixed point
-MBM_CORRECTION = 0xA0000  # 2**-4 + 2**-6 = 0.078125 in 23-bit fixed point
-INT_BITS_RANGE = (2, 16)  # widths of the integer multipliers: n-bit magnitudes, products below 2**(2n)
 TABLE_PREFIX = "table:"  # "table:<path to CSV>" names a table multiplier; "table:sha256=<hex>" one built in memory
-_VALID_NAMES = ("valid names are 'exact', 'mbm[-t<N>]', 'mitchell[-t<N>]' (0 <= N <= 22), 'mbm-int<n>', "
-                "'mitchell-int<n>' (2 <= n <= 16) and 'table:<path to CSV>'")
-_EXACT_TAKES_NO_T = "the 'exact' multiplier takes no truncation nor width; " + _VALID_NAMES
-_NAME_RE = re.compile(r"^(exact|mitchell|mbm)(?:-t(\d+)|-int(\d+))?$")
+_EXACT_TAKES_NO_T = "the 'exact' multiplier takes no truncation nor width"
+_NAME_RE = re.compile(r"^([a-z][a-z0-9_]*)(?:-t(\d+)|-int(\d+))?$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Multiplier:
-    """An approximate multiplier: ``kind``, mantissa truncation ``t`` (floats) or width ``bits`` (integers).
+    """An approximate multiplier: a registered design ``kind`` with truncation ``t`` (floats) or width ``bits`` (ints).
 
-    Float multipliers (``bits=None``): ``kind`` "exact", "mitchell" or "mbm";
-    ``t`` (0..22) keeps the top ``23 - t`` mantissa bits (t = 0 is the full design).
-    Integer multipliers (``bits`` = n in 2..16, e.g. ``Multiplier("mbm", bits=8)``)
-    multiply n-bit magnitudes (SPEC section 4).  Kind "table" is a lookup table
-    built by :meth:`from_table` / :meth:`from_csv`: equal and hashed by its
-    content ``digest``; ``source`` (the CSV path, if any) only names it.
+    Float multipliers (``bits=None``): ``kind`` "exact" or a float design ("mbm", "mitchell",
+    or one added with :func:`mbmlib.register_design`); ``t`` (0..22) keeps the top ``23 - t``
+    mantissa bits (t = 0 is the full design).  Integer multipliers (``bits`` = n in 2..16,
+    e.g. ``Multiplier("mbm", bits=8)``) multiply n-bit magnitudes (SPEC section 4).  Kind
+    "table" is a lookup table built by :meth:`from_table` / :meth:`from_csv`: equal and
+    hashed by its content ``digest``; ``source`` (the CSV path, if any) only names it.
     """
 
     kind: str = "mbm"
@@ -65,13 +57,12 @@ class Multiplier:
                 raise ValueError("build table multipliers with Multiplier.from_table(table) or "
                                  "Multiplier.from_csv(path)")
             return
-        if self.kind not in MULTIPLIER_KINDS:
-            raise ValueError(f"unknown multiplier kind {self.kind!r}; valid kinds are {', '.join(MULTIPLIER_KINDS)} "
-                             f"(optionally with '-t<N>', 0 <= N <= {MAX_TRUNCATION}, or '-int<n>'), or 'table'")
-        if not isinstance(self.t, int) or not 0 <= self.t <= MAX_TRUNCATION:
+        if not isinstance(self.t, int) or isinstance(self.t, bool) or not 0 <= self.t <= MAX_TRUNCATION:
             raise ValueError(f"valid truncations are integers t = 0..{MAX_TRUNCATION}, got {self.t!r}")
-        if self.kind == "exact" and (self.t != 0 or self.bits is not None):
-            raise ValueError(_EXACT_TAKES_NO_T)
+        if self.kind == "exact":
+            if self.t != 0 or self.bits is not None:
+                raise ValueError(_EXACT_TAKES_NO_T + "; " + valid_names())
+            return
         if self.bits is not None:
             lo, hi = INT_BITS_RANGE
             if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not lo <= self.bits <= hi:
@@ -79,18 +70,20 @@ class Multiplier:
             if self.t != 0:
                 raise ValueError(f"integer multipliers take no truncation: use '{self.kind}-int{self.bits}', "
                                  f"not t={self.t}")
+        find_design(self.kind, "int" if self.bits is not None else "float")  # ValueError naming the designs
 
     @classmethod
     def from_table(cls, table, source: Optional[str] = None) -> "Multiplier":
         """A table multiplier ``P(A, B) = table[A, B]`` from a (2**n, 2**n) tensor/array of non-negative integers."""
-        from .table import table_multiplier
-        return table_multiplier(table, source)
+        t, bits = checked_table(table, source or "table")
+        mult = cls("table", bits=bits, digest=table_digest(t), source=source, table=t)
+        _BY_DIGEST.setdefault(mult.digest, cls("table", bits=bits, digest=mult.digest, table=t))
+        return mult
 
     @classmethod
     def from_csv(cls, path) -> "Multiplier":
         """A table multiplier from a CSV with columns A, B and the product (e.g. ``A,B,MBM``), one row a pair."""
-        from .table import read_csv
-        return read_csv(path)
+        return cls.from_table(read_table_csv(path), source=os.fspath(path))
 
     @property
     def name(self) -> str:
@@ -102,6 +95,11 @@ class Multiplier:
         return self.kind if self.t == 0 else f"{self.kind}-t{self.t}"
 
     @property
+    def key(self) -> str:
+        """A name that parses back without touching files: a table's is its digest (``"table:sha256=..."``)."""
+        return f"{TABLE_PREFIX}sha256={self.digest}" if self.kind == "table" else self.name
+
+    @property
     def is_exact(self) -> bool:
         return self.kind == "exact"
 
@@ -111,23 +109,41 @@ class Multiplier:
         return self.bits is not None
 
     @property
+    def design(self) -> Optional[Design]:
+        """The registered design (None for "exact" and tables)."""
+        if self.kind in ("exact", "table"):
+            return None
+        return find_design(self.kind, "int" if self.bits is not None else "float")
+
+    @property
+    def mac(self) -> Optional[str]:
+        """The id of the kernels' specialised multiply-accumulate: a design's ``mac``, "table", or None (generic)."""
+        return "table" if self.kind == "table" else getattr(self.design, "mac", None)
+
+    @property
     def max_magnitude(self) -> Optional[int]:
         """Largest magnitude an integer multiplier takes, ``2**bits - 1``; None for float multipliers."""
         return None if self.bits is None else (1 << self.bits) - 1
 
+    @functools.cached_property
+    def max_product(self) -> Optional[int]:
+        """An upper bound of |P| (a table's largest entry, else 2**(2n)): how many products a sum may take."""
+        if self.bits is None:
+            return None
+        return max(1, int(self.table.max())) if self.kind == "table" else 1 << (2 * self.bits)
+
     @property
     def corrections(self) -> tuple[int, int]:
-        """MBM correction for (no carry, carry), masked below bit t; (0, 0) for Mitchell."""
-        if self.kind != "mbm":
-            return (0, 0)
-        keep = -(1 << self.t) if self.t > 16 else -1  # -(2**t) == ~(2**t - 1)
-        return (MBM_CORRECTION & keep, (MBM_CORRECTION >> 1) & keep)
+        """MBM correction for (no carry, carry), masked below bit t; (0, 0) for any other design."""
+        return mbm_corrections(self.t) if self.mac == "mbm" else (0, 0)
 
     def __str__(self) -> str:
         return self.name
 
 
 MultiplierLike = Union[str, Multiplier]
+_BY_DIGEST: dict[str, Multiplier] = {}  # every table built in this process, for "table:sha256=..." names
+_BY_FILE: dict[str, tuple[tuple[int, int], Multiplier]] = {}  # path -> ((mtime_ns, size), table)
 
 
 def as_multiplier(spec: MultiplierLike) -> Multiplier:
@@ -137,12 +153,45 @@ def as_multiplier(spec: MultiplierLike) -> Multiplier:
     if not isinstance(spec, str):
         raise TypeError(f"multiplier must be a str or mbmlib.Multiplier, got {type(spec).__name__}")
     if spec.strip().lower().startswith(TABLE_PREFIX):
-        from .table import named_table
-        return named_table(spec.strip()[len(TABLE_PREFIX):])
+        return _named_table(spec.strip()[len(TABLE_PREFIX):])
+    return _parsed(spec)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(spec: str) -> Multiplier:
+    """A design's multiplier from its name, parsed once (the cache is cleared when the registry changes)."""
     match = _NAME_RE.match(spec.strip().lower())
     if match is None:
-        raise ValueError(f"unknown multiplier {spec!r}; " + _VALID_NAMES)
+        raise ValueError(f"unknown multiplier {spec!r}; " + valid_names())
     kind, t, bits = match.group(1), match.group(2), match.group(3)
     if kind == "exact" and (t is not None or bits is not None):
-        raise ValueError(_EXACT_TAKES_NO_T)
+        raise ValueError(_EXACT_TAKES_NO_T + "; " + valid_names())
+    if kind not in ("exact", "table"):
+        try:
+            find_design(kind, "float" if bits is None else "int")
+        except ValueError as err:
+            raise ValueError(f"unknown multiplier {spec!r}: {err}") from None
     return Multiplier(kind, int(t or 0), None if bits is None else int(bits))
+
+
+on_registry_change(_parsed.cache_clear)
+
+
+def _named_table(rest: str) -> Multiplier:
+    """The table a name ``"table:<rest>"`` means: ``sha256=<digest>`` built here, else a CSV path (cached)."""
+    if rest.startswith("sha256="):
+        try:
+            return _BY_DIGEST[rest[len("sha256="):]]
+        except KeyError:
+            raise ValueError(f"no table with digest {rest!r} was built in this process; name a CSV file "
+                             "('table:<path>') or pass the Multiplier itself") from None
+    try:
+        st = os.stat(rest)
+    except OSError as err:
+        raise ValueError(f"table multiplier file {rest!r} cannot be read ({err.strerror}); name a CSV with "
+                         "columns A,B,<product>, e.g. 'table:tables/reference_mbm.csv'") from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _BY_FILE.get(rest)
+    if cached is None or cached[0] != stamp:
+        cached = _BY_FILE[rest] = (stamp, Multiplier.from_csv(rest))
+    return cached[1]

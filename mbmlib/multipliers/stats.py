@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .floating import approx_mul
+from .designs import MANT_BITS, ONE
+from .elementwise import approx_mul
 from .integer import approx_mul_int
-from .specs import MANT_BITS, ONE, Multiplier, MultiplierLike, as_multiplier
+from .specs import Multiplier, MultiplierLike, as_multiplier
 
 __all__ = ["error_stats", "error_map"]
 

@@ -1,11 +1,9 @@
-"""Table multipliers: ``P(A, B) = T[A, B]`` for a (2**n, 2**n) table of non-negative integers (SPEC section 4).
+"""Tables of products ``P(A, B) = T[A, B]``, (2**n, 2**n) non-negative integers (SPEC section 4): checked and read.
 
-Tables come from a tensor (:func:`table_multiplier`), from a CSV with columns
-``A, B`` and the product (:func:`read_csv`, the project's ``A,B,MBM`` format),
-or from a formula multiplier (:func:`table_from_multiplier`, :func:`write_csv`).
-A table multiplier is named ``"table:<path>"`` (read from that CSV) or
-``"table:sha256=<digest>"`` (built in memory in this process); both names parse
-back with :func:`mbmlib.as_multiplier`.
+A table comes from a tensor (:func:`checked_table`) or from a CSV with columns
+``A, B`` and the product (:func:`read_table_csv`, the project's ``A,B,MBM`` format).
+These are the tensor-level checks; :class:`mbmlib.Multiplier` builds table
+multipliers on them (``Multiplier.from_table`` / ``from_csv``).
 """
 from __future__ import annotations
 
@@ -15,18 +13,14 @@ import os
 
 import torch
 
-from .integer import approx_mul_int
-from .specs import Multiplier, MultiplierLike, as_multiplier
-
-__all__ = ["MAX_TABLE_BITS", "table_multiplier", "read_csv", "write_csv", "table_from_multiplier", "named_table"]
+__all__ = ["MAX_TABLE_BITS", "checked_table", "table_digest", "read_table_csv", "write_table_csv"]
 
 MAX_TABLE_BITS = 12  # a 4096 x 4096 table; beyond, use the formula multipliers
 _MAX_ENTRY = 2**32 - 1  # products above would not sum exactly in float64 over long dot products
-_BY_DIGEST: dict[str, Multiplier] = {}  # every table built in this process, for "table:sha256=..." names
-_BY_FILE: dict[str, tuple[tuple[int, int], Multiplier]] = {}  # path -> ((mtime_ns, size), table)
 
 
-def _digest(table: torch.Tensor) -> str:
+def table_digest(table: torch.Tensor) -> str:
+    """The content digest that identifies a table (its name when it has no file)."""
     return hashlib.sha256(table.numpy().tobytes()).hexdigest()[:16]
 
 
@@ -41,9 +35,8 @@ def _table_bits(table: torch.Tensor, where: str) -> int:
     return bits
 
 
-def table_multiplier(table, source: str | None = None) -> Multiplier:
-    """A table multiplier from a (2**n, 2**n) tensor or array of non-negative integers (below 2**32)."""
-    where = source or "table"
+def checked_table(table, where: str = "table") -> tuple[torch.Tensor, int]:
+    """``(int64 table, n)`` of a (2**n, 2**n) tensor or array of non-negative integers below 2**32; ValueError else."""
     t = torch.as_tensor(table).detach().cpu()
     bits = _table_bits(t, where)
     if t.dtype == torch.bool or t.is_complex() or (t.is_floating_point() and not torch.equal(t, t.round())):
@@ -52,10 +45,7 @@ def table_multiplier(table, source: str | None = None) -> Multiplier:
     if len(bad):
         a, b = bad[0].tolist()
         raise ValueError(f"{where}: entry [{a}, {b}] = {t[a, b].item()} is not an integer in 0..{_MAX_ENTRY}")
-    t = t.to(torch.int64).contiguous()
-    mult = Multiplier("table", bits=bits, digest=_digest(t), source=source, table=t)
-    _BY_DIGEST.setdefault(mult.digest, Multiplier("table", bits=bits, digest=mult.digest, table=t))
-    return mult
+    return t.to(torch.int64).contiguous(), bits
 
 
 def _parse_rows(path: str) -> list[tuple[int, int, int, int]]:
@@ -102,47 +92,14 @@ def _table_of_rows(rows, path: str) -> torch.Tensor:
     return table
 
 
-def read_csv(path) -> Multiplier:
-    """A table multiplier from a CSV with header ``A,B,<product>`` and one row per pair (any order)."""
+def read_table_csv(path) -> torch.Tensor:
+    """The table of a CSV with header ``A,B,<product>`` and one row per pair (any order)."""
     path = os.fspath(path)
-    return table_multiplier(_table_of_rows(_parse_rows(path), path), source=path)
+    return _table_of_rows(_parse_rows(path), path)
 
 
-def named_table(rest: str) -> Multiplier:
-    """The table a name ``"table:<rest>"`` means: ``sha256=<digest>`` built here, else a CSV path (cached)."""
-    if rest.startswith("sha256="):
-        try:
-            return _BY_DIGEST[rest[len("sha256="):]]
-        except KeyError:
-            raise ValueError(f"no table with digest {rest!r} was built in this process; name a CSV file "
-                             "('table:<path>') or pass the Multiplier itself") from None
-    try:
-        st = os.stat(rest)
-    except OSError as err:
-        raise ValueError(f"table multiplier file {rest!r} cannot be read ({err.strerror}); name a CSV with "
-                         "columns A,B,<product>, e.g. 'table:tables/reference_mbm.csv'") from None
-    stamp = (st.st_mtime_ns, st.st_size)
-    cached = _BY_FILE.get(rest)
-    if cached is None or cached[0] != stamp:
-        cached = _BY_FILE[rest] = (stamp, read_csv(rest))
-    return cached[1]
-
-
-def table_from_multiplier(multiplier: MultiplierLike) -> torch.Tensor:
-    """The (2**n, 2**n) int64 table ``P(A, B)`` of an integer multiplier (n <= 12)."""
-    mult = as_multiplier(multiplier)
-    if not mult.is_integer or mult.bits > MAX_TABLE_BITS:
-        raise ValueError(f"tables are built from integer multipliers of at most {MAX_TABLE_BITS} bits such as "
-                         f"'mbm-int8', got {mult.name!r}")
-    if mult.kind == "table":
-        return mult.table.clone()
-    a = torch.arange(1 << mult.bits)
-    return approx_mul_int(a[:, None], a[None, :], mult)  # (2**n, 2**n)
-
-
-def write_csv(multiplier: MultiplierLike, path, column: str = "MBM") -> None:
-    """Write an integer multiplier's table as CSV ``A,B,<column>``, A-major (the format :func:`read_csv` reads)."""
-    table = table_from_multiplier(multiplier)
+def write_table_csv(table: torch.Tensor, path, column: str = "MBM") -> None:
+    """Write a table as CSV ``A,B,<column>``, A-major (the format :func:`read_table_csv` reads)."""
     size = table.shape[0]
     with open(path, "w", newline="") as f:
         f.write(f"A,B,{column}\n")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import bench
+from . import bench, plugins
 from .config import add_config_arguments, config_from_args
 from .sweep import KERNEL, run_sweep
 from .train import TrainingDiverged, train
@@ -194,6 +194,9 @@ def _run_report_cli(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mbmlib",
                                      description="Approximate-multiplier (MBM, Mitchell) tools for PyTorch.")
+    parser.add_argument("--designs", nargs="+", default=[], metavar="FILE.py",
+                        help="Python files that register your own designs (mbmlib.register_design) before the "
+                             f"command runs; also env {plugins.ENV_VAR} (paths separated by '{os.pathsep}')")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_bench(sub)
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures become one line on stderr and the exit status of ``EXIT_CODES``."""
     args = build_parser().parse_args(argv)
     try:
+        _load_designs(args.designs)
         return args.func(args)
     except Exception as err:
         if os.environ.get("MBMLIB_DEBUG") == "1":
@@ -217,6 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         code, message = 3, "interrupted; a run continues from its last finished epoch with --resume"
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def _load_designs(files: list[str]) -> None:
+    """Register the user designs of ``--designs`` and ``$MBMLIB_DESIGNS``; the env var carries the files on to the
+    processes the command starts (sweep's notebooks, torchrun's workers)."""
+    plugins.load_design_files()
+    if files:
+        plugins.load_design_files(files)
+        known = [p for p in os.environ.get(plugins.ENV_VAR, "").split(os.pathsep) if p]
+        os.environ[plugins.ENV_VAR] = os.pathsep.join(known + [str(Path(f).resolve()) for f in files])
 
 
 def _failure(err: Exception) -> tuple[int, str]:

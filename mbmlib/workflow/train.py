@@ -32,7 +32,7 @@ from torch import nn
 from ..multipliers import as_multiplier
 from ..nn import MBMConv2d, MBMLinear, convert
 from . import data as mdata
-from . import runtime
+from . import plugins, runtime
 from .config import PRESETS, TrainConfig, config_with_preset, default_run_name, identity_differences
 from .models import model_channels, new_model
 from .store import (CHECKPOINT, atomic_write, holds_run, move_run_aside, read_json, remove_stale_temporaries,
@@ -428,6 +428,7 @@ def _finish(s: Session, metrics: dict, stopped_early: bool, t_start: float) -> d
 
 def train(cfg: TrainConfig) -> dict:
     """Run the training described by ``cfg``; return the final metrics (also written to disk)."""
+    plugins.load_design_files()  # $MBMLIB_DESIGNS: a notebook kernel or torchrun worker registers the user's designs
     s = _setup(cfg)
     n_train = s.data.sizes()["train"]
     metrics = {"run_name": s.writer.dir.name, "status": "running", "config": dataclasses.asdict(cfg),
