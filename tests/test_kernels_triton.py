@@ -260,7 +260,7 @@ def test_explicit_tiles(tk, tile):
 
 def test_batches_beyond_the_grid_limit_go_in_chunks(tk, monkeypatch):
     """Grid axis 2 holds at most 65535 batches / groups on CUDA; more are launched in chunks."""
-    monkeypatch.setattr(tk, "_MAX_GRID_Z", 2)
+    monkeypatch.setattr(tk.launch, "_MAX_GRID_Z", 2)
     check_bmm(tk, randn(5, 3, 17, seed=71), randn(5, 4, 17, seed=72), "mbm")
     check_conv(tk, randn(2, 5, 5, 7, seed=73), randn(5, 1, 3, 3, seed=74), (1, 1), (1, 1), (1, 1), 5, "mitchell")
 
@@ -402,9 +402,26 @@ def test_bmm_nt_int_table_both_operand_orders(tk, high):
 
 def test_int_kernels_sum_in_int64_when_int32_could_overflow(tk):
     m = as_multiplier("mbm-int8")
-    assert not tk.int_kind_args(m, 32767)["ACC64"] and tk.int_kind_args(m, 32768)["ACC64"]
-    assert tk.int_kind_args(as_multiplier("mbm-int13"), 1)["WIDE"]
-    assert not tk.int_kind_args(as_multiplier("mbm-int12"), 1)["WIDE"]
+    int32, int64 = tk.ACC_IDS["int32"], tk.ACC_IDS["int64"]
+    assert tk.design_constexprs(m, 32767)["ACC"] == int32 and tk.design_constexprs(m, 32768)["ACC"] == int64
+    assert tk.design_constexprs(as_multiplier("mbm-int13"), 1)["WIDE"]
+    assert not tk.design_constexprs(as_multiplier("mbm-int12"), 1)["WIDE"]
+
+
+def test_one_loop_per_shape_picks_the_mac_and_accumulator_per_design(tk):
+    """Float and integer designs share the GEMM and convolution kernels; the design constexprs tell them apart."""
+    assert set(tk.KERNELS) == {"gemm", "conv2d", "conv2d_grad_input", "conv2d_grad_weight"}
+    macs = {name: tk.design_constexprs(as_multiplier(name))["MAC"] for name in ("mitchell", "mbm", "mitchell-int8",
+                                                                                "mbm-int8")}
+    macs["table"] = tk.design_constexprs(_table_multiplier(4, 100, seed=1))["MAC"]
+    assert sorted(macs.values()) == sorted(tk.MAC_IDS.values())
+    assert tk.design_constexprs(as_multiplier("mbm"))["ACC"] == tk.ACC_IDS["float32"]
+    with pytest.raises(ValueError, match="no multiply-accumulate for 'scratch2-int8'"):
+        mbmlib.register_design("scratch2", lambda a, b: a * b, kind="int")
+        try:
+            tk.design_constexprs(as_multiplier("scratch2-int8"))
+        finally:
+            mbmlib.unregister_design("scratch2", "int")
 
 
 INT_CONV = [(case, name) for case in CONV_CASES for name in ("mbm-int8", "table")] + [
@@ -451,7 +468,7 @@ def test_a_failing_kernel_falls_back_to_compiled_with_one_warning(tk, monkeypatc
     """A kernel that fails to compile or launch: warn once (kernel, GPU, how to choose), then the compiled backend."""
     import mbmlib.kernels as kernels
 
-    monkeypatch.setattr(tk, "_FAILED", {})
+    monkeypatch.setattr(tk.launch, "_FAILED", {})
     compiled = kernels.load("compiled")
     calls = []
 
@@ -463,7 +480,7 @@ def test_a_failing_kernel_falls_back_to_compiled_with_one_warning(tk, monkeypatc
         raise RuntimeError("PTX JIT compilation failed")
 
     monkeypatch.setattr(compiled, "bmm_nt", fake_bmm)
-    monkeypatch.setattr(tk, "_bmm_nt_launch", broken)
+    monkeypatch.setattr(tk.launch, "_gemm_launch", broken)
     a, b = randn(1, 5, 7, seed=81), randn(1, 3, 7, seed=82)
     with pytest.warns(RuntimeWarning, match=r"bmm_nt failed on .*backend='compiled'.*MBMLIB_BACKEND"):
         out = tk.bmm_nt(a.to(DEVICE), b.to(DEVICE), as_multiplier("mbm"))
@@ -471,9 +488,7 @@ def test_a_failing_kernel_falls_back_to_compiled_with_one_warning(tk, monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call neither warns nor retries the kernel
         tk.bmm_nt(a.to(DEVICE), b.to(DEVICE), as_multiplier("mbm"))
-    assert len(calls) == 2 and "bmm_nt" in tk._FAILED
-    monkeypatch.setattr(tk, "_conv2d_launch", broken)  # the other kernels keep running on Triton
-    assert "conv2d" not in tk._FAILED
+    assert len(calls) == 2 and set(tk.launch._FAILED) == {"bmm_nt"}  # the other kernels keep running on Triton
 
 
 def test_backend_name_and_picker(tk):

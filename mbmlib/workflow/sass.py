@@ -32,23 +32,26 @@ CHIPS = {
 }
 ISSUE_SLOTS = 4 * 32  # warp instructions per SM and clock x lanes
 
-# Report name -> kernel attribute of mbmlib.kernels.triton and its shape constexprs (3 x 3: SeedNet's convolutions).
-KERNELS = {
-    "gemm": ("_gemm_kernel", {}),
-    "conv2d": ("_conv2d_kernel", {"KH": 3, "KW": 3}),
-    "conv2d_grad_input": ("_conv2d_grad_input_kernel", {"KH": 3, "KW": 3, "NONFINITE_W": False}),
-    "conv2d_grad_weight": ("_conv2d_grad_weight_kernel", {"KW": 3}),
-    "gemm_int": ("_gemm_int_kernel", {}),
-    "conv2d_int": ("_conv2d_int_kernel", {"KH": 3, "KW": 3}),
-}
+# Report name -> (loop of mbmlib.kernels.triton.KERNELS, the multipliers it is compiled for): the float
+# designs, and the integer ones on the same GEMM and convolution loops (their MAC is a constexpr).
 FLOAT_MULTIPLIERS = ("mbm", "mitchell")
 INT_MULTIPLIERS = ("mbm-int8", "mitchell-int8")  # tables need a file; their loop is the formula's with a gather
+KERNELS = {
+    "gemm": ("gemm", FLOAT_MULTIPLIERS),
+    "conv2d": ("conv2d", FLOAT_MULTIPLIERS),
+    "conv2d_grad_input": ("conv2d_grad_input", FLOAT_MULTIPLIERS),
+    "conv2d_grad_weight": ("conv2d_grad_weight", FLOAT_MULTIPLIERS),
+    "gemm_int": ("gemm", INT_MULTIPLIERS),
+    "conv2d_int": ("conv2d", INT_MULTIPLIERS),
+}
 INT_K = 3 * 3 * 64  # the sum length the integer kernels are compiled for: int32 sums (below 2**31)
 
 
 def multipliers_of(kernel: str) -> tuple[str, ...]:
     """The multipliers a kernel of the report is compiled for."""
-    return INT_MULTIPLIERS if kernel.endswith("_int") else FLOAT_MULTIPLIERS
+    return KERNELS[kernel][1]
+
+
 _SHARED_OPS = ("LDS", "STS", "LDSM", "ATOMS", "BAR", "LDGSTS")
 
 
@@ -69,11 +72,10 @@ def compile_kernel(kernel: str, multiplier: str, tile, arch: str):
     from ..kernels import triton as tk
     from ..multipliers import as_multiplier
 
-    attr, shape = KERNELS[kernel]
-    fn = getattr(tk, attr)
-    integer = kernel.endswith("_int")
+    fn, shape = tk.KERNELS[KERNELS[kernel][0]]
     m = as_multiplier(multiplier)
-    kind = dict(tk.int_kind_args(m, INT_K), enable_fp_fusion=False) if integer else tk.kind_args(m)
+    integer = m.is_integer
+    kind = tk.design_constexprs(m, INT_K if integer else 1)
     options = {"num_warps": tile.num_warps, "num_stages": 1, "enable_fp_fusion": kind.pop("enable_fp_fusion")}
     consts = dict(kind, RZ=True, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, **shape)
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
@@ -157,7 +159,7 @@ def analyse(kernel: str, multiplier: str, tile, arch: str) -> tuple[dict, str]:
     compiled = compile_kernel(kernel, multiplier, tile, arch)
     cubin = compiled.asm["cubin"]
     sass = _disassemble(cubin, "-sass")
-    stats = k_loop_stats(sass, int_macs(tile) if kernel.endswith("_int") else _float_macs)
+    stats = k_loop_stats(sass, int_macs(tile) if multiplier in INT_MULTIPLIERS else _float_macs)
     _, sms, ghz = CHIPS[arch]
     entry = {"kernel": kernel, "multiplier": multiplier,
              "tile": {"tm": tile.tm, "tn": tile.tn, "num_warps": tile.num_warps,
