@@ -30,7 +30,7 @@ from ..multipliers.specs import Multiplier
 from .lowering import output_size, weight_rows
 
 __all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt_split", "conv2d", "BuildError",
-           "supports_int", "bmm_nt_int", "conv2d_int"]
+           "supports_int", "bmm_nt_int", "conv2d_int", "GemmArgs", "MACS", "specialised_mac"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {
@@ -45,6 +45,26 @@ _MIN_PARALLEL_MACS = 1 << 18  # below this, threads cost more than they save
 
 class BuildError(RuntimeError):
     """The C++ kernel could not be compiled or loaded (no compiler, unsupported flags, ...)."""
+
+
+class GemmArgs(ctypes.Structure):
+    """One GEMM call of the C++ kernel: the mirror of ``struct GemmArgs`` in approx_gemm.cpp (same order).
+
+    One struct instead of a hand-written argument list: the two sides name every field once, and
+    the loader checks that their sizes agree.  A: element (g, m, k) of field f at ``a[f] + g * a_group
+    + a_row[m] + a_col[k]``; B: fields in (G, Np / NR, K, NR) K-major panels; ``out``: (G, M, Np).
+    """
+
+    _fields_ = [("a", ctypes.c_void_p * 3), ("a_row", ctypes.c_void_p), ("a_col", ctypes.c_void_p),
+                ("a_group", ctypes.c_int64), ("b", ctypes.c_void_p * 3), ("out", ctypes.c_void_p),
+                ("M", ctypes.c_int64), ("Np", ctypes.c_int64), ("K", ctypes.c_int64), ("mac", ctypes.c_int32),
+                ("c0", ctypes.c_int32), ("c1", ctypes.c_int32), ("table", ctypes.c_void_p), ("bits", ctypes.c_int32),
+                ("kblock", ctypes.c_int64)]
+
+
+# The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
+MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2, ("int", "mitchell"): 3,
+        ("int", "mbm"): 4, ("int", "table"): 5}
 
 
 def _cache_dir() -> Path:
@@ -101,12 +121,12 @@ def _library(capability: str) -> ctypes.CDLL:
     except OSError as err:
         raise BuildError(f"cannot load {target}: {err}") from err
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.mbm_gemm_tiles.argtypes = [ptr] * 4 + [i64] + [ptr] * 3 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32,
-                                                                                ctypes.c_int32, ctypes.c_int]
-    lib.mbm_gemm_tiles.restype = None
-    lib.mbm_gemm_int_tiles.argtypes = [ptr] * 5 + [i64] + [ptr] * 4 + [i64] * 5 + [ctypes.c_int, ctypes.c_int32, ctypes.c_int32, ptr,
-                                                                 ctypes.c_int, i64, ctypes.c_int]
-    lib.mbm_gemm_int_tiles.restype = None
+    lib.mbm_args_size.restype = i64
+    if lib.mbm_args_size() != ctypes.sizeof(GemmArgs):
+        raise BuildError(f"{target}: its GemmArgs has {lib.mbm_args_size()} bytes, the loader's mirror "
+                         f"{ctypes.sizeof(GemmArgs)}; delete the cached library to rebuild it")
+    lib.mbm_gemm.argtypes = [ctypes.POINTER(GemmArgs), i64, i64, ctypes.c_int]
+    lib.mbm_gemm.restype = ctypes.c_int
     lib.mbm_has_words.restype = ctypes.c_int
     lib.mbm_mitchell_words.argtypes = [ptr] * 3 + [i64, ctypes.c_int32, ptr, ctypes.c_int]
     lib.mbm_mitchell_words.restype = None
@@ -140,16 +160,32 @@ def _panels(x: torch.Tensor, cols: int, nr: int) -> torch.Tensor:
     return _padded_rows(x, cols).view(G, cols // nr, nr, K).transpose(2, 3).contiguous()
 
 
-def _run_tiles(lib, kernel, head: tuple, tail: tuple, tiles: int, macs: int) -> None:
-    """Run tiles [0, tiles) of ``kernel(*head, begin, end, *tail, threads)`` on OpenMP or Python threads."""
+def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b_fields, out: torch.Tensor, mac: int,
+         multiplier: Multiplier, capability: str | None, kblock: int = 0) -> torch.Tensor:
+    """Run the GEMM on (G, M, Np) ``out`` with the MAC ``mac``: A's fields gathered (see :class:`GemmArgs`), B's
+    (G, N, K) fields packed into K-major panels here; tiles on OpenMP threads, or Python ones (ctypes releases
+    the GIL) where the build has no OpenMP.  Returns ``out`` without its padded columns."""
+    lib = library(capability)
+    nr = lib.mbm_tile_cols()
+    G, M, Np = out.shape
+    N, K = b_fields[0].shape[1:]
+    panels = [_panels(f, Np, nr) for f in b_fields]  # (G, Np/nr, K, nr); alive until the kernel returns
+    c0, c1 = multiplier.corrections
+    table = _kernel_table(multiplier) if multiplier.kind == "table" else None
+    args = GemmArgs((ctypes.c_void_p * 3)(*(f.data_ptr() for f in a_fields)), a_row.data_ptr(), a_col.data_ptr(),
+                    a_group, (ctypes.c_void_p * 3)(*(f.data_ptr() for f in panels)), out.data_ptr(), M, Np, K, mac,
+                    c0, c1, None if table is None else table.data_ptr(), multiplier.bits or 0, kblock)
+    tiles, macs = G * lib.mbm_tiles(M, Np), G * M * N * K
     workers = min(tiles, torch.get_num_threads()) if macs >= _MIN_PARALLEL_MACS else 1
     if workers <= 1 or lib.mbm_has_openmp():
-        kernel(*head, 0, tiles, *tail, workers)
-        return
-    bounds = [tiles * i // workers for i in range(workers + 1)]
-    jobs = [_pool(workers).submit(kernel, *head, lo, hi, *tail, 1) for lo, hi in zip(bounds, bounds[1:])]
-    for job in jobs:
-        job.result()
+        codes = [lib.mbm_gemm(ctypes.byref(args), 0, tiles, workers)]
+    else:
+        bounds = [tiles * i // workers for i in range(workers + 1)]
+        jobs = [_pool(workers).submit(lib.mbm_gemm, ctypes.byref(args), lo, hi, 1) for lo, hi in zip(bounds, bounds[1:])]
+        codes = [job.result() for job in jobs]
+    if any(codes):
+        raise ValueError(f"the native kernel has no MAC {mac} in its {isa(capability)} build")
+    return out if Np == N else out[:, :, :N].contiguous()
 
 
 def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col: torch.Tensor, a_group: int,
@@ -161,24 +197,16 @@ def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col
     Each product equals ``products(..., flush=False)`` bit for bit; sums are float32 in k order.
     """
     lib = library(capability)
-    nr = lib.mbm_tile_cols()
-    G, N, K = sb.shape
-    M, Np = a_row.numel(), -(-N // nr) * nr
-    kind = specialised_mac(multiplier, MAC_IDS)
-    if kind == 0 and lib.mbm_has_words():
+    mac, b_fields = MACS["float", specialised_mac(multiplier)], (sb, mb)
+    if multiplier.mac == "mitchell" and lib.mbm_has_words():
         a_words, *range_a = mitchell_words(*a_fields, _ONE_BITS, lib)
         b_words, *range_b = mitchell_words(sb, mb, 0, lib)
-        if products_stay_normal(range_a, range_b):
-            kind = 3  # Mitchell in the bit domain: the kernel reads words instead of mantissas
-            a_fields, mb = (a_fields[0], a_words), b_words
-    b_s, b_m = _panels(sb, Np, nr), _panels(mb, Np, nr)  # (G, Np/nr, K, nr)
-    out = torch.empty(G, M, Np, dtype=torch.float32)
-    keep = (*a_fields, a_row, a_col, b_s, b_m, out)  # all contiguous; alive until the kernel returns
-    c0, c1 = multiplier.corrections
-    ptrs = [t.data_ptr() for t in keep]
-    head = (*ptrs[:4], a_group, *ptrs[4:], M, Np, K)
-    _run_tiles(lib, lib.mbm_gemm_tiles, head, (kind, c0, c1), G * lib.mbm_tiles(M, Np), G * M * N * K)
-    return out if Np == N else out[:, :, :N].contiguous()
+        if products_stay_normal(range_a, range_b):  # Mitchell in the bit domain: words instead of fields
+            a_fields, b_fields, mac = (a_words,), (b_words,), MACS["float", "words"]
+    G, N, _ = sb.shape
+    nr = lib.mbm_tile_cols()
+    out = torch.empty(G, a_row.numel(), -(-N // nr) * nr, dtype=torch.float32)
+    return _run(a_fields, a_row, a_col, a_group, b_fields, out, mac, multiplier, capability)
 
 
 _ONE_BITS = 0x3F800000  # bits of 1.0f
@@ -257,22 +285,19 @@ def _conv_output(res: torch.Tensor, B: int, O: int, groups: int, Ho: int, Wo: in
 
 FORMULA_MAX_BITS = 12  # products < 2**24 and shifts that only go right: int32 lanes suffice
 TABLE_MAX_BITS = 8  # a 256 x 256 int32 table (256 KB) stays in the cache
-_INT_MACS = {**MAC_IDS, "table": 2}  # the integer kernel's MAC template ids
-
-
 def supports_int(multiplier: Multiplier) -> bool:
     """Whether the C++ integer GEMM computes ``multiplier`` (log designs <= 12 bits, int32 tables <= 8)."""
     if multiplier.kind == "table":
         return multiplier.bits <= TABLE_MAX_BITS and multiplier.max_product < 2**31
-    return multiplier.mac in _INT_MACS and multiplier.bits <= FORMULA_MAX_BITS
+    return multiplier.mac in MAC_IDS and multiplier.bits <= FORMULA_MAX_BITS
 
 
-def specialised_mac(multiplier: Multiplier, ids: dict) -> int:
-    """The kernel's template id of the multiplier's MAC; ValueError for a design the kernel does not specialise."""
-    if multiplier.mac not in ids:
+def specialised_mac(multiplier: Multiplier) -> str:
+    """The multiplier's MAC ("mbm", "mitchell", "table"); ValueError for a design the kernel does not specialise."""
+    if multiplier.mac is None:
         raise ValueError(f"the native kernel has no multiply-accumulate for {multiplier.name!r}; run it through "
                          "mbmlib.functional (mbmlib.kernels.route picks its generic path)")
-    return ids[multiplier.mac]
+    return multiplier.mac
 
 
 @functools.lru_cache(maxsize=16)
@@ -284,7 +309,7 @@ def _kernel_table(multiplier: Multiplier) -> torch.Tensor:
 
 
 def _int_operand(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sign mask 0/-1, f, h) int32 fields of sign-magnitude integers, as ``mbm_gemm_int_tiles`` reads them."""
+    """(sign mask 0/-1, f, h) int32 fields of sign-magnitude integers, as the kernel's integer MACs read them."""
     q = q.to(torch.int32)
     sign_mask = -(q < 0).to(torch.int32)
     if multiplier.kind == "table":
@@ -296,21 +321,17 @@ def _int_operand(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor,
 
 def _gemm_int(a_fields: list, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, qb: torch.Tensor,
               multiplier: Multiplier, capability: str | None) -> torch.Tensor:
-    """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) float64 exact sums; b is (G, N, K)."""
-    lib = library(capability)
-    nr = lib.mbm_tile_cols()
-    G, N, K = qb.shape
-    M, Np = a_row.numel(), -(-N // nr) * nr
-    b = [_panels(f, Np, nr) for f in _int_operand(qb, multiplier)]  # (G, Np/nr, K, nr)
-    out = torch.empty(G, M, Np, dtype=torch.int64)
-    table = _kernel_table(multiplier) if multiplier.kind == "table" else b[0]  # a placeholder pointer otherwise
-    c0, c1 = multiplier.corrections
-    head = (*(t.data_ptr() for t in a_fields), a_row.data_ptr(), a_col.data_ptr(), a_group,
-            *(t.data_ptr() for t in (*b, out)), M, Np, K)
-    tail = (specialised_mac(multiplier, _INT_MACS), c0, c1, table.data_ptr(), multiplier.bits,
-            (2**31 - 1) // multiplier.max_product)
-    _run_tiles(lib, lib.mbm_gemm_int_tiles, head, tail, G * lib.mbm_tiles(M, Np), G * M * N * K)
-    return (out if Np == N else out[:, :, :N]).to(torch.float64)
+    """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) float64 exact sums; b is (G, N, K).
+
+    Products are summed in int32 for as many steps of k as cannot overflow it, then in int64.
+    """
+    nr = library(capability).mbm_tile_cols()
+    G, N, _ = qb.shape
+    out = torch.empty(G, a_row.numel(), -(-N // nr) * nr, dtype=torch.int64)
+    mac = MACS["int", specialised_mac(multiplier)]
+    res = _run(a_fields, a_row, a_col, a_group, _int_operand(qb, multiplier), out, mac, multiplier, capability,
+               kblock=(2**31 - 1) // multiplier.max_product)
+    return res.to(torch.float64)
 
 
 def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,

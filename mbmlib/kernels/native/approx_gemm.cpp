@@ -1,11 +1,14 @@
-// Register-blocked bit-exact approximate GEMM (MBM / Mitchell, SPEC section 1) for the CPU.
+// Register-blocked bit-exact approximate GEMM for the CPU: one tile routine, the design's multiply-accumulate
+// (MAC) a template parameter.
 //
-// out[g, m, n] = sum_k (sa[m,k] * sb[k,n]) * (G(ma[m,k] + mb[k,n]) * 2^-23), float32 sums.
-// Each call computes a range of tiles; a tile is MR rows x NR columns of outputs held in registers.
-// For every k it broadcasts MR values of A and loads one NR-wide vector of B (packed K-major per
-// column panel, so the load is contiguous), with no horizontal reduction.  The product is formed in
-// the same order as mbmlib.multipliers.products(flush=False); build with -ffp-contract=off.
-// The instruction set is chosen at build time (-mavx512f / -mavx2 / none) by the Python loader.
+// out[g, m, n] = sum_k product(a[g, m, k], b[g, n, k]).  Each call computes a range of tiles; a tile is MR
+// rows x NR columns of outputs held in registers.  For every k it broadcasts MR elements of A and loads one
+// NR-wide vector of B (packed K-major per column panel, so the load is contiguous), with no horizontal
+// reduction.  The MACs (SPEC sections 1 and 4): float Mitchell and MBM on (scale, mantissa) fields, formed
+// in the same order as mbmlib.multipliers.floating.products(flush=False) (build with -ffp-contract=off);
+// Mitchell in the bit domain on words (AVX-512); integer Mitchell and MBM on (sign, exponent, mantissa)
+// fields and table gathers on (sign, magnitude), summed exactly.  The instruction set is chosen at build
+// time (-mavx512f / -mavx2 / none) by the Python loader, which passes one GemmArgs per call.
 #include <cstdint>
 #include <cstring>
 #ifdef _OPENMP
@@ -108,23 +111,49 @@ static inline void i_store(int32_t* p, vi x) { for (int l = 0; l < VW; ++l) p[l]
 static const int32_t ONE = 1 << 23;
 static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BITS are the bits of 1 + x1 + x2
 
-struct Consts {
+// The MAC policies' per-product functions must be inlined into the tile loop (else their operands go through memory).
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+// ----------------------------------------------------------------------------- one call's arguments
+
+// The MACs (GemmArgs.mac).  Float MACs sum in float32, integer ones exactly (int32 blocks, int64 output).
+enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MITCHELL = 3, I_MBM = 4, I_TABLE = 5 };
+
+// Mirrors cpu_native.GemmArgs (ctypes).  A: element (g, m, k) of field f at a[f] + g * a_group + a_row[m]
+// + a_col[k] (a plain row-major A has a_row[m] = m * K, a_col[k] = k; im2col patches read straight from a
+// padded channels-last image have a_row[m] = the patch's corner, a_col[k] = the (kh, kw, channel) offset).
+// B: field f in (G, Np / NR, K, NR) K-major column panels at b[f].  out: (G, M, Np), float32 or int64.
+struct GemmArgs {
+    const void* a[3];
+    const int64_t* a_row;
+    const int64_t* a_col;
+    int64_t a_group;
+    const void* b[3];
+    void* out;
+    int64_t M, Np, K;
+    int32_t mac, c0, c1;   // the MAC; MBM's corrections (no carry, carry)
+    const int32_t* table;  // I_TABLE: (2^bits)^2 int32 entries, row and column 0 zero
+    int32_t bits;
+    int64_t kblock;        // integer MACs: steps of k summed in int32 before the int64 output (kblock * max |P| < 2^31)
+};
+
+// ----------------------------------------------------------------------------- float MACs (SPEC 1)
+
+struct FloatConsts {
     vi two, four, corner, half, c0, c1;  // bits of 2.0f, 4.0f, 4.0f - c1; 0x20000000 (see g0); corrections
     vf c0f, c1f;                         // corrections as float addends (no carry / carry)
 };
 
-// What a kernel computes: Mitchell, MBM, or MBM whose correction is the same float addend with and
-// without a carry (c1 = c0 / 2, true for t <= 16: 1 + x1 + x2 + c and 2 * (x1 + x2 + c/2) both add c).
-// MITCHELL_WORDS: Mitchell in the bit domain, for calls whose products are all normal floats (see
-// words_tile); AVX-512 only.
-enum Kind { MITCHELL = 0, MBM = 1, MBM_ONE_ADDEND = 2, MITCHELL_WORDS = 3 };
+// MBM_ONE_ADDEND: MBM whose correction is the same float addend with and without a carry (c1 = c0 / 2,
+// true for t <= 16: 1 + x1 + x2 + c and 2 * (x1 + x2 + c/2) both add c).
+enum FloatKind { MITCHELL = 0, MBM = 1, MBM_ONE_ADDEND = 2 };
 
 // The significand G * 2^-23 of a product as a float, from the bits sb = mant_a + mant_b + ONE_BITS
-// (mantissa_product in floating.py).  As a float, sb is 1 + x1 + x2 below a carry and 2 * (x1 + x2)
-// after one: exactly Mitchell's significand.  MBM adds the correction (halved after a carry),
-// truncating the normalisation, and skips it in the corner case (carry and a sum >= 2).
+// (the registry's significand, mbmlib.multipliers.designs).  As a float, sb is 1 + x1 + x2 below a carry
+// and 2 * (x1 + x2) after one: exactly Mitchell's significand.  MBM adds the correction (halved after a
+// carry), truncating the normalisation, and skips it in the corner case (carry and a sum >= 2).
 template <int KIND>
-static inline vf significand(vi sb, const Consts& c) {
+static inline vf significand(vi sb, const FloatConsts& c) {
     if (KIND == MITCHELL) return as_f(sb);
 #if defined(FLOAT_MBM)
     // corner case <=> sb + c1 >= bits(4.0f); never below a carry, where sb < bits(2.0f)
@@ -142,49 +171,35 @@ static inline vf significand(vi sb, const Consts& c) {
 #endif
 }
 
-// Where the A operand's elements are: (m, k) at offset row[m] + col[k] (plus a per-group offset).
-// A plain row-major A has row[m] = m * K, col[k] = k; im2col patches read straight from a padded
-// channels-last image have row[m] = the patch's corner, col[k] = the (kh, kw, channel) offset.
-struct AOperand {
-    const float* s;
-    const int32_t* m;
-    const int64_t* row;
-    const int64_t* col;
+// A MAC policy says how an element of A (FIELDS int32-sized fields, broadcast) and a vector of B are
+// read, what one multiply-accumulate does to a register sum, and how a block of sums reaches the output.
+// Float MACs sum all of K in one block (their flush stores it); integer MACs flush int32 blocks to int64.
+template <int KIND>
+struct FloatMac {
+    static const int FIELDS = 2;  // the float scale sign * 2^k, the (truncated) 23-bit mantissa field
+    typedef float Out;
+    typedef vf Sum;
+    typedef FloatConsts Consts;
+    struct A { vf s; vi m; };
+    struct B { vf s; vi m; };
+    static Consts consts(const GemmArgs& g) {
+        return {i_set1(ONE_BITS + ONE), i_set1(ONE_BITS + 2 * ONE), i_set1(ONE_BITS + 2 * ONE - g.c1),
+                i_set1(0x20000000), i_set1(g.c0), i_set1(g.c1),
+                f_set1((float)g.c0 / (float)ONE), f_set1((float)g.c1 / (float)(ONE / 2))};
+    }
+    static int64_t block(const GemmArgs& g) { return g.K > 0 ? g.K : 1; }
+    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts&) {
+        return {f_set1(((const float*)f[0])[k]), i_set1(f[1][k] + ONE_BITS)};
+    }
+    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
+        return {f_load((const float*)f[0] + at), i_load(f[1] + at)};
+    }
+    ALWAYS_INLINE Sum zero() { return f_zero(); }
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts& c) {
+        return f_add(acc, f_mul(f_mul(a.s, b.s), significand<KIND>(i_add(a.m, b.m), c)));
+    }
+    ALWAYS_INLINE void flush(Out* out, Sum s) { f_store(out, s); }
 };
-
-// One ROWS x NR tile (ROWS <= MR) of rows m0.. of A (offset a0) against a packed B panel (K, NR).
-template <int KIND, int ROWS>
-static void tile(const AOperand& a, int64_t a0, int64_t m0, const float* sb, const int32_t* mb, float* out,
-                 int64_t K, int64_t ldo, const Consts& c) {
-    const float* as_row[ROWS];
-    const int32_t* am_row[ROWS];
-    for (int i = 0; i < ROWS; ++i) {
-        as_row[i] = a.s + a0 + a.row[m0 + i];
-        am_row[i] = a.m + a0 + a.row[m0 + i];
-    }
-    vf acc[ROWS][NV];
-    for (int i = 0; i < ROWS; ++i)
-        for (int j = 0; j < NV; ++j) acc[i][j] = f_zero();
-    for (int64_t k = 0; k < K; ++k) {
-        vf bs[NV];
-        vi bm[NV];
-        for (int j = 0; j < NV; ++j) {
-            bs[j] = f_load(sb + k * NR + j * VW);
-            bm[j] = i_load(mb + k * NR + j * VW);
-        }
-        int64_t kc = a.col[k];
-        for (int i = 0; i < ROWS; ++i) {
-            vf as = f_set1(as_row[i][kc]);
-            vi am = i_set1(am_row[i][kc] + ONE_BITS);
-            for (int j = 0; j < NV; ++j) {
-                vf g = significand<KIND>(i_add(am, bm[j]), c);
-                acc[i][j] = f_add(acc[i][j], f_mul(f_mul(as, bs[j]), g));
-            }
-        }
-    }
-    for (int i = 0; i < ROWS; ++i)
-        for (int j = 0; j < NV; ++j) f_store(out + i * ldo + j * VW, acc[i][j]);
-}
 
 #if defined(__AVX512F__)
 // Mitchell in the bit domain: where scale_a * scale_b * G * 2^-23 is a normal float (the caller checks it
@@ -192,160 +207,153 @@ static void tile(const AOperand& a, int64_t a0, int64_t m0, const float* sb, con
 // operands: the signs add mod 2 in bit 31, the mantissa sum's carry is Mitchell's normalisation.  The
 // caller passes words: A's bits minus bits(1.0f), or ZERO_WORD for a zero; B's bits, or 0 for a zero.
 // A zero's lanes are left out (adding +-0 to a sum that starts at +0 never changes it).  Per product:
-// one masked compare, one integer add, one masked float add; same sums, same k order, as tile().
+// one masked compare, one integer add, one masked float add; same sums, same k order, as FloatMac.
 static const int32_t ZERO_WORD = -ONE_BITS;  // no nonzero operand's word: its float exponent would be 0
 
-template <int ROWS>
-static void words_tile(const int32_t* aw, const int64_t* a_row, const int64_t* a_col, int64_t a0, int64_t m0,
-                       const int32_t* bw, float* out, int64_t K, int64_t ldo) {
-    const int32_t* rows[ROWS];
-    for (int i = 0; i < ROWS; ++i) rows[i] = aw + a0 + a_row[m0 + i];
-    vf acc[ROWS][NV];
-    for (int i = 0; i < ROWS; ++i)
-        for (int j = 0; j < NV; ++j) acc[i][j] = f_zero();
-    const vi zero_word = i_set1(ZERO_WORD);
-    for (int64_t k = 0; k < K; ++k) {
-        vi b[NV];
-        __mmask16 b_nonzero[NV];
-        for (int j = 0; j < NV; ++j) {
-            b[j] = i_load(bw + k * NR + j * VW);
-            b_nonzero[j] = _mm512_test_epi32_mask(b[j], b[j]);
-        }
-        int64_t kc = a_col[k];
-        for (int i = 0; i < ROWS; ++i) {
-            vi a = i_set1(rows[i][kc]);
-            for (int j = 0; j < NV; ++j) {
-                __mmask16 keep = _mm512_mask_cmpneq_epi32_mask(b_nonzero[j], a, zero_word);
-                acc[i][j] = _mm512_mask_add_ps(acc[i][j], keep, acc[i][j], as_f(i_add(a, b[j])));
-            }
-        }
+struct WordsMac {
+    static const int FIELDS = 1;
+    typedef float Out;
+    typedef vf Sum;
+    struct Consts { vi zero_word; };
+    struct A { vi a; };
+    struct B { vi b; __mmask16 nonzero; };
+    static Consts consts(const GemmArgs&) { return {i_set1(ZERO_WORD)}; }
+    static int64_t block(const GemmArgs& g) { return g.K > 0 ? g.K : 1; }
+    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts&) { return {i_set1(f[0][k])}; }
+    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
+        vi b = i_load(f[0] + at);
+        return {b, _mm512_test_epi32_mask(b, b)};
     }
-    for (int i = 0; i < ROWS; ++i)
-        for (int j = 0; j < NV; ++j) f_store(out + i * ldo + j * VW, acc[i][j]);
-}
-
-static void words_tile_rows(int rows, const int32_t* aw, const int64_t* a_row, const int64_t* a_col, int64_t a0,
-                            int64_t m0, const int32_t* bw, float* out, int64_t K, int64_t ldo) {
-    switch (rows) {
-        case 1: words_tile<1>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
-        case 2: words_tile<2>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
-        case 3: words_tile<3>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
-        case 4: words_tile<4>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
-        case 5: words_tile<5>(aw, a_row, a_col, a0, m0, bw, out, K, ldo); break;
-        default: words_tile<MR>(aw, a_row, a_col, a0, m0, bw, out, K, ldo);
+    ALWAYS_INLINE Sum zero() { return f_zero(); }
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts& c) {
+        __mmask16 keep = _mm512_mask_cmpneq_epi32_mask(b.nonzero, a.a, c.zero_word);
+        return _mm512_mask_add_ps(acc, keep, acc, as_f(i_add(a.a, b.b)));
     }
-}
+    ALWAYS_INLINE void flush(Out* out, Sum s) { f_store(out, s); }
+};
 #endif
 
-// A tile of the given number of rows (the last row tile may be short).
-template <int KIND>
-static void tile_rows(int rows, const AOperand& a, int64_t a0, int64_t m0, const float* sb, const int32_t* mb,
-                      float* out, int64_t K, int64_t ldo, const Consts& c) {
-    switch (rows) {
-        case 1: tile<KIND, 1>(a, a0, m0, sb, mb, out, K, ldo, c); break;
-        case 2: tile<KIND, 2>(a, a0, m0, sb, mb, out, K, ldo, c); break;
-        case 3: tile<KIND, 3>(a, a0, m0, sb, mb, out, K, ldo, c); break;
-#if MR > 4
-        case 4: tile<KIND, 4>(a, a0, m0, sb, mb, out, K, ldo, c); break;
-        case 5: tile<KIND, 5>(a, a0, m0, sb, mb, out, K, ldo, c); break;
-#endif
-        default: tile<KIND, MR>(a, a0, m0, sb, mb, out, K, ldo, c);
-    }
-}
-
-// ----------------------------------------------------------------------------- integer multipliers (SPEC 4)
+// ----------------------------------------------------------------------------- integer MACs (SPEC 4)
 //
-// out[g, m, n] = sum_k sign * P(|a[m,k]|, |b[k,n]|), exact int64 sums.  Every operand comes as three int32
-// fields: a sign mask (0 or -1), f and h.  Formula designs (n <= 12 bits): f = k + 1 for |q| = 2^k (1 + x)
-// (-64 for q = 0, which shifts the product out), h = the 23-bit mantissa field of float(|q|); then
-// P = G >> (25 - f_a - f_b), G the significand of mantissa_product (floating.py) in integer form.
-// Tables (n <= 8 bits): f = |q|, P = table[(f_a << n) + f_b] from a table whose row and column 0 are 0.
-// Products are summed in int32 for ``kblock`` steps at a time (kblock * max |P| < 2^31), then in int64.
-enum IntKind { INT_MITCHELL = 0, INT_MBM = 1, INT_TABLE = 2 };
-
+// sign * P(|a|, |b|), exact.  Every operand comes as three int32 fields: a sign mask (0 or -1), f and h.
+// Formula designs (n <= 12 bits): f = k + 1 for |q| = 2^k (1 + x) (-64 for q = 0, which shifts the product
+// out), h = the 23-bit mantissa field of float(|q|); then P = G >> (25 - f_a - f_b), G the registry's
+// significand in integer form.  Tables (n <= 8 bits): f = |q|, P = table[(f_a << n) + f_b] from a table
+// whose row and column 0 are 0.
 struct IntConsts {
-    vi one, one_c0, two_one, c1;  // ONE; ONE + c0; 2 * ONE; c1 (mantissa_product's constants)
+    vi one, one_c0, two_one, c1;  // ONE; ONE + c0; 2 * ONE; c1 (the significand's constants)
     const int32_t* table;
     int bits;
-    int64_t kblock;
 };
 
-template <int KIND>
-static inline vi int_magnitude(int32_t fa, int32_t ha, vi fb, vi hb, vi shift_base, const IntConsts& c) {
-    if (KIND == INT_TABLE) return i_gather(c.table, i_add(i_set1(fa << c.bits), fb));
-    vi s = i_add(i_set1(ha), hb);  // mant_a + mant_b
-    vi g;
-    if (KIND == INT_MITCHELL) {
-        g = i_sel_ge(s, c.one, i_shl1(s), i_add(s, c.one));
-    } else {
-        vi m0 = i_add(s, c.one_c0);        // no carry: 1 + x1 + x2 + c, maybe >= 2
-        vi g0 = i_andnot(i_shr24(m0), m0);  // >= 2: drop the bit the normalising shift truncates
-        vi t1 = i_add(s, c.c1);            // carry: 2 * (x1 + x2 + c/2); corner case: skip the correction
-        g = i_sel_ge(s, c.one, i_shl1(i_sel_lt(t1, c.two_one, t1, s)), g0);
+template <int KIND>  // I_MITCHELL, I_MBM or I_TABLE
+struct IntMac {
+    static const int FIELDS = 3;
+    typedef int64_t Out;
+    typedef vi Sum;
+    typedef IntConsts Consts;
+    struct A { vi sign, shift_base; int32_t f, h; };  // f, h broadcast where used (a memory operand on AVX-512)
+    struct B { vi sign, f, h; };
+    static Consts consts(const GemmArgs& g) {
+        return {i_set1(ONE), i_set1(ONE + g.c0), i_set1(2 * ONE), i_set1(g.c1), g.table, g.bits};
     }
-    return i_shrv(g, i_sub(shift_base, fb));  // shift_base = 25 - f_a
-}
-
-// The A operand of an integer GEMM: three int32 fields, (m, k) at offset row[m] + col[k] (see AOperand).
-struct IntAOperand {
-    const int32_t* f[3];
-    const int64_t* row;
-    const int64_t* col;
+    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
+    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts& c) {
+        int32_t fa = f[1][k];
+        return {i_set1(f[0][k]), i_set1(25 - fa), fa, f[2][k]};
+    }
+    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
+        return {i_load(f[0] + at), i_load(f[1] + at), i_load(f[2] + at)};
+    }
+    ALWAYS_INLINE Sum zero() { return i_set1(0); }
+    ALWAYS_INLINE vi magnitude(const A& a, const B& b, const Consts& c) {
+        if (KIND == I_TABLE) return i_gather(c.table, i_add(i_set1(a.f << c.bits), b.f));
+        vi s = i_add(i_set1(a.h), b.h);  // mant_a + mant_b
+        vi g;
+        if (KIND == I_MITCHELL) {
+            g = i_sel_ge(s, c.one, i_shl1(s), i_add(s, c.one));
+        } else {
+            vi m0 = i_add(s, c.one_c0);        // no carry: 1 + x1 + x2 + c, maybe >= 2
+            vi g0 = i_andnot(i_shr24(m0), m0);  // >= 2: drop the bit the normalising shift truncates
+            vi t1 = i_add(s, c.c1);            // carry: 2 * (x1 + x2 + c/2); corner case: skip the correction
+            g = i_sel_ge(s, c.one, i_shl1(i_sel_lt(t1, c.two_one, t1, s)), g0);
+        }
+        return i_shrv(g, i_sub(a.shift_base, b.f));  // shift_base = 25 - f_a
+    }
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts& c) {
+        vi neg = i_xor(a.sign, b.sign);  // -1 where the signs differ
+        return i_add(acc, i_sub(i_xor(magnitude(a, b, c), neg), neg));
+    }
+    ALWAYS_INLINE void flush(Out* out, Sum s) {
+        int32_t part[VW];
+        i_store(part, s);
+        for (int l = 0; l < VW; ++l) out[l] += part[l];
+    }
 };
 
-template <int KIND, int ROWS>
-static void int_tile(const IntAOperand& a, int64_t a0, int64_t m0, int64_t K, const int32_t* const* b, int64_t* out,
-                     int64_t ldo, const IntConsts& c) {
-    const int32_t* rows[3][ROWS];
-    for (int f = 0; f < 3; ++f)
-        for (int i = 0; i < ROWS; ++i) rows[f][i] = a.f[f] + a0 + a.row[m0 + i];
-    int64_t acc[ROWS][NR] = {};
-    int32_t part[VW];
-    for (int64_t k0 = 0; k0 < K; k0 += c.kblock) {
-        int64_t k1 = k0 + c.kblock < K ? k0 + c.kblock : K;
-        vi sum[ROWS][NV];
+// ----------------------------------------------------------------------------- the one tile routine
+
+// One ROWS x NR tile (ROWS <= MR) of rows m0.. of A (group offset a0) against B's panels at ``panel``.
+template <class M, int ROWS>
+static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, typename M::Out* out,
+                 const typename M::Consts& c) {
+    const int64_t K = g.K, ldo = g.Np, step = M::block(g);
+    const int64_t* a_col = g.a_col;
+    const int32_t* rows[ROWS][3];
+    for (int i = 0; i < ROWS; ++i)
+        for (int f = 0; f < M::FIELDS; ++f) rows[i][f] = (const int32_t*)g.a[f] + a0 + g.a_row[m0 + i];
+    typename M::Out acc[ROWS][NR] = {};
+    for (int64_t k0 = 0; k0 < K; k0 += step) {
+        const int64_t k1 = k0 + step < K ? k0 + step : K;
+        typename M::Sum sum[ROWS][NV];
         for (int i = 0; i < ROWS; ++i)
-            for (int j = 0; j < NV; ++j) sum[i][j] = i_set1(0);
+            for (int j = 0; j < NV; ++j) sum[i][j] = M::zero();
         for (int64_t k = k0; k < k1; ++k) {
-            vi bsg[NV], bf[NV], bh[NV];
-            for (int j = 0; j < NV; ++j) {
-                bsg[j] = i_load(b[0] + k * NR + j * VW);
-                bf[j] = i_load(b[1] + k * NR + j * VW);
-                bh[j] = i_load(b[2] + k * NR + j * VW);
-            }
-            int64_t kc = a.col[k];
+            typename M::B b[NV];
+            for (int j = 0; j < NV; ++j) b[j] = M::load_b(panel, k * NR + j * VW);
+            const int64_t kc = a_col[k];
             for (int i = 0; i < ROWS; ++i) {
-                int32_t fa = rows[1][i][kc], ha = rows[2][i][kc];
-                vi asg = i_set1(rows[0][i][kc]), shift_base = i_set1(25 - fa);
-                for (int j = 0; j < NV; ++j) {
-                    vi p = int_magnitude<KIND>(fa, ha, bf[j], bh[j], shift_base, c);
-                    vi neg = i_xor(asg, bsg[j]);  // -1 where the signs differ
-                    sum[i][j] = i_add(sum[i][j], i_sub(i_xor(p, neg), neg));
-                }
+                const typename M::A a = M::load_a(rows[i], kc, c);
+                for (int j = 0; j < NV; ++j) sum[i][j] = M::mac(sum[i][j], a, b[j], c);
             }
         }
         for (int i = 0; i < ROWS; ++i)
-            for (int j = 0; j < NV; ++j) {
-                i_store(part, sum[i][j]);
-                for (int l = 0; l < VW; ++l) acc[i][j * VW + l] += part[l];
-            }
+            for (int j = 0; j < NV; ++j) M::flush(&acc[i][j * VW], sum[i][j]);
     }
     for (int i = 0; i < ROWS; ++i)
         for (int n = 0; n < NR; ++n) out[i * ldo + n] = acc[i][n];
 }
 
-template <int KIND>
-static void int_tile_rows(int rows, const IntAOperand& a, int64_t a0, int64_t m0, int64_t K,
-                          const int32_t* const* b, int64_t* out, int64_t ldo, const IntConsts& c) {
+// A tile of the given number of rows (the last row tile may be short).
+template <class M>
+static void tile_rows(int rows, const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel,
+                      typename M::Out* out, const typename M::Consts& c) {
     switch (rows) {
-        case 1: int_tile<KIND, 1>(a, a0, m0, K, b, out, ldo, c); break;
-        case 2: int_tile<KIND, 2>(a, a0, m0, K, b, out, ldo, c); break;
-        case 3: int_tile<KIND, 3>(a, a0, m0, K, b, out, ldo, c); break;
+        case 1: tile<M, 1>(g, a0, m0, panel, out, c); break;
+        case 2: tile<M, 2>(g, a0, m0, panel, out, c); break;
+        case 3: tile<M, 3>(g, a0, m0, panel, out, c); break;
 #if MR > 4
-        case 4: int_tile<KIND, 4>(a, a0, m0, K, b, out, ldo, c); break;
-        case 5: int_tile<KIND, 5>(a, a0, m0, K, b, out, ldo, c); break;
+        case 4: tile<M, 4>(g, a0, m0, panel, out, c); break;
+        case 5: tile<M, 5>(g, a0, m0, panel, out, c); break;
 #endif
-        default: int_tile<KIND, MR>(a, a0, m0, K, b, out, ldo, c);
+        default: tile<M, MR>(g, a0, m0, panel, out, c);
+    }
+}
+
+// Tiles [begin, end) of G x (Np / NR) x ceil(M / MR), row tiles innermost so a B panel is reused.
+template <class M>
+static void run_tiles(const GemmArgs& g, int64_t begin, int64_t end, int threads) {
+    const typename M::Consts c = M::consts(g);
+    const int64_t mt = (g.M + MR - 1) / MR, nt = g.Np / NR;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t t = begin; t < end; ++t) {
+        int64_t m = t % mt, n = (t / mt) % nt, grp = t / (mt * nt);
+        int rows = (int)(g.M - m * MR < MR ? g.M - m * MR : MR);
+        int64_t b0 = (grp * nt + n) * g.K * NR;
+        const int32_t* panel[3];
+        for (int f = 0; f < M::FIELDS; ++f) panel[f] = (const int32_t*)g.b[f] + b0;
+        typename M::Out* o = (typename M::Out*)g.out + (grp * g.M + m * MR) * g.Np + n * NR;
+        tile_rows<M>(rows, g, grp * g.a_group, m * MR, panel, o, c);
     }
 }
 
@@ -353,7 +361,7 @@ extern "C" {
 
 int mbm_isa() { return ISA; }
 
-// The words of n operands for words_tile (bits(scale) + mant - bias mod 2^32; -bias for a zero scale) and
+// The words of n operands for WordsMac (bits(scale) + mant - bias mod 2^32; -bias for a zero scale) and
 // the smallest and largest biased exponent of their nonzero scales in range[0], range[1] (256 and -1 if
 // every scale is zero; 255 for an infinity or NaN), in one pass.
 void mbm_mitchell_words(const float* scale, const int32_t* mant, int32_t* out, int64_t n, int32_t bias,
@@ -374,69 +382,33 @@ void mbm_mitchell_words(const float* scale, const int32_t* mant, int32_t* out, i
     range[1] = hi;
 }
 #if defined(__AVX512F__)
-int mbm_has_words() { return 1; }  // whether mbm_gemm_tiles takes mbm = 3 (words_tile)
+int mbm_has_words() { return 1; }  // whether mbm_gemm takes F_MITCHELL_WORDS
 #else
 int mbm_has_words() { return 0; }
 #endif
 int mbm_has_openmp() { return HAS_OPENMP; }
 int mbm_tile_cols() { return NR; }
+int64_t mbm_args_size() { return (int64_t)sizeof(GemmArgs); }  // the loader checks its ctypes mirror against it
 
 // Number of tiles for M rows and Np columns per group.
 int64_t mbm_tiles(int64_t M, int64_t Np) { return ((M + MR - 1) / MR) * (Np / NR); }
 
-// Tiles [begin, end) of G x (Np / NR) x ceil(M / MR), row tiles innermost so a B panel is reused.
-// A: element (g, m, k) at g * a_group + a_row[m] + a_col[k] of sa / ma; sb, mb: (G, Np / NR, K, NR)
-// K-major column panels; out: (G, M, Np).  Np % NR == 0.  With OpenMP, ``threads`` split the range.
-// mbm: 1 MBM, 0 Mitchell, 3 Mitchell from words (words_tile: ma and mb hold the words, sa and sb unused).
-void mbm_gemm_tiles(const float* sa, const int32_t* ma, const int64_t* a_row, const int64_t* a_col, int64_t a_group,
-                    const float* sb, const int32_t* mb, float* out, int64_t M, int64_t Np, int64_t K,
-                    int64_t begin, int64_t end, int mbm, int32_t c0, int32_t c1, int threads) {
-    Consts c{i_set1(ONE_BITS + ONE), i_set1(ONE_BITS + 2 * ONE), i_set1(ONE_BITS + 2 * ONE - c1), i_set1(0x20000000),
-             i_set1(c0), i_set1(c1),
-             f_set1((float)c0 / (float)ONE), f_set1((float)c1 / (float)(ONE / 2))};
-    AOperand a{sa, ma, a_row, a_col};
-    int kind = mbm != 1 ? MITCHELL : (2 * c1 == c0 ? MBM_ONE_ADDEND : MBM);
-    int64_t mt = (M + MR - 1) / MR, nt = Np / NR;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t t = begin; t < end; ++t) {
-        int64_t m = t % mt, n = (t / mt) % nt, g = t / (mt * nt);
-        int rows = (int)(M - m * MR < MR ? M - m * MR : MR);
-        int64_t b0 = (g * nt + n) * K * NR;
-        float* o = out + (g * M + m * MR) * Np + n * NR;
-        const float* bs = sb + b0;
-        const int32_t* bm = mb + b0;
+// Tiles [begin, end) of the GEMM ``g`` describes, by its MAC; with OpenMP, ``threads`` split the range.
+// Returns 0, or -1 for a MAC this build does not have.
+int mbm_gemm(const GemmArgs* g, int64_t begin, int64_t end, int threads) {
+    switch (g->mac) {
+        case F_MITCHELL: run_tiles<FloatMac<MITCHELL>>(*g, begin, end, threads); return 0;
+        case F_MBM:
+            if (2 * g->c1 == g->c0) run_tiles<FloatMac<MBM_ONE_ADDEND>>(*g, begin, end, threads);
+            else run_tiles<FloatMac<MBM>>(*g, begin, end, threads);
+            return 0;
 #if defined(__AVX512F__)
-        if (mbm == MITCHELL_WORDS) words_tile_rows(rows, ma, a_row, a_col, g * a_group, m * MR, bm, o, K, Np);
-        else
+        case F_MITCHELL_WORDS: run_tiles<WordsMac>(*g, begin, end, threads); return 0;
 #endif
-        if (kind == MBM_ONE_ADDEND) tile_rows<MBM_ONE_ADDEND>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
-        else if (kind == MBM) tile_rows<MBM>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
-        else tile_rows<MITCHELL>(rows, a, g * a_group, m * MR, bs, bm, o, K, Np, c);
-    }
-}
-
-// Tiles [begin, end) as mbm_gemm_tiles, for an integer multiplier.  A: the int32 fields (sign mask, f, h),
-// element (g, m, k) at g * a_group + a_row[m] + a_col[k]; b_*: (G, Np / NR, K, NR) K-major column panels of
-// the same fields; out: (G, M, Np) int64.  kind: 0 Mitchell, 1 MBM (corrections c0, c1), 2 table
-// (``table``: (2^bits)^2 int32 entries, row and column 0 zero).
-void mbm_gemm_int_tiles(const int32_t* a_sign, const int32_t* a_f, const int32_t* a_h, const int64_t* a_row,
-                        const int64_t* a_col, int64_t a_group, const int32_t* b_sign, const int32_t* b_f,
-                        const int32_t* b_h, int64_t* out, int64_t M, int64_t Np, int64_t K,
-                        int64_t begin, int64_t end, int kind, int32_t c0, int32_t c1, const int32_t* table,
-                        int bits, int64_t kblock, int threads) {
-    IntConsts c{i_set1(ONE), i_set1(ONE + c0), i_set1(2 * ONE), i_set1(c1), table, bits, kblock < 1 ? 1 : kblock};
-    IntAOperand a{{a_sign, a_f, a_h}, a_row, a_col};
-    int64_t mt = (M + MR - 1) / MR, nt = Np / NR;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t t = begin; t < end; ++t) {
-        int64_t m = t % mt, n = (t / mt) % nt, g = t / (mt * nt);
-        int rows = (int)(M - m * MR < MR ? M - m * MR : MR);
-        int64_t b0 = (g * nt + n) * K * NR;
-        const int32_t* b[3] = {b_sign + b0, b_f + b0, b_h + b0};
-        int64_t* o = out + (g * M + m * MR) * Np + n * NR;
-        if (kind == INT_TABLE) int_tile_rows<INT_TABLE>(rows, a, g * a_group, m * MR, K, b, o, Np, c);
-        else if (kind == INT_MBM) int_tile_rows<INT_MBM>(rows, a, g * a_group, m * MR, K, b, o, Np, c);
-        else int_tile_rows<INT_MITCHELL>(rows, a, g * a_group, m * MR, K, b, o, Np, c);
+        case I_MITCHELL: run_tiles<IntMac<I_MITCHELL>>(*g, begin, end, threads); return 0;
+        case I_MBM: run_tiles<IntMac<I_MBM>>(*g, begin, end, threads); return 0;
+        case I_TABLE: run_tiles<IntMac<I_TABLE>>(*g, begin, end, threads); return 0;
+        default: return -1;
     }
 }
 
