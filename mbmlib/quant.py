@@ -80,7 +80,7 @@ def _conv2d_quant(x: Tensor, w: Tensor, bias: Optional[Tensor], x_scale: Tensor,
     qx = quantise(x, x_scale, mult.max_magnitude)  # (B, C, H, W)
     qw = quantise(w, w_scale.view(-1, 1, 1, 1), mult.max_magnitude)  # (O, C/groups, kh, kw)
     sums = kernels.load(backend).conv2d_int(qx.contiguous(), qw.contiguous(), tuple(stride), tuple(padding),
-                                            tuple(dilation), groups, mult)  # (B, O, Ho, Wo) float64
+                                            tuple(dilation), groups, mult, ranged=True)  # (B, O, Ho, Wo) float64
     out = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).to(x.dtype)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
@@ -113,7 +113,7 @@ def _bmm_nt_quant(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, multip
         return a.new_zeros(a.shape[0], a.shape[1], b.shape[1])
     qa = quantise(a, a_scale, mult.max_magnitude)  # (G, M, K)
     qb = quantise(b, b_scale.view(1, -1, 1), mult.max_magnitude)  # (G, N, K)
-    sums = kernels.load(backend).bmm_nt_int(qa.contiguous(), qb.contiguous(), mult)  # (G, M, N) float64
+    sums = kernels.load(backend).bmm_nt_int(qa.contiguous(), qb.contiguous(), mult, ranged=True)  # (G, M, N) float64
     return (sums * (a_scale.double() * b_scale.double())).to(a.dtype)
 
 

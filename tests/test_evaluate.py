@@ -8,7 +8,7 @@ from torch import nn
 import mbmlib
 from mbmlib.workflow import cli
 from mbmlib.workflow.evaluate import accuracy, evaluate_multipliers, load_eval_data, save_results
-from mbmlib.workflow.models import LeNet5, count_macs
+from mbmlib.workflow.models import count_macs, new_model
 from mbmlib.workflow.sensitivity import layer_sensitivity, run_sensitivity, save_sensitivity
 
 
@@ -40,7 +40,7 @@ def test_accuracy_top1_top5_and_loss_by_hand():
 @pytest.fixture
 def lenet_checkpoint(tmp_path):
     torch.manual_seed(1)
-    model = LeNet5(multiplier="exact")
+    model = new_model("lenet5", multiplier="exact")
     path = tmp_path / "lenet.pt"
     torch.save({"model": model.state_dict(), "epoch": 1}, path)  # a run's checkpoint.pt layout
     return model.eval(), path

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from mbmlib import Multiplier
-from mbmlib.workflow.models import ExampleNet, LeNet5, SeedNet, build_model, count_macs
+from mbmlib import Multiplier, convert
+from mbmlib.workflow.models import ExampleNet, LeNet5, SeedNet, build_model, count_macs, new_model
 from mbmlib.nn import MBMConv2d, MBMLinear
 
 PARAMS = {"seednet": 905_130, "lenet5": 61_706, "example": 1_199_882}
@@ -18,7 +18,7 @@ def _n_params(model: nn.Module) -> int:
 @pytest.mark.parametrize("approx_linear", [True, False])
 @pytest.mark.parametrize("name", sorted(PARAMS))  # the 28x28 MNIST models
 def test_forward_gives_logits_per_sample(name, approx_linear):
-    model = build_model(name, multiplier="exact", approx_linear=approx_linear)
+    model = new_model(name, multiplier="exact", approx_linear=approx_linear)
     x = torch.rand(3, 1, 28, 28)
     assert model(x).shape == (3, 10)
     model.eval()
@@ -30,7 +30,7 @@ def test_forward_gives_logits_per_sample(name, approx_linear):
 @pytest.mark.parametrize("approx_linear", [True, False])
 @pytest.mark.parametrize("name", sorted(PARAMS))  # the 28x28 MNIST models
 def test_layers_are_approximate_as_asked(name, approx_linear):
-    model = build_model(name, multiplier="mitchell", backward="approx", approx_linear=approx_linear)
+    model = new_model(name, multiplier="mitchell", backward="approx", approx_linear=approx_linear)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert convs and all(isinstance(m, MBMConv2d) for m in convs)
@@ -38,9 +38,21 @@ def test_layers_are_approximate_as_asked(name, approx_linear):
     assert linears and all(isinstance(m, MBMLinear) == approx_linear for m in linears)
 
 
+def test_models_are_plain_modules_made_approximate_by_convert_only():
+    plain = build_model("seednet")
+    assert not any(isinstance(m, (MBMConv2d, MBMLinear)) for m in plain.modules())
+    torch.manual_seed(3)
+    a = new_model("seednet", multiplier="mbm")
+    torch.manual_seed(3)
+    b = convert(SeedNet(), multiplier="mbm")  # the same initialisation: convert keeps the weights
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    with pytest.raises(TypeError):
+        SeedNet(multiplier="mbm")
+
+
 def test_approx_linear_does_not_change_the_state_dict():
-    source = SeedNet()
-    exact_linears = SeedNet(approx_linear=False)
+    source = new_model("seednet")
+    exact_linears = new_model("seednet", approx_linear=False)
     assert exact_linears.state_dict().keys() == source.state_dict().keys()
     result = exact_linears.load_state_dict(source.state_dict())
     assert not result.missing_keys and not result.unexpected_keys
@@ -80,8 +92,8 @@ def test_count_macs_of_the_other_models_and_leaves_the_model_alone():
 def test_mbm_model_trains_a_step_that_lowers_the_loss():
     """A straight-through step of the MBM model follows the exact twin's gradient, and SGD lowers the loss."""
     torch.manual_seed(0)
-    model = LeNet5(multiplier="mbm")
-    twin = LeNet5(multiplier="exact")
+    model = new_model("lenet5", multiplier="mbm")
+    twin = new_model("lenet5", multiplier="exact")
     twin.load_state_dict(model.state_dict())
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
     loss = nn.functional.cross_entropy(model(x), y)
@@ -111,7 +123,7 @@ def test_build_model_names_the_valid_choices():
 def test_cifar_resnets_have_the_papers_size():
     from mbmlib.workflow.models import CifarResNet, resnet8, resnet20
 
-    r20 = resnet20(multiplier="exact")
+    r20 = resnet20()
     assert _n_params(r20) == 269_722  # He et al. 2016, table 6: 0.27 M
     assert count_macs(r20, (1, 3, 32, 32))["total"] == 40_551_040
     assert r20(torch.rand(2, 3, 32, 32)).shape == (2, 10)
@@ -154,7 +166,7 @@ def test_every_torchvision_family_converts_and_runs(name):
 def test_checkpoints_load_as_state_dicts_and_as_run_checkpoints(tmp_path):
     from mbmlib.workflow.models import load_checkpoint, load_model
 
-    trained = SeedNet(multiplier="exact")
+    trained = new_model("seednet", multiplier="exact")
     for p in trained.parameters():
         nn.init.normal_(p)
     torch.save(trained.state_dict(), tmp_path / "plain.pt")

@@ -168,7 +168,7 @@ def test_05_evaluates_a_run_checkpoint_and_its_layer_sensitivity(tmp_path):
 
     from mbmlib.workflow.models import LeNet5
 
-    torch.save({"model": LeNet5(multiplier="exact").state_dict()}, tmp_path / "checkpoint.pt")
+    torch.save({"model": LeNet5().state_dict()}, tmp_path / "checkpoint.pt")
     results = tmp_path / "results"
     nb = execute(REPO / "notebooks/05_evaluate_and_sensitivity.ipynb", tmp_path, model="lenet5",
                  checkpoint=str(tmp_path / "checkpoint.pt"), multipliers=["mbm"], sensitivity_multiplier="mitchell",

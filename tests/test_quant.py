@@ -319,9 +319,9 @@ def test_opcheck_and_torch_compile():
 
 
 def test_a_short_training_run_and_the_meta_device():
-    from mbmlib.workflow.models import SeedNet, count_macs
+    from mbmlib.workflow.models import count_macs, new_model
 
-    assert count_macs(SeedNet(multiplier="mbm-int8"))["total"] > 0  # eval on meta before any scale exists
+    assert count_macs(new_model("seednet", multiplier="mbm-int8"))["total"] > 0  # eval on meta before any scale exists
     model = two_layer_net(backend="compiled")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(8, 2, 5, 5), torch.randint(0, 3, (8,))
@@ -356,3 +356,23 @@ def test_triton_backend_gives_the_same_integer_sums(monkeypatch):
     x, w = torch.randn(3, 2, 5, 5), torch.randn(4, 2, 3, 3)
     kw = dict(padding=1, act_scale=0.02, weight_scale=0.01)
     assert torch.equal(Q.conv2d(x, w, **kw, backend="triton"), Q.conv2d(x, w, **kw, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+def test_a_quantised_forward_never_synchronises(backend, monkeypatch):
+    """Quantisation clamps the integers, so the kernels skip their magnitude scan (no .item() per call)."""
+    from mbmlib import MBMConv2d, MBMLinear, QuantSpec
+
+    conv = MBMConv2d(2, 3, 3, padding=1, multiplier="mbm-int8", backend=backend, quant=QuantSpec(0.01, 0.1)).eval()
+    lin = MBMLinear(8, 4, multiplier="mbm-int8", backend=backend, quant=QuantSpec(0.01, 0.1)).eval()
+    x, v = torch.randn(2, 2, 5, 5), torch.randn(3, 8)
+    expect = (conv(x), lin(v))
+
+    def no_item(self):
+        raise AssertionError("Tensor.item() in a quantised layer's forward")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    assert torch.equal(conv(x), expect[0]) and torch.equal(lin(v), expect[1])
+    with pytest.raises(AssertionError, match="Tensor.item"):  # the check is live: a direct kernel call scans
+        mbmlib.kernels.load(backend).bmm_nt_int(torch.ones(1, 2, 3, dtype=torch.int32),
+                                                torch.ones(1, 2, 3, dtype=torch.int32), mbmlib.as_multiplier("mbm-int8"))

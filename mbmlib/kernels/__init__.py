@@ -57,10 +57,11 @@ class Backend(Protocol):
     def conv2d_grads(self, grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, padding, dilation,
                      groups: int, multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def bmm_nt_int(self, qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> torch.Tensor: ...
+    def bmm_nt_int(self, qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *,
+                   ranged: bool = False) -> torch.Tensor: ...
 
     def conv2d_int(self, qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,
-                   multiplier: Multiplier) -> torch.Tensor: ...
+                   multiplier: Multiplier, *, ranged: bool = False) -> torch.Tensor: ...
 
 
 class GenericPathWarning(UserWarning):
@@ -120,10 +121,16 @@ def route(multiplier: MultiplierLike, backend: str) -> Route:
     its generated table; any other design without one runs on the reference backend.  Each is said once
     (:class:`GenericPathWarning`), naming the design and the path; never computed as another design.
     """
-    return _route(as_multiplier(multiplier), backend)
+    mult = as_multiplier(multiplier)
+    way = _ROUTES.get((mult, backend))
+    if way is None:
+        way = _ROUTES[mult, backend] = _route(mult, backend)
+    return way
 
 
-@functools.lru_cache(maxsize=256)
+_ROUTES: dict[tuple[Multiplier, str], Route] = {}  # a dict, not lru_cache: torch.compile traces it plainly
+
+
 def _route(mult: Multiplier, backend: str) -> Route:
     if mult.is_exact or mult.mac is not None:
         return Route(backend, mult, mult.key)
@@ -142,4 +149,4 @@ def _warn_generic(mult: Multiplier, path: str) -> None:
                   GenericPathWarning, stacklevel=4)
 
 
-on_registry_change(_route.cache_clear)
+on_registry_change(_ROUTES.clear)

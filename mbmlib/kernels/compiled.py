@@ -150,17 +150,18 @@ def _int_kernel(multiplier: Multiplier):
     return torch.compile(fused_bmm_nt_int, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
 
 
-def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
+def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *, ranged: bool = False) -> torch.Tensor:
     """Integer ``qa @ qb.T`` (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums.
 
     The C++ integer GEMM on the CPU for the designs it covers (:func:`cpu_native.supports_int`), else
     fused by inductor; the reference (one warning) where torch.compile does not work either.
+    ``ranged``: the magnitudes are known to fit (quantised), so they are not scanned.
     """
-    check_int_gemm(qa, qb, multiplier)
+    check_int_gemm(qa, qb, multiplier, ranged=ranged)
     if cpu_native.supports_int(multiplier) and _native_available(qa.device):
         return cpu_native.bmm_nt_int(qa, qb, multiplier)
     if _fallback_reason is not None:
-        return reference.bmm_nt_int(qa, qb, multiplier)
+        return reference.bmm_nt_int(qa, qb, multiplier, ranged=True)
     table = flat_table(multiplier, qa.device) if multiplier.kind == "table" else None
     fields = (*int_fields(qa, multiplier), *int_fields(qb, multiplier))
     try:
@@ -168,14 +169,15 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> to
             return _int_kernel(multiplier)(*fields, table).to(torch.float64)
     except Exception as err:  # compilation failed: no compiler, unsupported platform, ...
         _warn_fallback(err)
-        return reference.bmm_nt_int(qa, qb, multiplier)
+        return reference.bmm_nt_int(qa, qb, multiplier, ranged=True)
 
 
 def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,
-               multiplier: Multiplier) -> torch.Tensor:
+               multiplier: Multiplier, *, ranged: bool = False) -> torch.Tensor:
     """Integer convolution (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo) float64: the C++ implicit GEMM
     where it covers the multiplier, else im2col + :func:`bmm_nt_int`."""
+    check_int_gemm(qx, qw, multiplier, k=qw[0].numel(), ranged=ranged)
     if cpu_native.supports_int(multiplier) and _native_available(qx.device):
-        check_int_gemm(qx, qw, multiplier, k=qw[0].numel())
         return cpu_native.conv2d_int(qx, qw, stride, padding, dilation, groups, multiplier)
-    return conv2d_int_via_gemm(qx, qw, stride, padding, dilation, groups, multiplier, bmm_nt_int)
+    gemm = functools.partial(bmm_nt_int, ranged=True)  # checked once, above
+    return conv2d_int_via_gemm(qx, qw, stride, padding, dilation, groups, multiplier, gemm)

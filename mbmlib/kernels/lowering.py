@@ -114,14 +114,15 @@ def conv2d_via_gemm(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation,
                                  memory_budget)
 
 
-def check_int_gemm(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, k: Optional[int] = None) -> None:
-    """Integer GEMM operands: integer tensors within the multiplier's magnitudes, sums of ``k`` (default: the
-    last dimension of ``qa``) products exact in float64."""
+def check_int_gemm(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, k: Optional[int] = None,
+                   ranged: bool = False) -> None:
+    """Integer GEMM operands: integer tensors within the multiplier's magnitudes (not scanned if ``ranged``),
+    sums of ``k`` (default: the last dimension of ``qa``) products exact in float64."""
     if not multiplier.is_integer:
         raise TypeError(f"integer kernels need an integer or table multiplier such as 'mbm-int8', got "
                         f"{multiplier.name!r}")
-    check_int_tensor(qa, "qa", multiplier)
-    check_int_tensor(qb, "qb", multiplier)
+    check_int_tensor(qa, "qa", multiplier, ranged)
+    check_int_tensor(qb, "qb", multiplier, ranged)
     largest = multiplier.max_product
     k = qa.shape[-1] if k is None else k
     if k * largest >= EXACT_SUM_LIMIT:

@@ -65,13 +65,13 @@ def _chunked_bmm_nt(fa, fb, product, dtype: torch.dtype, memory_budget: int) -> 
 
 
 def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, *, ranged: bool = False) -> torch.Tensor:
     """Integer ``qa @ qb.T`` on an integer multiplier: (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums.
 
     ``qa``, ``qb`` hold sign-magnitude values (``|q| <= multiplier.max_magnitude``);
-    each term is ``sign * P(|a|, |b|)``.
+    each term is ``sign * P(|a|, |b|)``.  ``ranged``: the magnitudes are known to fit (quantised).
     """
-    check_int_gemm(qa, qb, multiplier)
+    check_int_gemm(qa, qb, multiplier, ranged=ranged)
     product = functools.partial(int_products, multiplier=multiplier)
     sums = _chunked_bmm_nt(int_fields(qa, multiplier), int_fields(qb, multiplier), product, torch.int64,
                            memory_budget // 2)
@@ -92,7 +92,8 @@ def conv2d_grads(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride, p
 
 
 def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int, multiplier: Multiplier,
-               memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, *, ranged: bool = False) -> torch.Tensor:
     """Integer convolution on an integer multiplier: (B, C, H, W), (O, C/groups, kh, kw) -> float64 exact sums."""
-    gemm = functools.partial(bmm_nt_int, memory_budget=memory_budget)
+    check_int_gemm(qx, qw, multiplier, k=qw[0].numel(), ranged=ranged)
+    gemm = functools.partial(bmm_nt_int, memory_budget=memory_budget, ranged=True)  # checked once, above
     return conv2d_int_via_gemm(qx, qw, stride, padding, dilation, groups, multiplier, gemm, memory_budget)

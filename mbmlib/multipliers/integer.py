@@ -33,13 +33,19 @@ EXACT_SUM_LIMIT = 2**53  # float64 holds every integer sum below this exactly
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def check_int_tensor(x, name: str, multiplier: Multiplier) -> None:
-    """TypeError unless ``x`` is an integer tensor; ValueError if a magnitude exceeds the multiplier's."""
+def check_int_tensor(x, name: str, multiplier: Multiplier, ranged: bool = False) -> None:
+    """TypeError unless ``x`` is an integer tensor; ValueError if a magnitude exceeds the multiplier's.
+
+    ``ranged``: the caller guarantees the magnitudes (quantisation clamps them), so they are not scanned:
+    no device synchronisation in a quantised layer's forward.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _INT_DTYPES:
         raise TypeError(f"the integer multiplier {multiplier.name!r} needs integer tensors (sign-magnitude values); "
                         f"{name} has dtype {x.dtype}: quantise it first (mbmlib.quant) or use a float multiplier")
+    if ranged:
+        return
     top = x.to(torch.int64).abs().max().item() if x.numel() else 0  # int64 first: int8 -128 has no int8 abs
     if top > multiplier.max_magnitude:
         raise ValueError(f"{name} has magnitude {top}, above {multiplier.max_magnitude}, the "

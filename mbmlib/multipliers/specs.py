@@ -154,12 +154,18 @@ def as_multiplier(spec: MultiplierLike) -> Multiplier:
         raise TypeError(f"multiplier must be a str or mbmlib.Multiplier, got {type(spec).__name__}")
     if spec.strip().lower().startswith(TABLE_PREFIX):
         return _named_table(spec.strip()[len(TABLE_PREFIX):])
-    return _parsed(spec)
+    mult = _PARSED.get(spec)
+    if mult is None:
+        mult = _PARSED[spec] = _parsed(spec)
+    return mult
 
 
-@functools.lru_cache(maxsize=256)
+_PARSED: dict[str, Multiplier] = {}  # names parsed once; cleared when the registry changes (a dict, not lru_cache:
+on_registry_change(_PARSED.clear)  # torch.compile traces a dict lookup plainly)
+
+
 def _parsed(spec: str) -> Multiplier:
-    """A design's multiplier from its name, parsed once (the cache is cleared when the registry changes)."""
+    """A design's multiplier from its name."""
     match = _NAME_RE.match(spec.strip().lower())
     if match is None:
         raise ValueError(f"unknown multiplier {spec!r}; " + valid_names())
@@ -172,9 +178,6 @@ def _parsed(spec: str) -> Multiplier:
         except ValueError as err:
             raise ValueError(f"unknown multiplier {spec!r}: {err}") from None
     return Multiplier(kind, int(t or 0), None if bits is None else int(bits))
-
-
-on_registry_change(_parsed.cache_clear)
 
 
 def _named_table(rest: str) -> Multiplier:

@@ -1,4 +1,5 @@
-"""Command line: ``python -m mbmlib train|bench|sweep|report``.
+"""Command line: ``python -m mbmlib train|bench|sweep|report|evaluate|sensitivity`` (``--designs`` first registers
+users' own designs).
 
 :func:`main` is the one error boundary: every expected failure becomes a one-line
 message on stderr and a documented exit status (see ``EXIT_CODES``).

@@ -80,9 +80,14 @@ def load_eval_data(dataset: str, root=None, split: str = "test", samples: Option
 
 def accuracy(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], progress: bool = False,
              desc: str = "") -> dict:
-    """Top-1 and top-5 accuracy (%) and mean cross-entropy of ``model`` (eval mode) over ``batches``."""
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy of ``model`` (eval mode) over ``batches``.
+
+    The one evaluation loop: ``evaluate``, ``sensitivity`` and the trainer's validation and test use it.
+    The model's training mode is restored afterwards.
+    """
     from tqdm.auto import tqdm
 
+    was_training = model.training
     model.eval()
     correct1 = correct5 = 0
     loss = 0.0
@@ -93,9 +98,10 @@ def accuracy(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], progres
             logits = model(x)  # (B, classes)
             loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
-            correct1 += int((top[:, 0] == y).sum())
+            correct1 += int((logits.argmax(1) == y).sum())  # argmax: the first of tied logits, as torch picks it
             correct5 += int((top == y[:, None]).any(dim=1).sum())
             n += len(y)
+    model.train(was_training)
     if n == 0:
         raise ValueError("nothing to evaluate: the split is empty")
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n, "samples": n,

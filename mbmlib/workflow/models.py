@@ -1,16 +1,14 @@
-"""Models built from approximate layers: SeedNet, LeNet-5, the PyTorch-example net, CIFAR ResNet-20/8,
-and any ``torchvision.models`` classifier made approximate with :func:`mbmlib.convert`.
+"""Models: SeedNet, LeNet-5, the PyTorch-example net, CIFAR ResNet-20/8 and any ``torchvision.models``
+classifier, each a plain ``nn.Module`` of ``nn.Conv2d`` / ``nn.Linear`` layers.
 
-Every constructor takes ``multiplier`` (``"mbm"``, ``"mitchell"``, ``"exact"``, ...),
-``backward`` (``"exact"``: straight-through gradients, or ``"approx"``) and
-``approx_linear`` (whether the fully connected layers are approximate too, or plain
-``nn.Linear``); convolutions are always :class:`~mbmlib.nn.MBMConv2d`.  Models return
-logits; train them with cross-entropy.
+They are made approximate one way only, by :func:`mbmlib.convert` (:func:`new_model` and
+:func:`load_model` do it: ``multiplier``, ``backward``, ``approx_linear`` -- whether the fully
+connected layers are approximate too -- and ``backend``).  Models return logits; train them with
+cross-entropy.
 """
 from __future__ import annotations
 
 import copy
-import functools
 import pickle
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -19,20 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ..multipliers import MultiplierLike
-from ..nn import MBMConv2d, MBMLinear
 
 __all__ = ["SeedNet", "LeNet5", "ExampleNet", "CifarResNet", "resnet20", "resnet8", "MODELS", "build_model",
            "model_factory", "count_macs", "layer_macs", "load_model", "load_checkpoint", "WeightsUnavailableError",
            "FIXED_INPUT", "model_channels", "check_input", "new_model", "check_model_name"]
-
-
-def _layers(multiplier: MultiplierLike, backward: str, approx_linear: bool,
-            backend: Optional[str]) -> Tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
-    """The (conv, linear) layer factories for one model: approximate convs, linears as asked."""
-    opts = dict(multiplier=multiplier, backward=backward, backend=backend)
-    conv = functools.partial(MBMConv2d, **opts)
-    linear = functools.partial(MBMLinear, **opts) if approx_linear else nn.Linear
-    return conv, linear
 
 
 class SeedNet(nn.Module):
@@ -42,10 +30,9 @@ class SeedNet(nn.Module):
     About 29.1 M conv and 0.81 M linear multiply-accumulates per image; 905,130 parameters.
     """
 
-    def __init__(self, multiplier: MultiplierLike = "mbm", backward: str = "exact", approx_linear: bool = True,
-                 backend: Optional[str] = None, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10):
         super().__init__()
-        conv, linear = _layers(multiplier, backward, approx_linear, backend)
+        conv, linear = nn.Conv2d, nn.Linear
         self.features = nn.Sequential(
             conv(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
             conv(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(2),
@@ -70,10 +57,9 @@ class LeNet5(nn.Module):
     C3 is fully connected (the usual simplification of the paper's partial connection table).
     """
 
-    def __init__(self, multiplier: MultiplierLike = "mbm", backward: str = "exact", approx_linear: bool = True,
-                 backend: Optional[str] = None, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10):
         super().__init__()
-        conv, linear = _layers(multiplier, backward, approx_linear, backend)
+        conv, linear = nn.Conv2d, nn.Linear
         self.features = nn.Sequential(
             conv(1, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
             conv(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2),
@@ -96,10 +82,9 @@ class ExampleNet(nn.Module):
     28x28 -> 32@26x26 -> 64@24x24 -> pool 64@12x12 -> 9216 -> 128 -> 10.
     """
 
-    def __init__(self, multiplier: MultiplierLike = "mbm", backward: str = "exact", approx_linear: bool = True,
-                 backend: Optional[str] = None, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10):
         super().__init__()
-        conv, linear = _layers(multiplier, backward, approx_linear, backend)
+        conv, linear = nn.Conv2d, nn.Linear
         self.features = nn.Sequential(
             conv(1, 32, 3), nn.ReLU(inplace=True),
             conv(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(0.25),
@@ -142,13 +127,11 @@ class CifarResNet(nn.Module):
     ``depth`` 20 is ResNet-20 (0.27 M parameters, about 41 M MACs per image), 8 is ResNet-8.
     """
 
-    def __init__(self, depth: int = 20, multiplier: MultiplierLike = "mbm", backward: str = "exact",
-                 approx_linear: bool = True, backend: Optional[str] = None, num_classes: int = 10,
-                 in_channels: int = 3):
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, ...), got {depth}")
-        conv, linear = _layers(multiplier, backward, approx_linear, backend)
+        conv, linear = nn.Conv2d, nn.Linear
         n = (depth - 2) // 6
         self.conv1 = conv(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -318,19 +301,19 @@ def check_input(name: str, channels: int, image_size: int, dataset: str) -> None
 def new_model(name: str, num_classes: int = 10, in_channels: int = 1, multiplier: MultiplierLike = "mbm",
               backward: str = "exact", approx_linear: bool = True, backend: Optional[str] = None,
               pretrained: bool = False) -> nn.Module:
-    """A model by name, freshly initialised (or torchvision's pretrained weights), with ``multiplier`` in its
-    convolutions and, if ``approx_linear``, its linear layers."""
+    """A model by name, freshly initialised (or torchvision's pretrained weights), made approximate by
+    :func:`mbmlib.convert`: ``multiplier`` in its convolutions and, if ``approx_linear``, its linear layers."""
     from .. import convert
 
     if name.lower() in MODELS:
         if pretrained:
             raise ValueError(f"{name} has no pretrained weights; use --checkpoint with a trained run's checkpoint.pt")
         channels = {} if name.lower() in FIXED_INPUT else dict(in_channels=in_channels)
-        return build_model(name, multiplier=multiplier, backward=backward, approx_linear=approx_linear,
-                           backend=backend, num_classes=num_classes, **channels)
+        model = build_model(name, num_classes=num_classes, **channels)
+    else:
+        model = _torchvision_model(name, pretrained, num_classes)
     layers = (nn.Conv2d, nn.Linear) if approx_linear else (nn.Conv2d,)
-    return convert(_torchvision_model(name, pretrained, num_classes), multiplier=multiplier, backward=backward,
-                   layers=layers, backend=backend, inplace=True)
+    return convert(model, multiplier=multiplier, backward=backward, layers=layers, backend=backend, inplace=True)
 
 
 def load_model(name: str, multiplier="exact", backward: str = "exact", num_classes: int = 10,

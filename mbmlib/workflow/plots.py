@@ -112,7 +112,7 @@ def loss_curves(history: pd.DataFrame, path: str | Path, labels: Optional[Mappin
     """Loss per step of several runs overlaid: smoothed lines, the raw loss faint behind them.
 
     ``history`` is long format (columns ``run``, ``step``, ``loss``), as from
-    :func:`mbmlib.report.load_runs`; ``labels`` maps run -> legend label;
+    :func:`mbmlib.workflow.report.load_runs`; ``labels`` maps run -> legend label;
     ``smooth`` is the EMA span in steps (default: 1/15 of the longest run, between 3 and 100).
     """
     fig = _figure()
@@ -453,8 +453,8 @@ def _method(row) -> str:
 def layer_throughput(bench: pd.DataFrame, path: str | Path, title: Optional[str] = None) -> Path:
     """Per-layer throughput (G MAC/s, log scale) and time relative to exact, for one benchmark run.
 
-    ``bench`` holds the ``layers`` rows of one runtime (from :func:`mbmlib.report.load_bench`
-    or built from a :func:`mbmlib.bench.bench_layers` report); skipped cases are left out.
+    ``bench`` holds the ``layers`` rows of one runtime (from :func:`mbmlib.workflow.report.load_bench`
+    or built from a :func:`mbmlib.workflow.bench.bench_layers` report); skipped cases are left out.
     Colour = multiplier, hatching = the slower backends.
     """
     timed = bench[bench["median_s"].notna()].copy() if not bench.empty else bench
@@ -654,7 +654,7 @@ def error_histograms(multipliers: Iterable[str], path: str | Path, bins: int = 5
 
 
 def comparison_figures(results, out_dir: str | Path, smooth: Optional[int] = None) -> list[Path]:
-    """The runtime/multiplier comparison figures of a :class:`mbmlib.report.Results`, into ``out_dir``.
+    """The runtime/multiplier comparison figures of a :class:`mbmlib.workflow.report.Results`, into ``out_dir``.
 
     Writes ``loss_curves.png``, ``accuracy.png``, ``training_speed.png``, ``seed_intervals.png``,
     ``runtime_throughput.png``, ``elementwise.png`` and one ``layers-<runtime>.png``

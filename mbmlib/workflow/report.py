@@ -1,13 +1,13 @@
 """Collect every run and benchmark under ``results/`` into tables, and write the summary.
 
 Reads ``<results>/runs/*/metrics.json`` (+ ``history.csv``) as written by
-:mod:`mbmlib.train` and ``<results>/bench/*.json`` as written by
-:func:`mbmlib.bench.save_report`.  A file that cannot be read or does not look
+:mod:`mbmlib.workflow.train` and ``<results>/bench/*.json`` as written by
+:func:`mbmlib.workflow.bench.save_report`.  A file that cannot be read or does not look
 like what those writers produce is skipped with a :class:`ReportWarning` (and
 listed in ``problems``) -- one broken run must not hide all the others.
 Needs pandas (the ``notebooks`` extra); ``python -m mbmlib report`` (see
-:func:`mbmlib.experiments.add_report_parser`) runs :func:`write_summary` and
-:func:`mbmlib.plots.comparison_figures`.
+:func:`mbmlib.workflow.cli.add_report_parser`) runs :func:`write_summary` and
+:func:`mbmlib.workflow.plots.comparison_figures`.
 """
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def _bench_rows(report: dict, path: Path) -> list[dict]:
 
 
 def bench_frame(report: dict, file: str = "") -> pd.DataFrame:
-    """One benchmark report (as from :func:`mbmlib.bench.stamp`) as rows like :func:`load_bench`'s."""
+    """One benchmark report (as from :func:`mbmlib.workflow.bench.stamp`) as rows like :func:`load_bench`'s."""
     return pd.DataFrame(_bench_rows(report, Path(file or f"{report.get('benchmark')}.json")), columns=BENCH_COLUMNS)
 
 

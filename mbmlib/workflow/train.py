@@ -33,6 +33,7 @@ from ..multipliers import as_multiplier
 from ..nn import MBMConv2d, MBMLinear, convert
 from . import data as mdata
 from . import plugins, runtime
+from .evaluate import accuracy
 from .config import PRESETS, TrainConfig, config_with_preset, default_run_name, identity_differences
 from .models import model_channels, new_model
 from .store import (CHECKPOINT, atomic_write, holds_run, move_run_aside, read_json, remove_stale_temporaries,
@@ -95,19 +96,10 @@ def _all_mean(value: float, dist_info: Dist, device: torch.device) -> float:
 
 
 def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """Mean cross-entropy loss and accuracy (%) of ``model`` over ``(x, y)`` batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, n = 0.0, 0, 0
-    with torch.no_grad():
-        for xb, yb in batches:
-            logits = model(xb)
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-            correct += (logits.argmax(1) == yb).sum().item()
-            n += len(yb)
-    model.train(was_training)
-    n = max(1, n)
-    return {"loss": loss_sum / n, "accuracy": 100.0 * correct / n}
+    """Mean cross-entropy loss and top-1 accuracy (%) of ``model`` over ``(x, y)`` batches, in eval mode
+    (:func:`mbmlib.workflow.evaluate.accuracy`, the one evaluation loop)."""
+    scores = accuracy(model, batches)
+    return {"loss": scores["loss"], "accuracy": scores["top1"]}
 
 
 def _make_optimizer(cfg: TrainConfig, params):

@@ -237,10 +237,13 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier, *, _tile: T
     return _guarded("bmm_nt", device, _gemm_launch, (a, b, multiplier, out, _tile), (a, b, multiplier))
 
 
-def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *,
+def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *, ranged: bool = False,
                _tile: Tile | None = None) -> torch.Tensor:
-    """Integer ``qa @ qb.T`` of sign-magnitude integers: (G, M, K), (G, N, K) -> (G, M, N) float64, exact sums."""
-    check_int_gemm(qa, qb, multiplier)
+    """Integer ``qa @ qb.T`` of sign-magnitude integers: (G, M, K), (G, N, K) -> (G, M, N) float64, exact sums.
+
+    ``ranged``: the magnitudes are known to fit (quantised), so they are not scanned (no synchronisation).
+    """
+    check_int_gemm(qa, qb, multiplier, ranged=ranged)
     _check_bmm("bmm_nt_int", qa, qb)
     device = _int_device("bmm_nt_int", qa, qb)
     out = torch.zeros(qa.shape[0], qa.shape[1], qb.shape[1], dtype=torch.int64, device=device)
@@ -268,10 +271,10 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
 
 
 def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,
-               multiplier: Multiplier, *, _tile: Tile | None = None) -> torch.Tensor:
+               multiplier: Multiplier, *, ranged: bool = False, _tile: Tile | None = None) -> torch.Tensor:
     """Integer convolution as an implicit GEMM: (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo) float64."""
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
-    check_int_gemm(qx, qw, multiplier, k=qw[0].numel())
+    check_int_gemm(qx, qw, multiplier, k=qw[0].numel(), ranged=ranged)
     device = _int_device("conv2d_int", qx, qw)
     (B, C, H, W), (O, Cg, KH, KW), (Ho, Wo) = _check_conv("conv2d_int", qx, qw, stride, padding, dilation, groups)
     out = torch.zeros(B, O, Ho, Wo, dtype=torch.int64, device=device)
