@@ -476,7 +476,7 @@ def test_cli_reports_a_damaged_file_in_one_line(tmp_path, mnist_root, capsys):
 
     root, raw = _raw_copy(tmp_path, mnist_root)
     (raw / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b broken")
-    code = cli.main(["train", "--data-dir", str(root), "--multiplier", "exact", "--results-dir", str(tmp_path / "r"),
+    code = cli.main(["train", "--data-dir", str(root), "--multiplier", "exact", "--runs-dir", str(tmp_path / "r"),
                      "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "train-labels-idx1-ubyte.gz" in err and len(err.splitlines()) == 1

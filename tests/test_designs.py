@@ -240,7 +240,7 @@ def test_a_short_training_run_with_a_user_design_is_the_same_on_every_cpu_backen
     for backend in ("reference", "compiled"):
         cfg = config_with_preset("seed", model="lenet5", multiplier=name, backend=backend, data_dir=str(mnist_root),
                                  train_samples=16, val_samples=8, test_samples=8, batch_size=8, epochs=1,
-                                 results_dir=str(tmp_path / "runs"), progress=False, speed_ratio_steps=0,
+                                 runs_dir=str(tmp_path / "runs"), progress=False, speed_ratio_steps=0,
                                  run_name=backend)
         metrics = quiet(train, cfg)
         assert metrics["status"] == "finished" and metrics["config"]["multiplier"] == name

@@ -22,7 +22,7 @@ def T(tmp_path, mnist_root):
     def run(*args):
         return cli.main(["train", "--data-dir", str(mnist_root), "--train-samples", "64", "--val-samples", "40",
                          "--test-samples", "40", "--no-progress", "--speed-ratio-steps", "0",
-                         "--results-dir", str(tmp_path / "runs"), *args])
+                         "--runs-dir", str(tmp_path / "runs"), *args])
 
     return run
 
@@ -67,7 +67,7 @@ def test_overwrite_moves_the_earlier_run_aside(T, tmp_path):
 def test_killed_overwrite_rerun_changes_no_file_of_the_earlier_run(tmp_path, mnist_root):
     common = [sys.executable, "-m", "mbmlib", "train", "--data-dir", str(mnist_root), "--val-samples", "40",
               "--test-samples", "40", "--no-progress", "--speed-ratio-steps", "0", "--multiplier", "exact",
-              "--results-dir", str(tmp_path / "runs"), "--run-name", "mix", "--log-interval", "1"]
+              "--runs-dir", str(tmp_path / "runs"), "--run-name", "mix", "--log-interval", "1"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(common + ["--train-samples", "64", "--epochs", "2"], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -136,11 +136,11 @@ def test_bad_train_options_are_one_line_and_exit_2(T, capsys, args, message):
     assert message in one_error_line(capsys)
 
 
-def test_unwritable_results_dir_is_exit_2(mnist_root, tmp_path, capsys):
+def test_unwritable_runs_dir_is_exit_2(mnist_root, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
     code = cli.main(["train", "--data-dir", str(mnist_root), "--train-samples", "64", "--multiplier", "exact",
-                     "--results-dir", str(blocker / "runs"), "--no-progress"])
+                     "--runs-dir", str(blocker / "runs"), "--no-progress"])
     assert code == 2
     assert "cannot create or open" in one_error_line(capsys)
 
@@ -158,7 +158,7 @@ def test_an_unexpected_failure_is_exit_3_and_one_line(T, monkeypatch, capsys):
 
 def test_csv_runs_subset_the_validation_split(tmp_path, capsys):
     code = cli.main(["train", "--data-csv", str(REPO / "tests" / "data" / "mnist_small.csv"), "--val-samples", "5",
-                     "--multiplier", "exact", "--results-dir", str(tmp_path), "--run-name", "csv", "--no-progress",
+                     "--multiplier", "exact", "--runs-dir", str(tmp_path), "--run-name", "csv", "--no-progress",
                      "--speed-ratio-steps", "0"])
     assert code == 0
     assert json.loads((tmp_path / "csv" / "metrics.json").read_text())["data"]["val"] == 5

@@ -24,7 +24,7 @@ def small_config(tmp_path, mnist_root):
 
     def make(**kw):
         opts = dict(preset="seed", data_dir=str(mnist_root), train_samples=64, val_samples=40, test_samples=40,
-                    results_dir=str(tmp_path / "runs"), progress=False, log_interval=2, speed_ratio_steps=0,
+                    runs_dir=str(tmp_path / "runs"), progress=False, log_interval=2, speed_ratio_steps=0,
                     multiplier="exact", run_name="t")
         opts.update(kw)
         return config_with_preset(opts.pop("preset"), **opts)
@@ -145,7 +145,7 @@ def test_cli_missing_data_says_which_files(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(datasets.MNIST, "download", offline)
     code = cli.main(["train", "--data-dir", str(tmp_path / "nothing"), "--multiplier", "exact",
-                     "--results-dir", str(tmp_path / "runs"), "--no-progress"])
+                     "--runs-dir", str(tmp_path / "runs"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2
     assert "train-images-idx3-ubyte.gz" in err and str(tmp_path / "nothing") in err
@@ -160,7 +160,7 @@ def test_torchrun_two_processes_train_the_same_model_as_one(tmp_path, mnist_root
     """
     common = ["--model", "lenet5", "--optimizer", "sgd", "--lr", "0.05", "--multiplier", "exact", "--data-dir",
               str(mnist_root), "--train-samples", "128", "--val-samples", "40", "--test-samples", "40", "--epochs", "1",
-              "--no-progress", "--speed-ratio-steps", "0", "--results-dir", str(tmp_path / "runs")]
+              "--no-progress", "--speed-ratio-steps", "0", "--runs-dir", str(tmp_path / "runs")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     single = subprocess.run([sys.executable, "-m", "mbmlib", "train", *common, "--batch-size", "16",
                              "--run-name", "single"], env=env, capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ def small(tmp_path, **overrides) -> TrainConfig:
     """A few steps of ResNet-8 on FakeData, in-process, writing under ``tmp_path``."""
     values = dict(dataset="fake", model="resnet8", multiplier="mbm", batch_size=16, train_samples=64,
                   val_samples=32, test_samples=32, workers=0, progress=False, speed_ratio_steps=0,
-                  results_dir=str(tmp_path / "runs"), run_name="run")
+                  runs_dir=str(tmp_path / "runs"), run_name="run")
     return TrainConfig(**{**values, **overrides})
 
 
@@ -58,7 +58,7 @@ def test_cifar10_from_files_in_torchvision_layout(tmp_path, trusted):  # noqa: F
     write_cifar(tmp_path / "data", 10)
     code = cli.main(["train", "--dataset", "cifar10", "--model", "resnet8", "--data-dir", str(tmp_path / "data"),
                      "--batch-size", "8", "--workers", "0", "--no-progress", "--speed-ratio-steps", "0",
-                     "--results-dir", str(tmp_path / "runs"), "--run-name", "c10"])
+                     "--runs-dir", str(tmp_path / "runs"), "--run-name", "c10"])
     assert code == 0
     metrics = json.loads((tmp_path / "runs" / "c10" / "metrics.json").read_text())
     assert metrics["data"] == {"train": 40, "val": 10, "test": 20}  # 5 per class split 80/20; 2 per class to test
@@ -72,7 +72,7 @@ def test_cifar10_from_files_in_torchvision_layout(tmp_path, trusted):  # noqa: F
     (["--model", "resnet1000"], "unknown model 'resnet1000'"),
 ])
 def test_bad_dataset_options_are_one_line(tmp_path, capsys, args, message):
-    assert cli.main(["train", "--results-dir", str(tmp_path), *args]) == 2
+    assert cli.main(["train", "--runs-dir", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not any(tmp_path.iterdir())

@@ -35,7 +35,7 @@ PRESETS = {
 
 # Fields that steer how a run is carried out or shown, not what it computes: they may differ on --resume
 # and stay out of default run names.
-RUN_CONTROL = ("epochs", "run_name", "results_dir", "resume", "overwrite", "progress", "log_interval",
+RUN_CONTROL = ("epochs", "run_name", "runs_dir", "resume", "overwrite", "progress", "log_interval",
                "speed_ratio_steps", "device", "data_dir", "workers", "backend", "preset", "extra")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -96,7 +96,8 @@ class TrainConfig:
     run_name: Optional[str] = field(default=None, metadata=_opt(
         _RUN, "folder name under the results folder (None: <model>-<multiplier>-<backward>-b<batch>-<runtime>, "
               "plus every other setting that differs from the defaults/preset)"))
-    results_dir: str = field(default="results/runs", metadata=_opt(_RUN, "where run folders go"))
+    runs_dir: str = field(default="results/runs", metadata=_opt(_RUN, "where run folders go (the results root's "
+                                                                       "runs/ by default)"))
     resume: bool = field(default=False, metadata=_opt(
         _RUN, "continue the run from its last checkpoint (same config; only --epochs may change)",
         action="store_true"))
@@ -196,7 +197,7 @@ def identity_differences(a: TrainConfig | dict, b: TrainConfig | dict) -> dict:
     """``{field: (a's value, b's value)}`` for the fields that define what a run computes."""
     defaults = dataclasses.asdict(TrainConfig())  # a config saved before a field existed had its default
     a, b = ({**defaults, **(dataclasses.asdict(c) if isinstance(c, TrainConfig) else c)} for c in (a, b))
-    return {k: (a.get(k), b.get(k)) for k in a if k not in RUN_CONTROL and a.get(k) != b.get(k)}
+    return {k: (a.get(k), b.get(k)) for k in defaults if k not in RUN_CONTROL and a.get(k) != b.get(k)}
 
 
 _ABBREV = {"lr": "lr", "seed": "s", "split_seed": "ss", "train_samples": "n", "val_samples": "nv",

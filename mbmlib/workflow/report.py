@@ -67,8 +67,9 @@ CONFIG_DEFAULTS = dataclasses.asdict(TrainConfig())
 HISTORY_COLUMNS = ["run", "step", "epoch", "loss", "lr", "elapsed"]
 
 # Config fields that do not change what a run measures: runs differing only in these (and the seed) are repeats.
-NOT_THE_EXPERIMENT = ("seed", "run_name", "results_dir", "resume", "overwrite", "log_interval", "progress", "data_dir",
-                      "workers")
+# results_dir: runs_dir's name in configs saved before it was renamed.
+NOT_THE_EXPERIMENT = ("seed", "run_name", "runs_dir", "results_dir", "resume", "overwrite", "log_interval", "progress",
+                      "data_dir", "workers")
 
 
 class ReportWarning(UserWarning):

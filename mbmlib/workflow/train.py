@@ -1,6 +1,6 @@
 """Training loop: train / validate / test a model with any multiplier on any dataset, and record the run.
 
-A run writes ``<results_dir>/<run_name>/`` with ``config.json``, ``metrics.json``
+A run writes ``<runs_dir>/<run_name>/`` with ``config.json``, ``metrics.json``
 (per-epoch and final figures plus the runtime description) and ``history.csv``
 (step, epoch, loss, lr, elapsed), all written atomically, and a checkpoint
 after every epoch that ``resume=True`` continues from.  A run folder belongs to
@@ -296,7 +296,7 @@ def _setup(cfg: TrainConfig) -> Session:
         torch.cuda.set_device(device)
     info = runtime.describe(device)
     run_name = cfg.run_name or default_run_name(cfg, info["runtime"])
-    writer = RunWriter(Path(cfg.results_dir) / run_name, dist_info.is_main)
+    writer = RunWriter(Path(cfg.runs_dir) / run_name, dist_info.is_main)
     if dist_info.is_main:
         claim_run_folder(cfg, writer.dir)
     torch.manual_seed(cfg.seed)
