@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import mbmlib
 from mbmlib import MBMConv2d, MBMLinear, convert
 from mbmlib import functional as AF
 from mbmlib.nn import NotConvertedWarning
@@ -125,3 +126,18 @@ def test_per_layer_multipliers_compute_what_they_say():
     assert torch.equal(h, nn.functional.conv2d(x, model[0].weight, model[0].bias))
     assert torch.equal(mixed[2][0](h), AF.conv2d(h, model[2][0].weight, model[2][0].bias, multiplier="mbm",
                                                   backend="reference"))
+
+
+@pytest.mark.parametrize("multiplier", ["mbm", "mitchell", "mbm-int8"])
+def test_converted_conv_is_a_drop_in_that_compiles(multiplier):
+    """Outputs are laid out as F.conv2d's (contiguous), so .view works and torch.compile's fake strides match."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    approx = mbmlib.convert(model, multiplier=multiplier, backend="compiled",
+                            quant=mbmlib.QuantSpec(0.05, 0.05) if multiplier.endswith("int8") else None).eval()
+    x = torch.rand(2, 1, 8, 8)
+    y = approx[0](x)
+    assert y.is_contiguous() and y.view(2, -1).shape == (2, 4 * 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(approx)(x), approx(x), rtol=1e-5, atol=1e-6)

@@ -74,7 +74,8 @@ def test_integer_multipliers_are_calibrated_before_scoring(mnist_root, lenet_che
 def test_evaluate_command_writes_json_csv_and_chart(tmp_path, capsys):
     code = cli.main(["evaluate", "--model", "resnet8", "--dataset", "fake", "--samples", "24", "--batch-size", "8",
                      "--multipliers", "mitchell", "--device", "cpu", "--out", str(tmp_path / "eval"),
-                     "--figures", str(tmp_path / "fig"), "--no-progress", "--data-dir", str(tmp_path)])
+                     "--figures", str(tmp_path / "fig"), "--no-progress", "--data-dir", str(tmp_path),
+                     "--random-weights"])
     assert code == 0
     out = capsys.readouterr().out
     assert "exact: top-1" in out and "mitchell: top-1" in out
@@ -86,7 +87,7 @@ def test_evaluate_command_writes_json_csv_and_chart(tmp_path, capsys):
 
 
 def test_evaluate_command_bad_input_is_one_line(tmp_path, capsys):
-    code = cli.main(["evaluate", "--dataset", "imagenet", "--out", str(tmp_path)])
+    code = cli.main(["evaluate", "--dataset", "imagenet", "--random-weights", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "unknown dataset 'imagenet'" in err and len(err.splitlines()) == 1
 
@@ -138,3 +139,37 @@ def test_save_results_names_files_after_model_dataset_and_split(tmp_path):
                    "top1_drop": 1.0}]}
     paths = save_results(report, tmp_path / "eval", tmp_path / "fig")
     assert paths["json"].name == "resnet18-imagefolder__x_y-val.json" and paths["figure"].is_file()
+
+
+def _eval_args(tmp_path, *extra):
+    return ["evaluate", "--model", "resnet8", "--dataset", "fake", "--samples", "8", "--batch-size", "8",
+            "--multipliers", "exact", "--device", "cpu", "--out", str(tmp_path / "eval"), "--figures",
+            str(tmp_path / "fig"), "--no-progress", "--data-dir", str(tmp_path / "data"), *extra]
+
+
+def test_evaluate_refuses_to_overwrite_and_moves_aside_with_overwrite(tmp_path, capsys):
+    assert cli.main(_eval_args(tmp_path, "--random-weights")) == 0
+    first = (tmp_path / "eval" / "resnet8-fake-test.json").read_text()
+    assert cli.main(_eval_args(tmp_path, "--random-weights")) == 2
+    err = capsys.readouterr().err
+    assert "resnet8-fake-test.json exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "eval" / "resnet8-fake-test.json").read_text() == first  # untouched
+    assert cli.main(_eval_args(tmp_path, "--random-weights", "--overwrite")) == 0
+    aside = list((tmp_path / "eval" / ".replaced").glob("resnet8-fake-test-*.json"))
+    assert len(aside) == 1 and aside[0].read_text() == first
+    assert len(list((tmp_path / "fig" / ".replaced").glob("eval-resnet8-fake-test-*.png"))) == 1
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("evaluate", [], "no weights given: pass --checkpoint"),
+    ("evaluate", ["--random-weights", "--name", "../outside"], "--name '../outside' must be a plain file name"),
+    ("sensitivity", ["--random-weights", "--top", "-1"], "--top must be 0 or more"),
+    ("sensitivity", ["--random-weights", "--name", "a/b"], "--name 'a/b' must be a plain file name"),
+])
+def test_evaluate_and_sensitivity_refuse_bad_options_before_any_work(tmp_path, capsys, command, extra, message):
+    args = _eval_args(tmp_path, *extra)
+    if command == "sensitivity":
+        args = ["sensitivity"] + [a for a in args[1:] if a not in ("--multipliers", "exact")]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "eval").exists()  # nothing loaded or written

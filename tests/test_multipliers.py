@@ -211,3 +211,10 @@ def test_mbm_relative_error_bound(a, b):
         return
     got = mbm_mul(torch.tensor([a]), torch.tensor([b])).item()
     assert abs((got - exact) / exact) <= 0.0782
+
+
+def test_float64_operands_beyond_float32_are_refused():
+    with pytest.raises(ValueError, match="a holds float64 values beyond float32's range"):
+        approx_mul(torch.tensor([1e300], dtype=torch.float64), torch.tensor([1e-300], dtype=torch.float64))
+    ok = approx_mul(torch.tensor([1.5, float("inf")], dtype=torch.float64), torch.tensor([1.5, 2.0], dtype=torch.float64))
+    assert ok.dtype == torch.float64 and ok[1] == float("inf")  # infinities are values the designs take

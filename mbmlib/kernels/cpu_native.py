@@ -277,8 +277,9 @@ def _implicit_patches(x: torch.Tensor, w_shape, stride, padding, dilation):
 
 
 def _conv_output(res: torch.Tensor, B: int, O: int, groups: int, Ho: int, Wo: int) -> torch.Tensor:
-    """(G, B*Ho*Wo, O/G) GEMM result -> (B, O, Ho, Wo)."""
-    return res.view(groups, B, Ho * Wo, O // groups).permute(1, 0, 3, 2).reshape(B, O, Ho, Wo)
+    """(G, B*Ho*Wo, O/G) GEMM result -> (B, O, Ho, Wo), contiguous as F.conv2d's output is: a drop-in layer's
+    output takes ``.view(N, -1)``, its fake (meta) strides match under torch.compile, BatchNorm rounds alike."""
+    return res.view(groups, B, Ho * Wo, O // groups).permute(1, 0, 3, 2).reshape(B, O, Ho, Wo).contiguous()
 
 
 # ----------------------------------------------------------------------------- integer multipliers (SPEC section 4)
@@ -357,5 +358,4 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(qx, qw.shape, stride, padding, dilation)
     a = [f.contiguous() for f in _int_operand(x_cl, multiplier)]  # padding is 0: a zero operand
     res = _gemm_int(a, a_row, a_col, qw.shape[1], weight_rows(qw, groups), multiplier, capability)
-    # contiguous like im2col + GEMM's result: a channels-last view would change BatchNorm's rounding downstream
-    return _conv_output(res, qx.shape[0], qw.shape[0], groups, Ho, Wo).contiguous()
+    return _conv_output(res, qx.shape[0], qw.shape[0], groups, Ho, Wo)

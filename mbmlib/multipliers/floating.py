@@ -130,9 +130,16 @@ def check_float_tensors(named: dict, what: str) -> torch.device:
     return first.device
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _check_float_operands(a, b) -> torch.dtype:
+    """Float tensors; a float64 one within float32's range (the designs are float32: 1e300 would become inf)."""
     for name, x in (("a", a), ("b", b)):
         check_float_tensor(x, name, "approximate multiplication")
+        if x.dtype == torch.float64 and x.numel() and bool((x.abs() > _FLOAT32_MAX).logical_and(x.isfinite()).any()):
+            raise ValueError(f"{name} holds float64 values beyond float32's range (|x| > {_FLOAT32_MAX:.4g}); the "
+                             "approximate designs multiply float32 operands: scale the operands into that range")
     return torch.promote_types(a.dtype, b.dtype)
 
 

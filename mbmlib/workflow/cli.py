@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import bench, plugins
+from .store import claim_result_files
 from .config import add_config_arguments, config_from_args
 from .sweep import KERNEL, run_sweep
 from .train import TrainingDiverged, train
@@ -263,7 +264,18 @@ def _add_model_and_data(p) -> None:
     p.add_argument("--out", default="results/eval", help="JSON/CSV folder (default: results/eval)")
     p.add_argument("--figures", default="results/figures", help="figure folder (default: results/figures)")
     p.add_argument("--name", default=None, help="file name stem of the results (default: model-dataset-...)")
+    p.add_argument("--overwrite", action="store_true", help="move earlier results of the same name to .replaced/ "
+                                                            "first (without it, existing results are refused)")
+    p.add_argument("--random-weights", action="store_true", help="score freshly initialised weights (without it, "
+                                                                 "--checkpoint or --pretrained is required)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _check_weights(args) -> None:
+    """Refuse to score random weights by accident: one of --checkpoint, --pretrained, --random-weights."""
+    if args.checkpoint is None and not args.pretrained and not args.random_weights:
+        raise ValueError("no weights given: pass --checkpoint FILE (a state dict or a run's checkpoint.pt) or "
+                         "--pretrained; --random-weights scores a freshly initialised model on purpose")
 
 
 def _add_evaluate(sub) -> None:
@@ -278,8 +290,11 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from .evaluate import evaluate_multipliers, save_results
+    from .evaluate import evaluate_multipliers, result_paths, save_results
 
+    _check_weights(args)
+    claim_result_files(result_paths(args.model, args.dataset, args.split, args.out, args.figures, args.name).values(),
+                       args.overwrite)
     report = evaluate_multipliers(args.model, args.dataset, args.multipliers, args.checkpoint, args.pretrained,
                                   args.data_dir, args.split, args.samples, args.batch_size, args.device,
                                   progress=args.progress)
@@ -303,8 +318,13 @@ def _add_sensitivity(sub) -> None:
 
 
 def _run_sensitivity(args) -> int:
-    from .sensitivity import run_sensitivity, save_sensitivity
+    from .sensitivity import run_sensitivity, save_sensitivity, sensitivity_paths
 
+    _check_weights(args)
+    if args.top < 0:
+        raise ValueError(f"--top must be 0 or more (how many of the most tolerant layers to combine), got {args.top}")
+    claim_result_files(sensitivity_paths(args.model, args.dataset, args.multiplier, args.out, args.figures,
+                                         args.name).values(), args.overwrite)
     report = run_sensitivity(args.model, args.dataset, args.multiplier, args.checkpoint, args.pretrained,
                              args.data_dir, args.split, args.samples, args.batch_size, args.device, args.layers,
                              args.top, args.progress)

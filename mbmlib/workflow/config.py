@@ -22,7 +22,7 @@ from ..multipliers import MAX_TRUNCATION, as_multiplier
 from .models import check_input, check_model_name
 from .runtime import resolve_device
 
-__all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "check_run_name",
+__all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "check_run_name", "safe_stem",
            "identity_differences", "add_config_arguments", "config_from_args", "describe_fields"]
 
 OPTIMIZERS = ("adam", "sgd")
@@ -172,12 +172,17 @@ def _check_int(name: str, value, low: int, what: Optional[str] = None) -> None:
         raise ValueError(f"{name} must be {what or f'an integer >= {low}'}, got {value!r}")
 
 
-def check_run_name(name: str) -> str:
-    """A run name is one plain folder name: letters, digits, '_', '.', '-', not starting with '.'."""
+def check_run_name(name: str, what: str = "run name") -> str:
+    """A run (or result) name is one plain folder name: letters, digits, '_', '.', '-', not starting with '.'."""
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
-        raise ValueError(f"run name {name!r} must be a plain folder name (letters, digits, '_', '.', '-', not "
-                         "starting with '.' and without '/'), so the run stays inside the results folder")
+        raise ValueError(f"{what} {name!r} must be a plain file name (letters, digits, '_', '.', '-', not "
+                         "starting with '.' and without '/'), so what it names stays inside the results folder")
     return name
+
+
+def safe_stem(text: str) -> str:
+    """``text`` (a dataset or multiplier name, maybe a path) as one plain file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip(".") or "_"
 
 
 def config_with_preset(preset: Optional[str] = None, **overrides) -> TrainConfig:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import calibrate, convert
 from ..multipliers import as_multiplier
 from . import data as mdata
+from .config import check_run_name, safe_stem
 from .models import load_model, model_channels
 from .runtime import describe, resolve_device
 from .store import write_json, write_text
@@ -144,17 +145,28 @@ def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], c
             "pretrained": pretrained, "runtime": describe(dev), "results": rows}
 
 
+def result_paths(model: str, dataset: str, split: str, out_dir="results/eval", figures_dir="results/figures",
+                 name: Optional[str] = None) -> dict:
+    """Where :func:`save_results` writes: ``<name>.json`` / ``.csv`` in ``out_dir``, ``eval-<name>.png``.
+
+    ``name`` (default ``<model>-<dataset>-<split>``) is one plain file name; ValueError otherwise.
+    """
+    name = check_run_name(name, "--name") if name else f"{model}-{safe_stem(dataset)}-{split}"
+    return {"json": Path(out_dir) / f"{name}.json", "csv": Path(out_dir) / f"{name}.csv",
+            "figure": Path(figures_dir) / f"eval-{name}.png"}
+
+
 def save_results(report: dict, out_dir="results/eval", figures_dir="results/figures",
                  name: Optional[str] = None) -> dict:
     """Write ``<name>.json`` and ``<name>.csv`` under ``out_dir`` and the bar chart; returns the paths."""
     from . import plots
 
-    name = name or f"{report['model']}-{report['dataset'].replace(':', '_').replace('/', '_')}-{report['split']}"
-    json_path = write_json(Path(out_dir) / f"{name}.json", report)
+    paths = result_paths(report["model"], report["dataset"], report["split"], out_dir, figures_dir, name)
+    json_path = write_json(paths["json"], report)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(report["results"][0]))
     writer.writeheader()
     writer.writerows(report["results"])
-    csv_path = write_text(Path(out_dir) / f"{name}.csv", buffer.getvalue())
-    png = plots.multiplier_accuracy(report, Path(figures_dir) / f"eval-{name}.png")
+    csv_path = write_text(paths["csv"], buffer.getvalue())
+    png = plots.multiplier_accuracy(report, paths["figure"])
     return {"json": json_path, "csv": csv_path, "figure": png}

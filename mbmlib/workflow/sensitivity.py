@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from torch import nn
 
+from .config import check_run_name, safe_stem
 from .evaluate import accuracy, approximate, load_eval_data
 from .models import layer_macs, load_model, model_channels
 from .runtime import describe, resolve_device
@@ -74,15 +75,22 @@ def run_sensitivity(model: str, dataset: str, multiplier: str = "mbm", checkpoin
             "pretrained": pretrained, "runtime": describe(dev), **report}
 
 
+def sensitivity_paths(model: str, dataset: str, multiplier: str, out_dir="results/eval",
+                      figures_dir="results/figures", name: Optional[str] = None) -> dict:
+    """Where :func:`save_sensitivity` writes (``name`` default ``<model>-<dataset>-<multiplier>``, a plain name)."""
+    name = check_run_name(name, "--name") if name else f"{model}-{safe_stem(dataset)}-{safe_stem(multiplier)}"
+    return {"json": Path(out_dir) / f"sensitivity-{name}.json", "markdown": Path(out_dir) / f"sensitivity-{name}.md",
+            "figure": Path(figures_dir) / f"sensitivity-{name}.png"}
+
+
 def save_sensitivity(report: dict, out_dir="results/eval", figures_dir="results/figures",
                      name: Optional[str] = None) -> dict:
     """Write ``sensitivity-<name>.json``, a markdown table beside it, and the figure; returns the paths."""
     from . import plots, report as rep
     import pandas as pd
 
-    dataset = report["dataset"].replace(":", "_").replace("/", "_")
-    name = name or f"{report['model']}-{dataset}-{report['multiplier']}"
-    json_path = write_json(Path(out_dir) / f"sensitivity-{name}.json", report)
+    paths = sensitivity_paths(report["model"], report["dataset"], report["multiplier"], out_dir, figures_dir, name)
+    json_path = write_json(paths["json"], report)
     rows = [report["baseline"], *report["layers"], *report["combined"]]
     table = pd.DataFrame(rows)[["layer", "macs", "top1", "top5", "loss", "top1_drop"]]
     table["macs_share"] = 100.0 * table["macs"] / report["total_macs"]
@@ -90,8 +98,8 @@ def save_sensitivity(report: dict, out_dir="results/eval", figures_dir="results/
                                  "top1_drop": "top-1 drop (points)", "macs_share": "share of MACs (%)"},
                          {"macs": "{:,.0f}", "top1": "{:.2f}", "top5": "{:.2f}", "loss": "{:.4f}",
                           "top1_drop": "{:+.2f}", "macs_share": "{:.1f}"})
-    md_path = rep.write_text(Path(out_dir) / f"sensitivity-{name}.md",
+    md_path = rep.write_text(paths["markdown"],
                              f"# Layer sensitivity: {report['model']} on {report['dataset']} ({report['split']}), "
                              f"multiplier {report['multiplier']}\n\n{md}")
-    png = plots.layer_sensitivity(report, Path(figures_dir) / f"sensitivity-{name}.png")
+    png = plots.layer_sensitivity(report, paths["figure"])
     return {"json": json_path, "markdown": md_path, "figure": png}

@@ -81,3 +81,24 @@ def move_run_aside(run_dir: str | os.PathLike) -> Path:
     os.replace(run_dir, aside)
     print(f"--overwrite: moved the earlier run {run_dir.name} to {aside}", flush=True)
     return aside
+
+
+def claim_result_files(paths, overwrite: bool, option: str = "--overwrite") -> list[Path]:
+    """Make sure writing ``paths`` loses nothing: a ValueError naming the first that exists, unless ``overwrite``,
+    which moves each existing one to ``<its folder>/.replaced/<name>-<UTC time>``.  Call it before the work.
+
+    Returns where the earlier files went.
+    """
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{existing[0]} exists (an earlier result of the same name); pass {option} to move the "
+                         "earlier files aside to .replaced/, or --name to write beside them")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    moved = []
+    for path in existing:
+        aside = path.parent / REPLACED / f"{path.stem}-{stamp}{path.suffix}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, aside)
+        print(f"{option}: moved the earlier {path.name} to {aside}", flush=True)
+        moved.append(aside)
+    return moved

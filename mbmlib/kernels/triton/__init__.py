@@ -36,7 +36,7 @@ The package: :mod:`.device` (the MACs and the four loops, and ``KERNELS``, the t
 (operand encodings, one launcher per shape, the fallback).
 """
 try:
-    import triton  # noqa: F401  (checked here: the backend picker, mbmlib.kernels.default_backend, catches this)
+    import triton  # checked here: the backend picker, mbmlib.kernels.default_backend, catches this
 except ImportError as err:
     raise ImportError(
         "mbmlib's 'triton' backend needs the 'triton' package (installed with CUDA builds of PyTorch "
@@ -48,6 +48,8 @@ from .launch import (BIAS, bmm_nt, bmm_nt_int, conv2d, conv2d_grads, conv2d_int,
                      name, words)
 from .tiles import DEFAULT_TILE, INTERPRET, TILES, Tile, pick_tile
 
-__all__ = ["name", "INTERPRET", "Tile", "TILES", "DEFAULT_TILE", "pick_tile", "KERNELS", "MAC_IDS", "ACC_IDS", "BIAS",
+TRITON_VERSION = triton.__version__
+
+__all__ = ["name", "TRITON_VERSION", "INTERPRET", "Tile", "TILES", "DEFAULT_TILE", "pick_tile", "KERNELS", "MAC_IDS", "ACC_IDS", "BIAS",
            "words", "int_words", "encode", "design_constexprs", "bmm_nt", "bmm_nt_int", "conv2d", "conv2d_int",
            "conv2d_grads"]
