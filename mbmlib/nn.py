@@ -126,11 +126,21 @@ def _chooser(multiplier, names: list[str]):
     if not isinstance(multiplier, dict):
         mult = as_multiplier(multiplier)
         return lambda name: mult
+    bad = [p for p in multiplier if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"multiplier patterns are strings (glob patterns on module names such as 'features.*'), got "
+                        f"{bad[0]!r}")
     table = [(pattern, as_multiplier(m)) for pattern, m in multiplier.items()]
+    taken: set[str] = set()
     for pattern, _ in table:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+        matched = {name for name in names if fnmatch.fnmatchcase(name, pattern)}
+        if not matched:
             raise ValueError(f"multiplier pattern {pattern!r} matches no convertible layer; the layers are "
                              f"{', '.join(repr(n) for n in names) or '(none)'}")
+        if matched <= taken:
+            warnings.warn(f"mbmlib.convert: multiplier pattern {pattern!r} never applies: every layer it matches is "
+                          "taken by an earlier pattern (the first match wins); put it before them", stacklevel=4)
+        taken |= matched
     return lambda name: next((m for pattern, m in table if fnmatch.fnmatchcase(name, pattern)), None)
 
 

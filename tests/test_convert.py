@@ -100,7 +100,8 @@ def net():
 def test_per_layer_multipliers_first_match_wins():
     model = convert(net(), multiplier={"0": "exact", "2.*": "mitchell", "*": "mbm"})
     assert approx_layers(model) == {"0": "exact", "2.0": "mitchell", "2.1": "mitchell", "4": "mbm"}
-    model = convert(net(), multiplier={"*": "mbm", "0": "exact"})  # "*" comes first and takes everything
+    with pytest.warns(UserWarning, match="pattern '0' never applies"):  # "*" comes first and takes everything
+        model = convert(net(), multiplier={"*": "mbm", "0": "exact"})
     assert set(approx_layers(model).values()) == {"mbm"}
 
 
@@ -141,3 +142,14 @@ def test_converted_conv_is_a_drop_in_that_compiles(multiplier):
     assert y.is_contiguous() and y.view(2, -1).shape == (2, 4 * 64)
     with torch.no_grad():
         assert torch.allclose(torch.compile(approx)(x), approx(x), rtol=1e-5, atol=1e-6)
+
+
+def test_dict_patterns_that_never_win_warn_and_non_string_keys_are_refused():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match="pattern '1' never applies: every layer it matches is taken by an earlier"):
+        convert(model, multiplier={"*": "mbm", "1": "exact"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert(model, multiplier={"1": "exact", "*": "mbm"})  # the specific one first: both apply
+    with pytest.raises(TypeError, match="multiplier patterns are strings .* got 3"):
+        convert(model, multiplier={3: "mbm"})

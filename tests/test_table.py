@@ -146,3 +146,27 @@ def test_tables_from_numpy_and_error_stats():
     assert stats == {**mbmlib.error_stats("mbm-int8"), "multiplier": stats["multiplier"]}
     x, err = mbmlib.error_map(Multiplier.from_table(table_from_multiplier("mitchell-int4")))
     assert x.tolist() == list(range(1, 16)) and err.max().item() == 0.0 and err.min().item() < -10
+
+
+def _small_csv(tmp_path, product_of_3_3="9", encoding="utf-8", bom=False):
+    rows = ["A,B,P"] + [f"{a},{b},{product_of_3_3 if (a, b) == (3, 3) else a * b}" for a in range(4) for b in range(4)]
+    path = tmp_path / "t.csv"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + "\n".join(rows).encode(encoding))
+    return path
+
+
+def test_csv_tables_from_excel_and_bad_files_are_clear(tmp_path):
+    assert torch.equal(Multiplier.from_csv(_small_csv(tmp_path, bom=True)).table,
+                       torch.arange(4)[:, None] * torch.arange(4)[None, :])  # Excel's "CSV UTF-8" byte-order mark
+    for huge in ("1000000000000000000000000000000", str(2**63)):
+        with pytest.raises(ValueError, match=r"t.csv: line \d+: product \d+ is above 4294967295"):
+            Multiplier.from_csv(_small_csv(tmp_path, huge))
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"A,B,P\n0,0,\xff\xfe\n")
+    with pytest.raises(ValueError, match="t.csv: not a UTF-8 text file .*save the table as CSV"):
+        Multiplier.from_csv(path)
+
+
+def test_truncation_must_be_an_integer_not_a_bool():
+    with pytest.raises(ValueError, match="valid truncations are integers"):
+        Multiplier("mbm", t=True)

@@ -177,3 +177,73 @@ def test_torchrun_two_processes_train_the_same_model_as_one(tmp_path, mnist_root
     assert m2["final"]["val_loss"] == pytest.approx(m1["final"]["val_loss"], rel=1e-4)
     assert m2["final"]["val_accuracy"] == m1["final"]["val_accuracy"]
     assert ddp.stdout.count("finished:") == 1  # only rank 0 reports and writes
+
+
+# ----------------------------------------------------------------------------- one writer per run, nothing mixed
+
+_HOLDER = """
+import sys, time
+from mbmlib.workflow.store import lock_run
+lock_run(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_folder_is_locked_against_a_second_process(tmp_path, small_config):
+    """Two processes for one run name: the second is refused at once, before any data loads; kill -9 frees it."""
+    run_dir = tmp_path / "runs" / "t"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(store.RunFolderInUse, match=f"run folder .*t is in use by process {holder.pid}"):
+            train(small_config())
+        assert not (run_dir / "config.json").exists()  # refused before writing anything
+    finally:
+        holder.kill()  # SIGKILL: the OS drops the lock with the process
+        holder.wait()
+    assert train(small_config())["status"] == "finished"
+
+
+def test_a_run_without_a_finished_epoch_is_rerun_or_resumed_from_the_start(tmp_path, small_config, monkeypatch):
+    from mbmlib.workflow import train as trainer
+
+    real = trainer._train_epoch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config())
+    run_dir = tmp_path / "runs" / "t"
+    assert (run_dir / "config.json").exists() and not (run_dir / store.CHECKPOINT).exists()
+    monkeypatch.setattr(trainer, "_train_epoch", real)
+    assert train(small_config(resume=True))["status"] == "finished"  # --resume: from the beginning
+    monkeypatch.setattr(trainer, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(run_name="u"))
+    monkeypatch.setattr(trainer, "_train_epoch", real)
+    assert train(small_config(run_name="u"))["status"] == "finished"  # a plain rerun replaces it
+    assert list((tmp_path / "runs" / ".replaced").glob("u-*"))  # the failed attempt moved aside, not lost
+
+
+def test_resume_refuses_a_changed_table_or_another_world_size(tmp_path, small_config):
+    import mbmlib
+
+    table = tmp_path / "t4.csv"
+    mbmlib.write_csv("mbm-int4", table)
+    cfg = dict(model="lenet5", multiplier=f"table:{table}", run_name="tab")
+    train(small_config(epochs=1, **cfg))
+    checkpoint = tmp_path / "runs" / "tab" / store.CHECKPOINT
+    state = torch.load(checkpoint, weights_only=False)
+    state["world_size"] = 2
+    torch.save(state, checkpoint)
+    with pytest.raises(RunFolderError, match="started with 2 process.*torchrun --nproc-per-node 2"):
+        train(small_config(epochs=2, resume=True, **cfg))
+    state["world_size"] = 1
+    torch.save(state, checkpoint)
+    mbmlib.write_csv("mitchell-int4", table)  # the same path, another table
+    with pytest.raises(RunFolderError, match="the table file has changed"):
+        train(small_config(epochs=2, resume=True, **cfg))

@@ -49,8 +49,19 @@ def checked_table(table, where: str = "table") -> tuple[torch.Tensor, int]:
 
 
 def _parse_rows(path: str) -> list[tuple[int, int, int, int]]:
-    """(line, A, B, product) of every data row; ValueError naming the file and line of the first bad one."""
-    with open(path, newline="") as f:
+    """(line, A, B, product) of every data row; ValueError naming the file and line of the first bad one.
+
+    UTF-8, with or without the byte-order mark Excel's "CSV UTF-8" writes.
+    """
+    try:
+        return _rows_of(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                         "save the table as CSV (UTF-8)") from None
+
+
+def _rows_of(path: str) -> list[tuple[int, int, int, int]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = [h.strip().lower() for h in next(reader, [])]
         if len(header) != 3 or header[:2] != ["a", "b"]:
@@ -66,6 +77,9 @@ def _parse_rows(path: str) -> list[tuple[int, int, int, int]]:
             if len(values) != 3 or min(values) < 0:
                 raise ValueError(f"{path}: line {line}: {','.join(row)!r} must be three non-negative integers "
                                  "A,B,product")
+            if values[2] > _MAX_ENTRY:
+                raise ValueError(f"{path}: line {line}: product {values[2]} is above {_MAX_ENTRY}; a table holds "
+                                 "products below 2**32")
             rows.append((line, *values))
     return rows
 

@@ -102,3 +102,42 @@ def claim_result_files(paths, overwrite: bool, option: str = "--overwrite") -> l
         print(f"{option}: moved the earlier {path.name} to {aside}", flush=True)
         moved.append(aside)
     return moved
+
+
+_HELD_LOCKS: dict[Path, Any] = {}  # lock files this process holds, open until it exits (kill -9 frees them too)
+
+
+def lock_run(run_dir: str | os.PathLike) -> None:
+    """Hold an exclusive lock on the run folder ``run_dir`` for the rest of this process (one writer per run).
+
+    The lock file is ``<parent>/.locks/<name>.lock``, outside the run folder, so moving a run aside never moves
+    the lock.  A second process asking for the same run gets a RunFolderInUse error at once.  Where the OS has
+    no ``fcntl`` (Windows), runs are not locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    run_dir = Path(run_dir)
+    path = (run_dir.parent / ".locks" / f"{run_dir.name}.lock").resolve()
+    if path in _HELD_LOCKS:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise RunFolderInUse(f"run folder {run_dir} is in use by {owner}; wait for it to finish, or pick another "
+                             "--run-name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()}")
+    handle.flush()
+    _HELD_LOCKS[path] = handle
+
+
+class RunFolderInUse(ValueError):
+    """Another process is writing the run folder (a ValueError: a one-line error, exit 2, from the CLI)."""

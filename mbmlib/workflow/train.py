@@ -36,7 +36,7 @@ from . import plugins, runtime
 from .evaluate import accuracy
 from .config import PRESETS, TrainConfig, config_with_preset, default_run_name, identity_differences
 from .models import model_channels, new_model
-from .store import (CHECKPOINT, atomic_write, holds_run, move_run_aside, read_json, remove_stale_temporaries,
+from .store import (CHECKPOINT, atomic_write, holds_run, lock_run, move_run_aside, read_json, remove_stale_temporaries,
                     write_json, write_text)
 from .timing import compare
 from .train_data import EVAL_BATCH, LoaderTrainData, TensorTrainData, uses_memory_path
@@ -222,16 +222,24 @@ def _log(msg: str, dist_info: Dist) -> None:
 
 
 def claim_run_folder(cfg: TrainConfig, run_dir: Path) -> None:
-    """Make ``run_dir`` this config's: refuse another run's folder, check a resume, move aside on overwrite."""
+    """Make ``run_dir`` this config's: lock it, refuse another run's folder, check a resume, move aside on overwrite.
+
+    A run that never finished an epoch has nothing to lose: a plain rerun replaces it (moved aside) and
+    ``--resume`` starts it from the beginning, so after a failure or a kill in the first epoch both work.
+    """
+    lock_run(run_dir)
+    started, finished_epoch = holds_run(run_dir), (run_dir / CHECKPOINT).exists()
     if cfg.resume:
-        if not (run_dir / CHECKPOINT).exists():
-            raise RunFolderError(f"--resume: no checkpoint at {run_dir / CHECKPOINT}; run without --resume first, "
+        if not started:
+            raise RunFolderError(f"--resume: no run in {run_dir} (no checkpoint); run without --resume first, "
                                  "or pass the --run-name of the run to continue")
         _check_same_config(cfg, run_dir)
         remove_stale_temporaries(run_dir)
-    elif holds_run(run_dir) and cfg.overwrite:
+        if not finished_epoch:
+            print(f"--resume: {run_dir.name} never finished an epoch; starting it from the beginning", flush=True)
+    elif started and (cfg.overwrite or not finished_epoch):
         move_run_aside(run_dir)
-    elif holds_run(run_dir):
+    elif started:
         raise RunFolderError(f"run folder {run_dir} already holds a run; pass --resume to continue it, "
                              "--overwrite to replace it (the old one is moved aside), or another --run-name")
 
@@ -309,7 +317,7 @@ def _setup(cfg: TrainConfig) -> Session:
     if dist_info.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     s = Session(cfg, device, dist_info, info, writer, data, model, train_model, optimizer, scheduler)
-    if cfg.resume:
+    if cfg.resume and (writer.dir / CHECKPOINT).exists():
         _restore(s, _load_checkpoint(writer.dir / CHECKPOINT, device))
         _log(f"resuming {run_name} after epoch {s.start_epoch - 1} (step {s.global_step})", dist_info)
     writer.config(cfg)
@@ -317,7 +325,20 @@ def _setup(cfg: TrainConfig) -> Session:
 
 
 def _restore(s: Session, state: dict) -> None:
-    """Put a checkpoint's weights, optimiser, schedule, RNG and records back into the session."""
+    """Put a checkpoint's weights, optimiser, schedule, RNG and records back into the session.
+
+    Refused when what the config cannot show has changed: the table a ``table:<csv>`` names (its digest) or
+    the number of processes (the effective batch).
+    """
+    key, world = as_multiplier(s.cfg.multiplier).key, s.dist.world_size
+    if state.get("multiplier_key", key) != key:
+        raise RunFolderError(f"--resume: the multiplier {s.cfg.multiplier} is not the one the run started with "
+                             f"({state['multiplier_key']}, now {key}): the table file has changed; restore it, or "
+                             "start a new run")
+    if state.get("world_size", world) != world:
+        raise RunFolderError(f"--resume: the run started with {state['world_size']} process(es), this is {world} "
+                             f"(the effective batch would change); resume with torchrun --nproc-per-node "
+                             f"{state['world_size']}, or start a new run")
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
@@ -332,6 +353,7 @@ def _save_checkpoint(s: Session, epoch: int, elapsed: float) -> None:
     s.writer.checkpoint({"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
                          "scheduler": s.scheduler.state_dict(), "epoch": epoch, "global_step": s.global_step,
                          "history": s.history, "epochs": s.epochs, "elapsed": elapsed,
+                         "multiplier_key": as_multiplier(s.cfg.multiplier).key, "world_size": s.dist.world_size,
                          "rng_cpu": torch.get_rng_state(),
                          "rng_cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None})
 
