@@ -56,8 +56,18 @@ PROJECT_SCALES = QuantSpec(weight_scale=1e-3, act_scale=0.1)
 
 
 def quantise(x: Tensor, scale: Tensor, max_magnitude: int) -> Tensor:
-    """``clamp(round(x / scale), -max_magnitude, max_magnitude)`` as int32 (round half to even)."""
-    return torch.clamp(torch.round(x.float() / scale), -max_magnitude, max_magnitude).to(torch.int32)
+    """``clamp(round(x / scale), -max_magnitude, max_magnitude)`` as int32 (round half to even).
+
+    NaN has no integer: it becomes 0 here, and the layers make every output it reaches NaN
+    (:func:`_nan_where`), as a float layer's output would be.
+    """
+    q = torch.clamp(torch.round(x.float() / scale), -max_magnitude, max_magnitude)
+    return torch.where(torch.isnan(q), 0.0, q).to(torch.int32)
+
+
+def _nan_where(out: Tensor, reached: Tensor) -> Tensor:
+    """``out`` with NaN where ``reached`` (broadcasting): the outputs a non-finite operand fed (no synchronisation)."""
+    return torch.where(reached, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
 
 
 def _integer(multiplier: MultiplierLike) -> Multiplier:
@@ -82,6 +92,10 @@ def _conv2d_quant(x: Tensor, w: Tensor, bias: Optional[Tensor], x_scale: Tensor,
     sums = kernels.load(backend).conv2d_int(qx.contiguous(), qw.contiguous(), tuple(stride), tuple(padding),
                                             tuple(dilation), groups, mult, ranged=True)  # (B, O, Ho, Wo) float64
     out = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).to(x.dtype)
+    bad_x = (~torch.isfinite(x)).to(x.dtype)  # (B, C, H, W): which outputs a NaN/inf input reaches, exactly
+    reached = F.conv2d(bad_x, torch.ones_like(w), None, stride, padding, dilation, groups) > 0
+    reached = reached | ~torch.isfinite(w).flatten(1).all(1).view(1, -1, 1, 1)  # a non-finite weight: its channel
+    out = _nan_where(out, reached)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
@@ -114,7 +128,8 @@ def _bmm_nt_quant(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, multip
     qa = quantise(a, a_scale, mult.max_magnitude)  # (G, M, K)
     qb = quantise(b, b_scale.view(1, -1, 1), mult.max_magnitude)  # (G, N, K)
     sums = kernels.load(backend).bmm_nt_int(qa.contiguous(), qb.contiguous(), mult, ranged=True)  # (G, M, N) float64
-    return (sums * (a_scale.double() * b_scale.double())).to(a.dtype)
+    out = (sums * (a_scale.double() * b_scale.double())).to(a.dtype)
+    return _nan_where(out, ~torch.isfinite(a).all(-1)[:, :, None] | ~torch.isfinite(b).all(-1)[:, None, :])
 
 
 @_bmm_nt_quant.register_fake

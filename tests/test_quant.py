@@ -5,6 +5,8 @@ The oracle's products come from the float multipliers: for n-bit magnitudes
 the float significand rules are the integer ones, and truncating below 2^-23
 never moves the floor -- checked here against the SPEC's worked values.
 """
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from torch import nn
 from torch.ao.quantization import observer as tq
 
 import mbmlib
+from triton_backend import triton_backend
 from mbmlib import MBMConv2d, MBMLinear, QuantSpec, calibrate, convert, kernels
 from mbmlib import quant as Q
 from mbmlib.multipliers import Multiplier, mbm_mul, mitchell_mul
@@ -349,13 +352,19 @@ def test_string_padding_padding_modes_and_unbatched_input():
     assert torch.equal(conv(x), Q.conv2d(F.pad(x, [1, 1, 1, 1], mode="reflect"), w, **kw))
 
 
+_TRITON, _TRITON_SKIP = triton_backend()  # at collection: see tests/triton_backend.py
+
+
+@pytest.mark.skipif(_TRITON is None, reason=_TRITON_SKIP or "")
 def test_triton_backend_gives_the_same_integer_sums(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the 'triton' backend be named on the CPU
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the 'triton' backend be named on the CPU
     torch.manual_seed(9)
     x, w = torch.randn(3, 2, 5, 5), torch.randn(4, 2, 3, 3)
     kw = dict(padding=1, act_scale=0.02, weight_scale=0.01)
-    assert torch.equal(Q.conv2d(x, w, **kw, backend="triton"), Q.conv2d(x, w, **kw, backend="reference"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the Triton kernel itself, not its fallback
+        assert torch.equal(Q.conv2d(x, w, **kw, backend="triton"), Q.conv2d(x, w, **kw, backend="reference"))
 
 
 @pytest.mark.parametrize("backend", ["reference", "compiled"])
@@ -376,3 +385,21 @@ def test_a_quantised_forward_never_synchronises(backend, monkeypatch):
     with pytest.raises(AssertionError, match="Tensor.item"):  # the check is live: a direct kernel call scans
         mbmlib.kernels.load(backend).bmm_nt_int(torch.ones(1, 2, 3, dtype=torch.int32),
                                                 torch.ones(1, 2, 3, dtype=torch.int32), mbmlib.as_multiplier("mbm-int8"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "compiled"])
+def test_nan_inputs_make_nan_outputs_where_they_reach_not_an_integer_error(backend):
+    from mbmlib import MBMConv2d, MBMLinear, QuantSpec
+
+    conv = MBMConv2d(1, 2, 3, padding=1, multiplier="mbm-int8", backend=backend, quant=QuantSpec(0.01, 0.1)).eval()
+    x = torch.rand(1, 1, 6, 6)
+    x[0, 0, 0, 0] = float("nan")
+    y = conv(x)
+    reached = torch.zeros(6, 6, dtype=torch.bool)
+    reached[:2, :2] = True  # a 3x3 kernel with padding 1: the NaN pixel feeds the outputs next to it
+    assert torch.isnan(y[0]).equal(reached.expand(2, 6, 6)) and torch.isfinite(y[0][:, ~reached]).all()
+    lin = MBMLinear(4, 3, multiplier="mbm-int8", backend=backend, quant=QuantSpec(0.01, 0.1)).eval()
+    v = torch.rand(2, 4)
+    v[1, 2] = float("inf")
+    out = lin(v)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
