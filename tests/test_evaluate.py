@@ -173,3 +173,21 @@ def test_evaluate_and_sensitivity_refuse_bad_options_before_any_work(tmp_path, c
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "data").exists() and not (tmp_path / "eval").exists()  # nothing loaded or written
+
+
+def test_a_quantised_runs_checkpoint_evaluates_and_junk_checkpoints_are_one_line(tmp_path, mnist_root, capsys):
+    from mbmlib.workflow.train import config_with_preset, train
+
+    train(config_with_preset("seed", model="lenet5", multiplier="mbm-int8", data_dir=str(mnist_root),
+                             train_samples=16, val_samples=8, test_samples=8, batch_size=8, epochs=1,
+                             runs_dir=str(tmp_path / "runs"), progress=False, speed_ratio_steps=0, run_name="q"))
+    checkpoint = tmp_path / "runs" / "q" / "checkpoint.pt"
+    args = ["evaluate", "--model", "lenet5", "--data-dir", str(mnist_root), "--samples", "10", "--device", "cpu",
+            "--multipliers", "mbm-int8", "--out", str(tmp_path / "eval"), "--figures", str(tmp_path / "fig"),
+            "--no-progress", "--checkpoint"]
+    assert cli.main([*args, str(checkpoint)]) == 0
+    for name, content in (("text.pt", b"not a checkpoint\n"), ("bytes.pt", bytes(range(256)) * 8)):
+        (tmp_path / name).write_bytes(content)
+        assert cli.main([*args, str(tmp_path / name), "--name", name.replace(".", "_")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"cannot read the checkpoint {tmp_path / name}" in err and len(err.splitlines()) == 1

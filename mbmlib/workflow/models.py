@@ -9,7 +9,6 @@ cross-entropy.
 from __future__ import annotations
 
 import copy
-import pickle
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -262,15 +261,25 @@ def _torchvision_model(name: str, pretrained: bool, num_classes: int) -> nn.Modu
 
 
 def load_checkpoint(model: nn.Module, path) -> nn.Module:
-    """Load a state dict (or a run's ``checkpoint.pt``, which keeps it under ``"model"``) into ``model``."""
+    """Load a state dict (or a run's ``checkpoint.pt``, which keeps it under ``"model"``) into ``model``.
+
+    A quantised run's scales (its layers' ``quantiser`` entries) are left out when ``model`` has no
+    quantisers: the weights are what carries over; an integer design is calibrated again where it is used.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise ValueError(f"cannot read the checkpoint {path} ({type(err).__name__}: {err}); give a file "
+    except Exception as err:  # a text file, random bytes, a truncated zip: pickle, zip and torch errors alike
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise ValueError(f"cannot read the checkpoint {path} ({type(err).__name__}: {first}); give a file "
                          "saved with torch.save(model.state_dict(), path) or a run's checkpoint.pt") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"the checkpoint {path} holds no state dict ({type(state).__name__}); give a file saved "
+                         "with torch.save(model.state_dict(), path) or a run's checkpoint.pt")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DistributedDataParallel
+    own = model.state_dict().keys()
+    state = {k: v for k, v in state.items() if ".quantiser." not in f".{k}" or k in own}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # missing / unexpected keys, shapes that differ
