@@ -172,10 +172,10 @@ def _check_int(name: str, value, low: int, what: Optional[str] = None) -> None:
         raise ValueError(f"{name} must be {what or f'an integer >= {low}'}, got {value!r}")
 
 
-def check_run_name(name: str, what: str = "run name") -> str:
-    """A run (or result) name is one plain folder name: letters, digits, '_', '.', '-', not starting with '.'."""
+def check_run_name(name: str, what: str = "run name", kind: str = "folder") -> str:
+    """A run (or result) name is one plain folder (file) name: letters, digits, '_', '.', '-', not starting with '.'."""
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
-        raise ValueError(f"{what} {name!r} must be a plain file name (letters, digits, '_', '.', '-', not "
+        raise ValueError(f"{what} {name!r} must be a plain {kind} name (letters, digits, '_', '.', '-', not "
                          "starting with '.' and without '/'), so what it names stays inside the results folder")
     return name
 

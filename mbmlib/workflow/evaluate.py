@@ -151,7 +151,7 @@ def result_paths(model: str, dataset: str, split: str, out_dir="results/eval", f
 
     ``name`` (default ``<model>-<dataset>-<split>``) is one plain file name; ValueError otherwise.
     """
-    name = check_run_name(name, "--name") if name else f"{model}-{safe_stem(dataset)}-{split}"
+    name = check_run_name(name, "--name", "file") if name else f"{model}-{safe_stem(dataset)}-{split}"
     return {"json": Path(out_dir) / f"{name}.json", "csv": Path(out_dir) / f"{name}.csv",
             "figure": Path(figures_dir) / f"eval-{name}.png"}
 

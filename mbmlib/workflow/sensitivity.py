@@ -78,7 +78,7 @@ def run_sensitivity(model: str, dataset: str, multiplier: str = "mbm", checkpoin
 def sensitivity_paths(model: str, dataset: str, multiplier: str, out_dir="results/eval",
                       figures_dir="results/figures", name: Optional[str] = None) -> dict:
     """Where :func:`save_sensitivity` writes (``name`` default ``<model>-<dataset>-<multiplier>``, a plain name)."""
-    name = check_run_name(name, "--name") if name else f"{model}-{safe_stem(dataset)}-{safe_stem(multiplier)}"
+    name = check_run_name(name, "--name", "file") if name else f"{model}-{safe_stem(dataset)}-{safe_stem(multiplier)}"
     return {"json": Path(out_dir) / f"sensitivity-{name}.json", "markdown": Path(out_dir) / f"sensitivity-{name}.md",
             "figure": Path(figures_dir) / f"sensitivity-{name}.png"}
 
