@@ -74,3 +74,9 @@ def test_every_notebook_02_parameter_is_a_config_field_documented_from_it():
 def test_validation_names_the_field_and_the_rule(field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_with_preset(**{field: value})
+
+
+def test_a_torchvision_model_that_cannot_take_the_images_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="vit_b_16 cannot take cifar10's 32x32 images .*Wrong image height"):
+        TrainConfig(model="vit_b_16", dataset="cifar10").validate()
+    TrainConfig(model="resnet18", dataset="cifar10").validate()  # takes them

@@ -165,6 +165,7 @@ def test_evaluate_refuses_to_overwrite_and_moves_aside_with_overwrite(tmp_path, 
     ("evaluate", ["--random-weights", "--name", "../outside"], "--name '../outside' must be a plain file name"),
     ("sensitivity", ["--random-weights", "--top", "-1"], "--top must be 0 or more"),
     ("sensitivity", ["--random-weights", "--name", "a/b"], "--name 'a/b' must be a plain file name"),
+    ("evaluate", ["--random-weights", "--model", "vit_b_16"], "vit_b_16 cannot take fake's 32x32 images"),
 ])
 def test_evaluate_and_sensitivity_refuse_bad_options_before_any_work(tmp_path, capsys, command, extra, message):
     args = _eval_args(tmp_path, *extra)

@@ -22,7 +22,7 @@ from .. import calibrate, convert
 from ..multipliers import as_multiplier
 from . import data as mdata
 from .config import check_run_name, safe_stem
-from .models import load_model, model_channels
+from .models import check_input, load_model, model_channels
 from .runtime import describe, resolve_device
 from .store import write_json, write_text
 from .train_data import uses_memory_path
@@ -124,15 +124,27 @@ def _ordered(multipliers: Sequence[str]) -> list:
     return ["exact"] + [m for m in dict.fromkeys(names) if m != "exact"]
 
 
+def load_model_and_data(model: str, dataset: str, checkpoint, pretrained: bool, root, split: str,
+                        samples: Optional[int], batch_size: int, device: torch.device) -> tuple[nn.Module, EvalData]:
+    """The model (exact, its weights loaded, on ``device``) and one split's batches; the model is checked
+    against the dataset's images before anything loads."""
+    from .datasets import dataset_info
+
+    info = dataset_info(dataset)
+    check_input(model, info.channels, info.image_size, dataset)
+    data = load_eval_data(dataset, root, split, samples, batch_size, device, channels=model_channels(model))
+    base = load_model(model, num_classes=data.num_classes, in_channels=data.channels, pretrained=pretrained,
+                      checkpoint=checkpoint).to(device)
+    return base, data
+
+
 def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], checkpoint=None,
                          pretrained: bool = False, root=None, split: str = "test", samples: Optional[int] = None,
                          batch_size: int = 128, device: str = "auto", backend: Optional[str] = None,
                          progress: bool = True) -> dict:
     """Evaluate one model's weights under each multiplier (exact first); returns the JSON-ready report."""
     dev = resolve_device(device)
-    data = load_eval_data(dataset, root, split, samples, batch_size, dev, channels=model_channels(model))
-    base = load_model(model, num_classes=data.num_classes, in_channels=data.channels, pretrained=pretrained,
-                      checkpoint=checkpoint).to(dev)
+    base, data = load_model_and_data(model, dataset, checkpoint, pretrained, root, split, samples, batch_size, dev)
     rows = []
     for name in _ordered(multipliers):
         result = accuracy(approximate(base, name, data.calibration, backend), data.batches, progress, name)

@@ -299,12 +299,30 @@ def model_channels(name: str) -> Optional[int]:
 
 
 def check_input(name: str, channels: int, image_size: int, dataset: str) -> None:
-    """ValueError when a registry net built for fixed inputs cannot take ``dataset``'s images."""
+    """ValueError when the model cannot take ``dataset``'s images: checked before any data loads.
+
+    A registry net built for fixed inputs is compared with them; a torchvision model is built on the
+    meta device (no memory, no weights) and given a meta batch of the images' size.
+    """
     fixed = FIXED_INPUT.get(name.lower())
     if fixed is not None and fixed != (channels, image_size):
         raise ValueError(f"{name} takes {fixed[0]}x{fixed[1]}x{fixed[1]} images (mnist, fashion-mnist, kmnist) but "
                          f"{dataset} has {channels}x{image_size}x{image_size}; use resnet20, resnet8 or a "
                          "torchvision model (resnet18, mobilenet_v2, ...)")
+    if name.lower() in MODELS:
+        return
+    from torchvision import models as tvm
+
+    check_model_name(name)
+    with torch.device("meta"):
+        model = tvm.get_model(name, weights=None).eval()
+        try:
+            model(torch.empty(2, 3, image_size, image_size))
+        except Exception as err:  # each family says it its own way (AssertionError, RuntimeError, ...)
+            first = (str(err).splitlines() or [""])[0][:200]
+            raise ValueError(f"{name} cannot take {dataset}'s {image_size}x{image_size} images ({type(err).__name__}: "
+                             f"{first}); pick a model for images of that size (resnet20 or resnet8 for 32x32)") \
+                from None
 
 
 def new_model(name: str, num_classes: int = 10, in_channels: int = 1, multiplier: MultiplierLike = "mbm",

@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .config import check_run_name, safe_stem
-from .evaluate import accuracy, approximate, load_eval_data
-from .models import layer_macs, load_model, model_channels
+from .evaluate import accuracy, approximate, load_model_and_data
+from .models import layer_macs
 from .runtime import describe, resolve_device
 from .store import write_json
 
@@ -67,9 +67,7 @@ def run_sensitivity(model: str, dataset: str, multiplier: str = "mbm", checkpoin
                     progress: bool = True) -> dict:
     """Load a model's weights and a split, then :func:`layer_sensitivity`; returns the JSON-ready report."""
     dev = resolve_device(device)
-    data = load_eval_data(dataset, root, split, samples, batch_size, dev, channels=model_channels(model))
-    base = load_model(model, num_classes=data.num_classes, in_channels=data.channels, pretrained=pretrained,
-                      checkpoint=checkpoint).to(dev)
+    base, data = load_model_and_data(model, dataset, checkpoint, pretrained, root, split, samples, batch_size, dev)
     report = layer_sensitivity(base, data, multiplier, layers, top, progress)
     return {"model": model, "dataset": dataset, "split": split, "checkpoint": str(checkpoint) if checkpoint else None,
             "pretrained": pretrained, "runtime": describe(dev), **report}
