@@ -200,6 +200,10 @@ def test_a_partial_backend_bench_does_not_replace_the_full_report(tmp_path, caps
 @pytest.mark.parametrize("text, message", [
     ("notebook: notebooks/02_train_mnist.ipynb\ngrid: {multiplier: [exact\n", "is not valid YAML"),
     ("notebook: notebooks/02_train_mnist.ipynb\ngrid: [a, b]\n", "'grid' must be a mapping"),
+    ("notebook: 5\n", "'notebook' must be a string, got 5"),
+    ("notebook: notebooks/02_train_mnist.ipynb\nname: 5\n", "'name' must be a string, got 5"),
+    ("notebook: notebooks/02_train_mnist.ipynb\nafter: 5\n", "'after' takes notebook paths"),
+    ("notebook: notebooks/02_train_mnist.ipynb\ngrid: {multiplier: []}\n", "grid axis 'multiplier' is empty"),
 ])
 def test_bad_sweep_files_are_exit_2(tmp_path, capsys, text, message):
     path = tmp_path / "bad.yaml"

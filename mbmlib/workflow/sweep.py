@@ -99,6 +99,7 @@ def load_sweep(config: str | os.PathLike | Mapping) -> dict:
                          f"valid keys are {', '.join(sorted(known))}")
     if not spec.get("notebook"):
         raise ValueError("the sweep description needs 'notebook': the notebook to run for every grid point")
+    _check_types(spec)
     for key in ("base", "grid"):
         if not isinstance(spec.get(key) or {}, Mapping):
             raise ValueError(f"'{key}' must be a mapping of parameter names to values (e.g. {key}: "
@@ -106,7 +107,9 @@ def load_sweep(config: str | os.PathLike | Mapping) -> dict:
     spec["base"] = dict(spec.get("base") or {})
     grid = dict(spec.get("grid") or {})
     for key, values in grid.items():
-        if not isinstance(values, list) or not values:
+        if isinstance(values, list) and not values:
+            raise ValueError(f"grid axis {key!r} is empty; give it at least one value (e.g. {key}: [mbm])")
+        if not isinstance(values, list):
             grid[key] = [values]  # a scalar is a one-value axis
     spec["grid"] = grid
     after = spec.get("after") or []
@@ -115,6 +118,18 @@ def load_sweep(config: str | os.PathLike | Mapping) -> dict:
     spec.setdefault("name", "{sweep}-" + "-".join("{%s}" % k for k in grid) if grid else "{sweep}")
     spec["_source"] = str(source) if source else None
     return spec
+
+
+def _check_types(spec: Mapping) -> None:
+    """ValueError naming the key whose value has the wrong type (a notebook path is a string, ...)."""
+    for key in ("notebook", "name", "sweep", "description"):
+        if key in spec and not isinstance(spec[key], str):
+            raise ValueError(f"'{key}' must be a string, got {spec[key]!r}")
+    after = spec.get("after") or []
+    for entry in after if isinstance(after, list) else [after]:
+        if not (isinstance(entry, str) or (isinstance(entry, dict) and isinstance(entry.get("notebook"), str))):
+            raise ValueError(f"'after' takes notebook paths or {{notebook: <path>, parameters: {{...}}}} entries, "
+                             f"got {entry!r}")
 
 
 def _notebook_parameters(path: Path) -> dict:
