@@ -182,3 +182,25 @@ def test_distributed_loaders_split_the_data_between_ranks(tmp_path):
     assert seen[0] == seen[1] == math.ceil(len(splits.val) / 2)
     first = loader(splits.train, 8, shuffle=True, rank=0, world_size=2, workers=0)
     assert isinstance(first.sampler, torch.utils.data.DistributedSampler) and not first.pin_memory
+
+
+def test_a_failed_download_leaves_the_data_root_as_it_found_it(tmp_path, monkeypatch):
+    """torchvision makes its folders before fetching; when the fetch fails, they go again (the user's files stay)."""
+    import os
+
+    from torchvision import datasets as tv
+
+    def half_download(self):
+        os.makedirs(self.raw_folder, exist_ok=True)  # as torchvision's own download starts
+        raise RuntimeError("no network in tests")
+
+    monkeypatch.setattr(tv.MNIST, "download", half_download)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "keep.txt").write_text("the user's")
+    with pytest.raises(DatasetNotFoundError):
+        load_splits("fashion-mnist", root)
+    assert sorted(p.name for p in root.iterdir()) == ["keep.txt"]
+    with pytest.raises(DatasetNotFoundError):
+        load_splits("kmnist", tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()

@@ -15,6 +15,7 @@ wraps a split in a DataLoader (workers, pinned memory on CUDA, DistributedSample
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,15 +136,33 @@ def _open(name: str, root: Path, train: bool, transform: Callable) -> Dataset:
         pass  # torchvision: "Dataset not found or corrupted", or a file missing; try the download below
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    before = _entries(root)
     try:
         return _construct(name, root, train, transform, download=True)
     except (RuntimeError, URLError, OSError) as err:
+        _remove_new_entries(root, before)
         detail = " ".join(str(err).split())
         raise DatasetNotFoundError(f"{name} was not found under {root.resolve()} and downloading it failed "
                                    f"({type(err).__name__}: {detail}); put {DATASETS[name].files} there, or point "
                                    "--data-dir / MBMLIB_DATA at the folder that holds them") from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _entries(root: Path) -> Optional[set]:
+    """The names directly under ``root`` (None if it does not exist): what a failed download must leave."""
+    return set(os.listdir(root)) if root.is_dir() else None
+
+
+def _remove_new_entries(root: Path, before: Optional[set]) -> None:
+    """Undo what a failed download created: the entries of ``root`` that were not there (all of ``root`` if it
+    was not); each was made by the attempt, so nothing of the user's is in it."""
+    if before is None:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for name in set(os.listdir(root)) - before:
+        path = root / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def targets_of(dataset: Dataset) -> np.ndarray:
