@@ -190,6 +190,15 @@ def _conv_args(stride, padding, dilation, groups):
 _LAYER = "an approximate layer"  # what needs float tensors, in check_float_tensors' messages
 
 
+def _check_layer_inputs(named: dict) -> None:
+    """The layers' input check: float tensors of one dtype and device, and not under ``torch.jit.trace``."""
+    if torch.jit.is_tracing():
+        raise RuntimeError("mbmlib's approximate layers cannot be traced with torch.jit.trace (TorchScript records "
+                           "no custom-op checks); use torch.export.export(model, (x,)) or torch.compile(model), "
+                           "which both keep the approximate ops")
+    check_float_tensors(named, _LAYER)
+
+
 def _check_conv_shapes(input: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> None:
     """Rank, channel and bias checks with the messages F.conv2d gives (its meta kernel's are terser or absent)."""
     if weight.dim() != 4:
@@ -228,7 +237,7 @@ def conv2d_args(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, p
     ``x`` is (B, C, H, W) -- unbatched input gets a batch of one, lopsided
     ``"same"`` padding is applied to it -- so that ``padding`` is explicit and symmetric.
     """
-    check_float_tensors({"input": input, "weight": weight, "bias": bias}, _LAYER)
+    _check_layer_inputs({"input": input, "weight": weight, "bias": bias})
     stride, padding, dilation = _conv_args(stride, padding, dilation, groups)
     _check_conv_shapes(input, weight, bias, groups)
     # PyTorch's own checks (padding strings, kernel vs input size), without computing anything
@@ -269,7 +278,7 @@ def _string_padding(x: Tensor, kernel_size, dilation, padding: str) -> tuple[Ten
 
 def linear_args(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, list]:
     """Check a linear call as F.linear would; return ``(x (1, M, K), w (1, N, K), output shape)``."""
-    check_float_tensors({"input": input, "weight": weight, "bias": bias}, _LAYER)
+    _check_layer_inputs({"input": input, "weight": weight, "bias": bias})
     F.linear(input.to("meta"), weight.to("meta"), None if bias is None else bias.to("meta"))
     K = input.shape[-1]
     x = input.reshape(1, math.prod(input.shape[:-1]), K)  # (1, M, K)
@@ -289,7 +298,7 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mult
 def matmul(a: Tensor, b: Tensor, *, multiplier: MultiplierLike = "mbm", backward: str = "exact",
            backend: Optional[str] = None) -> Tensor:
     """``torch.matmul`` with every product approximate (1-D, 2-D and broadcast batched operands)."""
-    check_float_tensors({"a": a, "b": b}, _LAYER)
+    _check_layer_inputs({"a": a, "b": b})
     out_shape = torch.matmul(a.to("meta"), b.to("meta")).shape
     mult, backward, backend = _resolve(multiplier, backward, backend, a.device)
     a2 = a.unsqueeze(0) if a.dim() == 1 else a  # (..., M, K)

@@ -153,3 +153,16 @@ def test_dict_patterns_that_never_win_warn_and_non_string_keys_are_refused():
         convert(model, multiplier={"1": "exact", "*": "mbm"})  # the specific one first: both apply
     with pytest.raises(TypeError, match="multiplier patterns are strings .* got 3"):
         convert(model, multiplier={3: "mbm"})
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("multiplier", ["mbm", "mbm-int8"])
+def test_jit_trace_is_refused_by_name_and_torch_export_keeps_the_approximate_ops(multiplier):
+    model = convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)), multiplier=multiplier,
+                    quant=mbmlib.QuantSpec(0.01, 0.1) if multiplier.endswith("int8") else None).eval()
+    x = torch.rand(1, 1, 6, 6)
+    with pytest.raises(RuntimeError, match="cannot be traced with torch.jit.trace.*torch.export.export"):
+        torch.jit.trace(model, x)
+    exported = torch.export.export(model, (x,))
+    assert torch.equal(exported.module()(x), model(x))
+    assert "mbmlib" in str(exported.graph)  # the custom ops, not exact ones

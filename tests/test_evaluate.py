@@ -192,3 +192,24 @@ def test_a_quantised_runs_checkpoint_evaluates_and_junk_checkpoints_are_one_line
         assert cli.main([*args, str(tmp_path / name), "--name", name.replace(".", "_")]) == 2
         err = capsys.readouterr().err.strip()
         assert f"cannot read the checkpoint {tmp_path / name}" in err and len(err.splitlines()) == 1
+
+
+def test_user_errors_of_evaluate_are_exit_2_not_3(tmp_path, monkeypatch, capsys):
+    """An empty image folder and pretrained weights without network: one line, exit 2."""
+    from urllib.error import URLError
+
+    from torchvision.models import _api
+
+    (tmp_path / "empty").mkdir()
+    base = ["evaluate", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "eval"), "--figures",
+            str(tmp_path / "fig")]
+    assert cli.main([*base, "--model", "resnet18", "--dataset", f"imagefolder:{tmp_path / 'empty'}",
+                     "--random-weights"]) == 2
+    assert "holds no class folders" in capsys.readouterr().err
+
+    def offline(self, *args, **kwargs):
+        raise URLError("no network in tests")
+
+    monkeypatch.setattr(_api.WeightsEnum, "get_state_dict", offline)
+    assert cli.main([*base, "--model", "resnet18", "--dataset", "fake", "--pretrained", "--samples", "8"]) == 2
+    assert "the pretrained weights of resnet18 could not be loaded" in capsys.readouterr().err

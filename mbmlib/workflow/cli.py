@@ -240,7 +240,7 @@ def _failure(err: Exception) -> tuple[int, str]:
     if isinstance(err, TrainingDiverged):
         return 1, str(err)
     if isinstance(err, OSError) and err.filename is not None:
-        return 2, f"cannot create or open {err.filename}: {err.strerror}; check the path given (e.g. --results-dir)"
+        return 2, f"cannot create or open {err.filename}: {err.strerror}; check the option that names this path"
     if isinstance(err, (ValueError, TypeError, FileNotFoundError)):
         return 2, str(err)
     first = (str(err).splitlines() or [""])[0]

@@ -75,6 +75,9 @@ def dataset_info(name: str, image_size: int = 224) -> DatasetInfo:
     if name.startswith("imagefolder:"):
         root = _folder_root(Path(name.split(":", 1)[1]).expanduser())
         classes = [d for d in os.scandir(root) if d.is_dir()]
+        if not classes:
+            raise DatasetNotFoundError(f"imagefolder: {root} holds no class folders; give a folder holding one "
+                                       "sub-folder of images per class (or train/ and val/ folders of them)")
         return DatasetInfo(name, len(classes), 3, image_size, flip=True, files="<class>/<image>", **IMAGENET)
     try:
         return DATASETS[name.lower()]

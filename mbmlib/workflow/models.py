@@ -235,7 +235,7 @@ def count_macs(model: nn.Module, input_shape: Tuple[int, ...] = (1, 1, 28, 28)) 
 # ----------------------------------------------------------------------------- torchvision models, weights
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(ValueError):
     """Pretrained weights could not be had; the message says which file to put where."""
 
 
@@ -256,7 +256,8 @@ def _torchvision_model(name: str, pretrained: bool, num_classes: int) -> nn.Modu
                                       "or pass --checkpoint with a state dict") from None
     if num_classes != len(weights.meta["categories"]):
         raise ValueError(f"pretrained {name} has {len(weights.meta['categories'])} classes, the dataset "
-                         f"{num_classes}; fine-tune it (train) or evaluate on a dataset with its classes")
+                         f"{num_classes}; evaluate it on a dataset with its classes (e.g. imagefolder:<ImageNet "
+                         "val>), or train the model from scratch on this dataset (train --model)")
     return model
 
 
