@@ -273,3 +273,37 @@ def test_a_sweep_with_overwrite_moves_the_earlier_run_before_papermill_writes_th
     (run / "metrics.json").write_text("{}")
     sweep._replace_if_asked({"output": str(run / "02_train_mnist.ipynb"), "parameters": {"overwrite": False}})
     assert (run / "02_train_mnist.ipynb").exists() and (run / "metrics.json").exists()
+
+
+def test_failing_commands_write_nothing_into_results_or_the_data_root(tmp_path, monkeypatch, mnist_root, capsys):
+    """Every command that fails on bad input leaves the results folder and the data root as they were."""
+    import shutil
+
+    from torchvision import datasets as tv
+
+    data = tmp_path / "data"
+    shutil.copytree(mnist_root, data)
+    (tmp_path / "results" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MBMLIB_DATA", str(data))
+
+    def no_network(self):
+        raise RuntimeError("no network in tests")
+
+    monkeypatch.setattr(tv.MNIST, "download", no_network)
+    snapshot = lambda: sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")  # noqa: E731
+                              if ".locks" not in p.parts)  # a run name's lock file is no result
+    before = snapshot()
+    commands = [
+        ["train", "--multiplier", "booth"],
+        ["train", "--dataset", "fashion-mnist", "--model", "lenet5", "--train-samples", "8"],
+        ["evaluate", "--model", "lenet5"],
+        ["evaluate", "--model", "lenet5", "--checkpoint", str(tmp_path / "missing.pt")],
+        ["evaluate", "--model", "lenet5", "--dataset", "kmnist", "--random-weights"],
+        ["sensitivity", "--model", "lenet5", "--random-weights", "--top", "-2"],
+        ["bench", "layers", "--multipliers", "booth"],
+    ]
+    for command in commands:
+        assert cli.main(command) == 2, command
+        capsys.readouterr()
+    assert snapshot() == before
