@@ -206,3 +206,21 @@ def test_pretrained_weights_that_cannot_be_downloaded_say_where_to_put_them(monk
         load_model("seednet", pretrained=True)
     with pytest.raises(ValueError, match="unknown model 'resnet1'.*torchvision.models"):
         load_model("resnet1")
+
+
+@pytest.mark.parametrize("kind", ["float", "int", "table"])
+@pytest.mark.parametrize("name, shape", [("seednet", (2, 1, 28, 28)), ("resnet8", (2, 3, 32, 32))])
+def test_converted_models_compile_for_every_design_kind(name, shape, kind):
+    """torch.compile of a converted SeedNet / ResNet-8 gives the eager model's outputs (issue: strides)."""
+    import mbmlib
+
+    multiplier = {"float": "mbm", "int": "mbm-int8",
+                  "table": mbmlib.Multiplier.from_table(mbmlib.table_from_multiplier("mitchell-int6"))}[kind]
+    torch.manual_seed(0)
+    model = new_model(name, multiplier=multiplier, in_channels=shape[1], backend="compiled")
+    x = torch.rand(*shape)
+    if kind != "float":
+        mbmlib.calibrate(model, [x])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-5)
