@@ -5,6 +5,7 @@ The two user designs below are registered here, at collection, exactly as a user
 them with the built-in ones.
 """
 import math
+import os
 import random
 import warnings
 
@@ -301,3 +302,28 @@ def test_bad_registrations_are_clear_errors(args, error, match):
 def test_built_in_designs_cannot_be_removed():
     with pytest.raises(ValueError, match="built in"):
         mbmlib.unregister_design("mbm", "float")
+
+
+def test_the_command_line_registers_design_files(tmp_path, mnist_root, monkeypatch, capsys):
+    from mbmlib.workflow import cli, plugins
+
+    design_file = tmp_path / "my_designs.py"
+    design_file.write_text("import mbmlib\n\n"
+                           "def trunc3(a, b):\n"
+                           "    return (a * b) & ~7\n\n"
+                           "mbmlib.register_design('trunc3', trunc3, kind='int')\n")
+    monkeypatch.delenv(plugins.ENV_VAR, raising=False)
+    args = ["train", "--model", "lenet5", "--multiplier", "trunc3-int8", "--data-dir", str(mnist_root),
+            "--train-samples", "16", "--val-samples", "8", "--test-samples", "8", "--batch-size", "8",
+            "--runs-dir", str(tmp_path / "runs"), "--no-progress", "--speed-ratio-steps", "0", "--run-name", "t3"]
+    try:
+        assert cli.main(args) == 2 and "unknown multiplier 'trunc3-int8'" in capsys.readouterr().err
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GenericPathWarning)
+            assert cli.main(["--designs", str(design_file), *args]) == 0
+        assert plugins.ENV_VAR in os.environ and str(design_file) in os.environ[plugins.ENV_VAR]  # for sweeps
+        assert cli.main(["--designs", str(tmp_path / "nope.py"), "train"]) == 2
+        assert "design file" in capsys.readouterr().err
+    finally:
+        if any(d.name == "trunc3" for d in mbmlib.registered_designs()):
+            mbmlib.unregister_design("trunc3", "int")

@@ -196,9 +196,10 @@ def _run_report_cli(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mbmlib",
                                      description="Approximate-multiplier (MBM, Mitchell) tools for PyTorch.")
-    parser.add_argument("--designs", nargs="+", default=[], metavar="FILE.py",
-                        help="Python files that register your own designs (mbmlib.register_design) before the "
-                             f"command runs; also env {plugins.ENV_VAR} (paths separated by '{os.pathsep}')")
+    parser.add_argument("--designs", action="append", default=[], metavar="FILE.py",
+                        help="a Python file that registers your own designs (mbmlib.register_design) before the "
+                             f"command runs (repeat for more); also env {plugins.ENV_VAR} (paths separated by "
+                             f"'{os.pathsep}')")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_bench(sub)
