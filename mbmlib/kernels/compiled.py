@@ -15,7 +15,6 @@ multiplier serves every layer and batch size.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
@@ -23,7 +22,7 @@ from ..multipliers.designs import MANT_BITS
 from ..multipliers.floating import significand, split_operand
 from ..multipliers.integer import flat_table, int_fields, int_products
 from ..multipliers.specs import Multiplier
-from . import cpu_native, reference
+from . import cpu_native, fallback, reference
 from .lowering import check_int_gemm, conv2d_grads_via_gemm, conv2d_int_via_gemm, conv2d_via_gemm
 
 name = "compiled"
@@ -64,35 +63,25 @@ def _blocked_over_n(kernel, sa, ma, sb, mb):
     return out
 
 
-_fallback_reason: str | None = None
+_INDUCTOR_FAILED = ("mbmlib: torch.compile is unavailable here, so the approximate kernels fall back to the slow "
+                    "'reference' backend ({reason}). Install a C++ compiler (CPU) or Triton (CUDA) to get the fast "
+                    "path.")
 
 
 def _warn_fallback(err: Exception) -> None:
-    global _fallback_reason
-    if _fallback_reason is None:
-        _fallback_reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        warnings.warn(
-            "mbmlib: torch.compile is unavailable here, so the approximate kernels fall back to the slow "
-            f"'reference' backend ({_fallback_reason}). Install a C++ compiler (CPU) or Triton (CUDA) "
-            "to get the fast path.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-_native_reason: str | None = None  # why the C++ kernel is not used here (None: untried or working)
+    fallback.give_up("inductor", err, _INDUCTOR_FAILED, stacklevel=3)
 
 
 def _native_available(device: torch.device) -> bool:
-    """Whether the C++ kernel serves ``device`` (CPU only); a failed build is remembered, not retried."""
-    global _native_reason
-    if device.type != "cpu" or _native_reason is not None:
+    """Whether the C++ kernel serves ``device`` (CPU only); a failed build is recorded (silently: inductor is
+    as fast), not retried."""
+    if device.type != "cpu" or fallback.failed("native"):
         return False
     try:
         cpu_native.library()
         return True
     except cpu_native.BuildError as err:
-        _native_reason = str(err).splitlines()[0]
+        fallback.give_up("native", err, None)
         return False
 
 
@@ -101,7 +90,7 @@ def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch
     """Approximate ``a @ b.T`` from split operands (see :func:`split_operand`): (G, M, K), (G, N, K)."""
     if _native_available(sa.device):
         return cpu_native.bmm_nt_split(sa, ma, sb, mb, multiplier)
-    if _fallback_reason is not None:
+    if fallback.failed("inductor"):
         return reference.bmm_nt_split(sa, ma, sb, mb, multiplier)
     try:
         with torch._dynamo.config.patch(_DYNAMO_LIMITS):
@@ -160,7 +149,7 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *, ra
     check_int_gemm(qa, qb, multiplier, ranged=ranged)
     if cpu_native.supports_int(multiplier) and _native_available(qa.device):
         return cpu_native.bmm_nt_int(qa, qb, multiplier)
-    if _fallback_reason is not None:
+    if fallback.failed("inductor"):
         return reference.bmm_nt_int(qa, qb, multiplier, ranged=True)
     table = flat_table(multiplier, qa.device) if multiplier.kind == "table" else None
     fields = (*int_fields(qa, multiplier), *int_fields(qb, multiplier))

@@ -20,12 +20,11 @@ from torch import Tensor, nn
 
 from .. import calibrate, convert
 from ..multipliers import as_multiplier
-from . import data as mdata
 from .config import check_run_name, safe_stem
 from .models import check_input, load_model, model_channels
 from .runtime import describe, resolve_device
 from .store import write_json, write_text
-from .train_data import uses_memory_path
+from .train_data import open_splits
 
 __all__ = ["EvalData", "load_eval_data", "accuracy", "evaluate_multipliers", "approximate",
            "save_results"]
@@ -45,38 +44,23 @@ class EvalData:
     image_size: int
 
 
-def _mnist_data(root, split: str, samples: Optional[int], batch_size: int, device) -> EvalData:
-    """MNIST through the fast in-memory path, [0, 1] pixels as training used them."""
-    d = mdata.load_mnist(root, test_samples=samples if split == "test" else None,
-                         val_samples=samples if split == "val" else None, device=device)
-    x, y = d.test if split == "test" else d.val
-    calibration = list(mdata.batches(d.x_train, d.y_train, batch_size))[:CALIBRATION_BATCHES]
-    return EvalData(list(mdata.batches(x, y, batch_size)), calibration, 10, 1, 28)
-
-
 def load_eval_data(dataset: str, root=None, split: str = "test", samples: Optional[int] = None,
                    batch_size: int = 128, device="cpu", channels: Optional[int] = None,
                    workers: int = 2, image_size: int = 224) -> EvalData:
-    """One split (``test`` or ``val``) of a dataset as batches held on ``device``, read once.
+    """One split (``test`` or ``val``) of a dataset as batches held on ``device``, read once, and the first
+    :data:`CALIBRATION_BATCHES` training batches for calibrating integer designs.
 
-    ``mnist`` uses the in-memory path of training (pixels in [0, 1], no normalisation, as
-    ``python -m mbmlib train`` trains); every other name goes through
-    :mod:`mbmlib.workflow.datasets` (normalised).  ``samples`` keeps a stratified subset.
+    Read through :func:`mbmlib.workflow.train_data.open_splits`, as training reads it: ``mnist`` in memory
+    (pixels in [0, 1], no normalisation), every other dataset normalised.  ``samples`` keeps a stratified subset.
     """
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    if uses_memory_path(dataset, channels):
-        return _mnist_data(root, split, samples, batch_size, device)
-    from . import datasets
-
-    splits = datasets.load_splits(dataset, root, channels=channels, image_size=image_size,
-                                  **{f"{split}_samples": samples})
-    chosen = splits.test if split == "test" else splits.val
-    to = [(x.to(device), y.to(device)) for x, y in datasets.loader(chosen, batch_size, workers=workers, device=device)]
-    calibration = [(x.to(device), y.to(device)) for _, (x, y) in
-                   zip(range(CALIBRATION_BATCHES), datasets.loader(splits.train, batch_size, workers=workers))]
-    info = splits.info
-    return EvalData(to, calibration, info.num_classes, channels or info.channels, info.image_size)
+    data = open_splits(dataset, root, channels, torch.device(device), workers=workers, image_size=image_size,
+                       **{f"{split}_samples": samples})
+    calibration = data.first_batch(CALIBRATION_BATCHES * batch_size)
+    calibration = list(zip(calibration[0].split(batch_size), calibration[1].split(batch_size)))
+    return EvalData(list(data.eval_batches(split, batch_size)), calibration, data.num_classes, data.channels,
+                    data.image_size)
 
 
 def accuracy(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], progress: bool = False,

@@ -39,7 +39,7 @@ from .models import model_channels, new_model
 from .store import (CHECKPOINT, atomic_write, holds_run, lock_run, move_run_aside, read_json, remove_stale_temporaries,
                     write_json, write_text)
 from .timing import compare
-from .train_data import EVAL_BATCH, LoaderTrainData, TensorTrainData, uses_memory_path
+from .train_data import EVAL_BATCH, LoaderTrainData, TensorTrainData, open_splits
 
 __all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "train", "evaluate",
            "TrainingDiverged", "RunFolderError", "CHECKPOINT"]
@@ -109,31 +109,25 @@ def _make_optimizer(cfg: TrainConfig, params):
 
 
 def _load_data(cfg: TrainConfig, device: torch.device) -> TrainData:
-    """The run's splits: a CSV or MNIST in memory, any other dataset through DataLoaders."""
-    channels = model_channels(cfg.model)
-    if not cfg.data_csv and not uses_memory_path(cfg.dataset, channels):
-        from .datasets import load_splits
-
-        splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.split_seed, cfg.train_samples,
-                             cfg.val_samples, cfg.test_samples, channels=channels)
-        return LoaderTrainData(splits, device, cfg.workers)
-    return TensorTrainData(_load_tensors(cfg, device))
-
-
-def _load_tensors(cfg: TrainConfig, device: torch.device) -> mdata.MNISTData:
+    """The run's splits: a CSV in memory, else :func:`open_splits` (MNIST in memory, the rest by DataLoaders)."""
     if cfg.data_csv:
-        x, y = mdata.load_csv(cfg.data_csv)
-        train_idx, val_idx = mdata.stratified_split(y, cfg.val_fraction, cfg.split_seed)
-        if cfg.train_samples and cfg.train_samples != len(train_idx):
-            train_idx = train_idx[mdata.stratified_subset(y[train_idx], cfg.train_samples, cfg.split_seed)]
-        if cfg.val_samples and cfg.val_samples != len(val_idx):
-            val_idx = val_idx[mdata.stratified_subset(y[val_idx], cfg.val_samples, cfg.split_seed)]
-        data = mdata.MNISTData(x[train_idx], y[train_idx], x[val_idx], y[val_idx], x[val_idx[:0]], y[val_idx[:0]],
-                               train_idx, val_idx)
-        return data.to(device)
-    return mdata.load_mnist(cfg.data_dir, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
-                            train_samples=cfg.train_samples, val_samples=cfg.val_samples,
-                            test_samples=cfg.test_samples, device=device)
+        return TensorTrainData(_load_csv(cfg, device))
+    return open_splits(cfg.dataset, cfg.data_dir, model_channels(cfg.model), device, val_fraction=cfg.val_fraction,
+                       split_seed=cfg.split_seed, train_samples=cfg.train_samples, val_samples=cfg.val_samples,
+                       test_samples=cfg.test_samples, workers=cfg.workers)
+
+
+def _load_csv(cfg: TrainConfig, device: torch.device) -> mdata.MNISTData:
+    """The Kaggle-layout CSV, split into train and validation (stratified; no test split)."""
+    x, y = mdata.load_csv(cfg.data_csv)
+    train_idx, val_idx = mdata.stratified_split(y, cfg.val_fraction, cfg.split_seed)
+    if cfg.train_samples and cfg.train_samples != len(train_idx):
+        train_idx = train_idx[mdata.stratified_subset(y[train_idx], cfg.train_samples, cfg.split_seed)]
+    if cfg.val_samples and cfg.val_samples != len(val_idx):
+        val_idx = val_idx[mdata.stratified_subset(y[val_idx], cfg.val_samples, cfg.split_seed)]
+    data = mdata.MNISTData(x[train_idx], y[train_idx], x[val_idx], y[val_idx], x[val_idx[:0]], y[val_idx[:0]],
+                           train_idx, val_idx)
+    return data.to(device)
 
 
 def _warm_up(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import data as mdata
 
-__all__ = ["TensorTrainData", "LoaderTrainData", "EVAL_BATCH", "uses_memory_path"]
+__all__ = ["TensorTrainData", "LoaderTrainData", "EVAL_BATCH", "uses_memory_path", "open_splits"]
 
 EVAL_BATCH = 500  # validation/test batch size: large batches, no gradients
 Batch = Tuple[Tensor, Tensor]
@@ -49,10 +49,10 @@ class TensorTrainData:
         return mdata.batches(self.data.x_train, self.data.y_train, batch_size, shuffle=True, generator=gen,
                              rank=rank, world_size=world_size)
 
-    def eval_batches(self, split: str) -> Iterator[Batch]:
-        """The ``val`` or ``test`` split in order, in batches of :data:`EVAL_BATCH`."""
+    def eval_batches(self, split: str, batch_size: int = EVAL_BATCH) -> Iterator[Batch]:
+        """The ``val`` or ``test`` split in order, in batches of ``batch_size``."""
         x, y = self.data.val if split == "val" else self.data.test
-        return mdata.batches(x, y, EVAL_BATCH)
+        return mdata.batches(x, y, batch_size)
 
     def first_batch(self, n: int) -> Batch:
         """The first ``n`` training samples (warm-up, step timing)."""
@@ -91,10 +91,29 @@ class LoaderTrainData:
         return self._batches(self.splits.train, batch_size, shuffle=True, seed=shuffle_seed, rank=rank,
                              world_size=world_size)
 
-    def eval_batches(self, split: str) -> Iterator[Batch]:
-        """The ``val`` or ``test`` split in order (evaluation transform), in batches of :data:`EVAL_BATCH`."""
-        return self._batches(self.splits.val if split == "val" else self.splits.test, EVAL_BATCH)
+    def eval_batches(self, split: str, batch_size: int = EVAL_BATCH) -> Iterator[Batch]:
+        """The ``val`` or ``test`` split in order (evaluation transform), in batches of ``batch_size``."""
+        return self._batches(self.splits.val if split == "val" else self.splits.test, batch_size)
 
     def first_batch(self, n: int) -> Batch:
         """``n`` training samples in dataset order (warm-up, step timing)."""
         return next(iter(self._batches(self.splits.train, n)))
+
+
+def open_splits(dataset: str, root, channels: Optional[int], device: torch.device, *, val_fraction: float = 0.2,
+                split_seed: int = 123, train_samples: Optional[int] = None, val_samples: Optional[int] = None,
+                test_samples: Optional[int] = None, workers: int = 2, image_size: int = 224):
+    """A dataset's splits behind the one interface: MNIST for a one-channel model in memory
+    (:class:`TensorTrainData`), any other through DataLoaders (:class:`LoaderTrainData`).
+
+    The one place the in-memory path is chosen; training and evaluation both read their data here.
+    """
+    if uses_memory_path(dataset, channels):
+        return TensorTrainData(mdata.load_mnist(root, split_seed=split_seed, val_fraction=val_fraction,
+                                                train_samples=train_samples, val_samples=val_samples,
+                                                test_samples=test_samples, device=device))
+    from .datasets import load_splits
+
+    splits = load_splits(dataset, root, val_fraction, split_seed, train_samples, val_samples, test_samples,
+                         channels=channels, image_size=image_size)
+    return LoaderTrainData(splits, device, workers)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
 
 from ...multipliers.floating import check_float_tensors, split_operand
 from ...multipliers.integer import int_fields
 from ...multipliers.specs import Multiplier
+from .. import fallback
 from ..lowering import check_int_gemm, output_size
 from .device import (ACC_IDS, MAC_IDS, _conv2d_grad_input_kernel, _conv2d_grad_weight_kernel, _conv2d_kernel,
                      _gemm_kernel)
@@ -148,7 +148,6 @@ def _z_chunks(n: int):
 # --------------------------------------------------------------------------- fallback
 
 _FALLBACK = "compiled"
-_FAILED: dict[str, str] = {}  # kernel name -> why it failed on this machine (then never tried again)
 
 
 def _gpu_name(device: torch.device) -> str:
@@ -159,17 +158,16 @@ def _gpu_name(device: torch.device) -> str:
 
 def _guarded(op: str, device: torch.device, launch, args: tuple, fallback_args: tuple):
     """Run ``launch(*args)``; if the Triton kernel fails to compile or launch, warn once and use ``compiled``."""
-    if op not in _FAILED:
+    stage = f"triton:{op}"
+    if not fallback.failed(stage):
         try:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 return launch(*args)
         except Exception as err:  # any compiler / driver error: the run must go on
-            _FAILED[op] = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"mbmlib: the Triton kernel for {op} failed on {_gpu_name(device)} ({_FAILED[op][:300]}); "
-                f"using the '{_FALLBACK}' backend instead from now on. To choose a backend yourself pass "
-                f"backend='compiled' (or 'reference') or set the environment variable MBMLIB_BACKEND=compiled.",
-                RuntimeWarning, stacklevel=3)
+            message = (f"mbmlib: the Triton kernel for {op} failed on {_gpu_name(device)} ({{reason}}); using the "
+                       f"'{_FALLBACK}' backend instead from now on. To choose a backend yourself pass "
+                       "backend='compiled' (or 'reference') or set the environment variable MBMLIB_BACKEND=compiled.")
+            fallback.give_up(stage, err, message, stacklevel=3)
     from .. import load  # the kernels' loader; imported here, it imports this package
 
     return getattr(load(_FALLBACK), op)(*fallback_args)
