@@ -204,3 +204,24 @@ def test_a_failed_download_leaves_the_data_root_as_it_found_it(tmp_path, monkeyp
     with pytest.raises(DatasetNotFoundError):
         load_splits("kmnist", tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_unreadable_images_are_one_line_errors_before_and_during_training(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / label / f"{i}.png")
+    (root / "a" / "0.png").write_bytes(b"not an image")  # the first of its class: checked up front
+    with pytest.raises(ValueError, match=r"image .*a/0.png cannot be read"):
+        load_splits(f"imagefolder:{root}", image_size=8)
+    Image.new("RGB", (8, 8)).save(root / "a" / "0.png")
+    (root / "b" / "2.png").write_bytes(b"broken later")  # not the first: found while reading
+    from mbmlib.workflow.train_data import LoaderTrainData
+
+    data = LoaderTrainData(load_splits(f"imagefolder:{root}", image_size=8), torch.device("cpu"), workers=0)
+    with pytest.raises(ValueError, match="an image could not be read .*remove or replace it"):
+        for read in (lambda: data.train_batches(2, 0, 0, 1), lambda: data.eval_batches("val", 2)):
+            list(read())  # the broken file is in one of the splits

@@ -97,6 +97,22 @@ def _folder_root(path: Path, train: bool = True) -> Optional[Path]:
     return next((path / n for n in ("val", "test") if (path / n).is_dir()), None)
 
 
+def _check_images(folder) -> None:
+    """Open the first image of every class now, so an unreadable folder is refused before training starts
+    (reading every image of a large folder would take minutes; a bad one later is a one-line error too)."""
+    from PIL import Image
+
+    first = {}
+    for path, label in folder.samples:
+        first.setdefault(label, path)
+    for path in first.values():
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+            raise ValueError(f"image {path} cannot be read ({type(err).__name__}); remove or replace it") from None
+
+
 def _transform(info: DatasetInfo, train: bool, channels: Optional[int]) -> Callable:
     """Tensor conversion, normalisation, training augmentation, grey-to-RGB when a model wants 3 channels."""
     from torchvision import transforms as T
@@ -121,7 +137,9 @@ def _construct(name: str, root: Path, train: bool, transform: Callable, download
     from torchvision import datasets as tv
 
     if name.startswith("imagefolder:"):
-        return tv.ImageFolder(str(_folder_root(Path(name.split(":", 1)[1]).expanduser(), train)), transform=transform)
+        folder = tv.ImageFolder(str(_folder_root(Path(name.split(":", 1)[1]).expanduser(), train)), transform=transform)
+        _check_images(folder)
+        return folder
     if name == "fake":
         return tv.FakeData(FAKE_SIZES[train], (3, 32, 32), 10, transform=transform, random_offset=0 if train else 10**6)
     if name == "svhn":

@@ -83,8 +83,13 @@ class LoaderTrainData:
         from .datasets import loader
 
         blocking = self.device.type != "cuda"
-        for x, y in loader(dataset, batch_size, workers=self.workers, device=self.device, **loader_kw):
-            yield x.to(self.device, non_blocking=not blocking), y.to(self.device, non_blocking=not blocking)
+        try:
+            for x, y in loader(dataset, batch_size, workers=self.workers, device=self.device, **loader_kw):
+                yield x.to(self.device, non_blocking=not blocking), y.to(self.device, non_blocking=not blocking)
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated files, raised in a worker or here
+            detail = next((line for line in str(err).splitlines() if "image" in line.lower()), str(err))
+            raise ValueError(f"an image could not be read ({detail.strip()[:300]}); remove or replace it, then "
+                             "continue the run with --resume") from None
 
     def train_batches(self, batch_size: int, shuffle_seed: int, rank: int, world_size: int) -> Iterator[Batch]:
         """This rank's shuffled, augmented training batches (the shuffle drawn from ``shuffle_seed``)."""
