@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import warnings
 from typing import NamedTuple, Protocol
 
@@ -146,7 +147,18 @@ def _route(mult: Multiplier, backend: str) -> Route:
 
 def _warn_generic(mult: Multiplier, path: str) -> None:
     warnings.warn(f"mbmlib: design {mult.kind!r} has no specialised kernel; {mult.name!r} runs on {path}",
-                  GenericPathWarning, stacklevel=4)
+                  GenericPathWarning, stacklevel=_callers_level())
+
+
+_INNER = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))  # mbmlib's and torch's code
+
+
+def _callers_level() -> int:
+    """The warnings stacklevel of the first frame outside mbmlib and torch: the user's line that asked."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INNER):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 on_registry_change(_ROUTES.clear)
