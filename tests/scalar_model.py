@@ -15,6 +15,15 @@ def b2f(b: int) -> float:
     return struct.unpack("<f", struct.pack("<I", b & 0xFFFFFFFF))[0]
 
 
+def _result_bits(sign: int, e: int, M: int) -> int:
+    """Rule 6's result from the exponent field e and the normalised significand M: inf, zero, or the fields."""
+    if e >= 255:
+        return sign | 0x7F800000
+    if e <= 0:
+        return sign
+    return sign | (e << 23) | (M % (1 << 23))
+
+
 def approx_mul_bits(a_bits: int, b_bits: int, kind: str, t: int = 0) -> int:
     """Product bit pattern of two float32 bit patterns under 'mitchell' or 'mbm' with truncation t."""
     sa, ea, ma = a_bits >> 31, (a_bits >> 23) & 0xFF, a_bits & 0x7FFFFF
@@ -60,12 +69,7 @@ def approx_mul_bits(a_bits: int, b_bits: int, kind: str, t: int = 0) -> int:
     norm = 1 if M >= (1 << 24) else 0
     if norm:
         M >>= 1
-    e = ea + eb - 127 + norm
-    if e >= 255:
-        return sign | 0x7F800000
-    if e <= 0:
-        return sign
-    return sign | (e << 23) | (M % (1 << 23))
+    return _result_bits(sign, ea + eb - 127 + norm, M)
 
 
 def design_mul_bits(a_bits: int, b_bits: int, significand, t: int = 0) -> int:
@@ -92,12 +96,7 @@ def design_mul_bits(a_bits: int, b_bits: int, significand, t: int = 0) -> int:
     M, norm = significand(ma, mb), 0
     while M >= (1 << 24):
         M, norm = M >> 1, norm + 1
-    e = ea + eb - 127 + norm
-    if e >= 255:
-        return sign | 0x7F800000
-    if e <= 0:
-        return sign
-    return sign | (e << 23) | (M % (1 << 23))
+    return _result_bits(sign, ea + eb - 127 + norm, M)
 
 
 def approx_mul_scalar(a: float, b: float, kind: str, t: int = 0) -> float:
