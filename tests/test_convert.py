@@ -155,7 +155,7 @@ def test_dict_patterns_that_never_win_warn_and_non_string_keys_are_refused():
         convert(model, multiplier={3: "mbm"})
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:FutureWarning")
 @pytest.mark.parametrize("multiplier", ["mbm", "mbm-int8"])
 def test_jit_trace_is_refused_by_name_and_torch_export_keeps_the_approximate_ops(multiplier):
     model = convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)), multiplier=multiplier,
