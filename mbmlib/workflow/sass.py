@@ -6,8 +6,9 @@ for every tile the host may pick, is compiled with ``triton.compile`` for a ``GP
 (sm_75, sm_80, sm_90), disassembled with the ``cuobjdump`` shipped with Triton, and its K loop
 (the innermost loop: a backward branch whose body holds the multiply-accumulates) is read
 instruction by instruction.  Per MAC:
-instructions, global loads, warp shuffles and shared-memory operations; per kernel:
-registers and local-memory (spill) bytes.  The implied ceiling assumes every SM issues
+instructions, global loads, warp shuffles, shared-memory and spill operations; per kernel:
+registers and spill bytes (local memory plus the stack frame, where ptxas puts spills: the kernels
+make no calls and keep no local arrays).  The implied ceiling assumes every SM issues
 4 warp instructions per clock, 32 lanes each: SMs x 4 x 32 x clock / instructions per MAC.
 It is a bound from the code, not a timing.
 """
@@ -150,8 +151,9 @@ def k_loop_stats(sass: str, macs_of: Callable[[collections.Counter], int] = _flo
 def _resources(cubin: bytes) -> dict:
     usage = _disassemble(cubin, "-res-usage")
     regs = re.search(r"REG:(\d+)", usage)
-    local = re.search(r"LOCAL:(\d+)", usage)
-    return {"registers": int(regs.group(1)), "spill_bytes": int(local.group(1))}
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return {"registers": int(regs.group(1)), "local_bytes": local, "stack_bytes": stack, "spill_bytes": local + stack}
 
 
 def analyse(kernel: str, multiplier: str, tile, arch: str) -> tuple[dict, str]:
