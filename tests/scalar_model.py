@@ -138,3 +138,26 @@ def int_products_model(A, B, kind: str):
     g = np.where(carry, g_carry, one + s + c)
     p = (g << (k1 + k2)) >> _W
     return np.where((A == 0) | (B == 0), 0, p)
+
+
+def lmul_mul_bits(a_bits: int, b_bits: int, n: int) -> int:
+    """L-Mul with n mantissa bits (SPEC section 6): the top n bits of each mantissa (the rest cleared, none
+    forced to 1), F = 1 + xA + xB + 2**-l with l = n (n <= 3), 3 (n = 4), 4 (n > 4), halved (truncating) at 2."""
+    keep = ~((1 << (23 - n)) - 1)
+    offset = (1 << 23) >> (n if n <= 3 else 3 if n == 4 else 4)
+    return design_mul_bits(a_bits, b_bits, lambda ma, mb: (1 << 23) + (ma & keep) + (mb & keep) + offset)
+
+
+def drum_model(A, B, k: int):
+    """DRUM-k on unsigned magnitudes (SPEC section 6), numpy int64 arrays: below 2**k as they are, else the k
+    bits from the leading one down with the lowest forced to 1; the reduced operands multiplied exactly."""
+    import numpy as np
+
+    def reduced(x):
+        x = np.asarray(x, dtype=np.int64)
+        p = np.frexp(np.maximum(x, 1))[1].astype(np.int64) - 1  # floor(log2 x)
+        s = np.maximum(p - k + 1, 0)
+        return np.where(x < (1 << k), x, ((x >> s) | 1) << s)
+
+    A, B = np.broadcast_arrays(A, B)
+    return reduced(A) * reduced(B)

@@ -19,7 +19,8 @@ import mbmlib
 from mbmlib import functional as AF
 from mbmlib import kernels, quant
 from mbmlib.kernels import GenericPathWarning
-from scalar_model import approx_mul_bits, b2f, design_mul_bits, f2b, int_products_model, same_float
+from scalar_model import (approx_mul_bits, b2f, design_mul_bits, drum_model, f2b, int_products_model, lmul_mul_bits,
+                          same_float)
 from triton_backend import triton_backend
 
 
@@ -39,9 +40,19 @@ for (_name, _kind), _fn in USER_DESIGNS.items():
     if not any(d.name == _name and d.kind == _kind for d in mbmlib.registered_designs()):
         mbmlib.register_design(_name, _fn, kind=_kind)
 
+def examples(design) -> list[str]:
+    """Two multiplier names of a design, one narrow or truncated (small tables, the table paths)."""
+    if design.kind == "float":
+        return [f"{design.name}-m3", f"{design.name}-m16"] if design.param == "m" else \
+            [design.name, f"{design.name}-t16"]
+    if design.param == "k":
+        return [f"{design.name}3-int4", f"{design.name}4-int8"]
+    return [f"{design.name}-int4", f"{design.name}-int8"]
+
+
 DESIGNS = mbmlib.registered_designs()
-FLOAT_NAMES = [n for d in DESIGNS if d.kind == "float" for n in (d.name, f"{d.name}-t16")]
-INT_NAMES = [f"{d.name}-int{n}" for d in DESIGNS if d.kind == "int" for n in (4, 8)]
+FLOAT_NAMES = [n for d in DESIGNS if d.kind == "float" for n in examples(d)]
+INT_NAMES = [n for d in DESIGNS if d.kind == "int" for n in examples(d)]
 TK, TRITON_SKIP = triton_backend()
 BACKENDS = ["reference", "compiled", pytest.param("triton", marks=pytest.mark.skipif(TK is None,
                                                                                       reason=TRITON_SKIP or ""))]
@@ -85,6 +96,8 @@ def _scalar_product(name: str):
     """(a, b) -> float32 product by the scalar model: SPEC's text for built-ins, the user's function for theirs."""
     mult = mbmlib.as_multiplier(name)
     fn = user_function(name)
+    if mult.kind == "lmul":
+        return lambda x, y: b2f(lmul_mul_bits(f2b(x), f2b(y), mult.param))
     if fn is None:
         return lambda x, y: b2f(approx_mul_bits(f2b(x), f2b(y), mult.kind, mult.t))
 
@@ -106,9 +119,9 @@ def test_float_designs_elementwise_match_the_scalar_model(name):
 
 def test_the_generic_frame_model_is_spec_for_the_built_in_designs():
     a, b = _float_pairs(500, seed=1)
-    for design in (d for d in DESIGNS if d.builtin and d.kind == "float"):
+    for design in (d for d in DESIGNS if d.builtin and d.kind == "float" and d.mac):  # MBM, Mitchell
         def significand(ma, mb, ref=design.reference):
-            return int(ref(torch.tensor([ma]), torch.tensor([mb]), 0)[0])
+            return int(ref(torch.tensor([ma]), torch.tensor([mb]), None)[0])
 
         for x, y in zip(a, b):
             assert design_mul_bits(f2b(x), f2b(y), significand) == approx_mul_bits(f2b(x), f2b(y), design.name) or \
@@ -121,7 +134,9 @@ def test_integer_designs_elementwise_match_the_model_on_every_pair(name):
     top = mult.max_magnitude
     mags = np.arange(top + 1)
     fn = user_function(name)
-    if fn is None:
+    if mult.kind == "drum":
+        expect = drum_model(mags[:, None], mags[None, :], mult.param)
+    elif fn is None:
         expect = int_products_model(mags[:, None], mags[None, :], mult.kind)
     else:
         expect = fn(torch.tensor(mags)[:, None], torch.tensor(mags)[None, :]).numpy()
@@ -327,3 +342,18 @@ def test_the_command_line_registers_design_files(tmp_path, mnist_root, monkeypat
     finally:
         if any(d.name == "trunc3" for d in mbmlib.registered_designs()):
             mbmlib.unregister_design("trunc3", "int")
+
+
+def test_drum_and_lmul_give_the_worked_values_of_spec_section_6():
+    f32 = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    for n, a, b, want in ((3, 1.5, 1.5, 2.125), (3, 1.25, 1.25, 1.625), (3, 3.0, -1.75, -4.75), (4, 1.5, 1.5, 2.125),
+                          (23, 1.0, 1.0, 1.0625), (23, 1.5, 1.5, 2.0625), (7, 2.5, 0.3, 0.75390625)):
+        assert mbmlib.approx_mul(f32(a), f32(b), f"lmul-m{n}").item() == want, (n, a, b)
+    for k, a, b, want in ((4, 255, 255, 57600), (4, 100, 3, 312), (4, 100, 100, 10816), (4, 15, 16, 270),
+                          (4, 17, 17, 324), (3, 7, 9, 70), (6, 200, 150, 30192)):
+        assert mbmlib.approx_mul(torch.tensor([a]), torch.tensor([-b]), f"drum{k}-int8").item() == -want, (k, a, b)
+    assert mbmlib.as_multiplier("drum4-int8").name == "drum4-int8" and mbmlib.as_multiplier("lmul-m3").param == 3
+    for bad, message in (("lmul", "needs n from 1 to 23"), ("lmul-t3", "takes -m<n>, not -t<N>"),
+                         ("drum9-int8", "needs k from 2 to 8"), ("mbm-m3", "takes no parameter")):
+        with pytest.raises(ValueError, match=message):
+            mbmlib.as_multiplier(bad)

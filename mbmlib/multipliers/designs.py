@@ -42,8 +42,12 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 class Design:
     """One registered design: ``name``, operand ``kind``, its ``reference`` and the id of its specialised ``mac``.
 
-    ``reference(ma, mb, t)`` (float: the significand, before normalisation) or
-    ``reference(a, b, bits)`` (int: the product) is the definition every backend is held to.
+    ``reference(ma, mb, mult)`` (float: the significand, before normalisation) or
+    ``reference(a, b, mult)`` (int: the product of magnitudes) is the definition every backend is held to;
+    ``mult`` is the :class:`~mbmlib.Multiplier` (its truncation ``t``, width ``bits``, design ``param``), or
+    None when a user's function is probed.  ``param`` names the design's own parameter, if it has one:
+    ``"m"`` (a float design's mantissa width, ``lmul-m<n>``, instead of the frame's ``-t``) or ``"k"`` (an
+    integer design's number after its name, ``drum<k>-int<n>``); ``param_range`` bounds it.
     """
 
     name: str
@@ -52,11 +56,15 @@ class Design:
     mac: Optional[str] = None
     builtin: bool = False
     summary: str = ""
+    param: Optional[str] = None
+    param_range: tuple[int, int] = (0, 0)
 
     @property
     def pattern(self) -> str:
-        """How names of this design are spelled, e.g. ``"mbm[-t<N>]"`` or ``"mbm-int<n>"``."""
-        return f"{self.name}[-t<N>]" if self.kind == "float" else f"{self.name}-int<n>"
+        """How names of this design are spelled, e.g. ``"mbm[-t<N>]"``, ``"lmul-m<n>"``, ``"drum<k>-int<n>"``."""
+        if self.kind == "float":
+            return f"{self.name}-m<n>" if self.param == "m" else f"{self.name}[-t<N>]"
+        return f"{self.name}{'<k>' if self.param == 'k' else ''}-int<n>"
 
 
 # ----------------------------------------------------------------------------- the built-in designs' cores
@@ -68,16 +76,16 @@ def mbm_corrections(t: int) -> tuple[int, int]:
     return MBM_CORRECTION & keep, (MBM_CORRECTION >> 1) & keep
 
 
-def mitchell_significand(ma: torch.Tensor, mb: torch.Tensor, t: int = 0) -> torch.Tensor:
+def mitchell_significand(ma: torch.Tensor, mb: torch.Tensor, mult=None) -> torch.Tensor:
     """Mitchell: ``1 + x1 + x2``, or ``2 * (x1 + x2)`` after a carry (SPEC section 1, rules 4-6)."""
     s = ma + mb
     return torch.where(s >= ONE, s << 1, s + ONE)
 
 
-def mbm_significand(ma: torch.Tensor, mb: torch.Tensor, t: int = 0) -> torch.Tensor:
+def mbm_significand(ma: torch.Tensor, mb: torch.Tensor, mult=None) -> torch.Tensor:
     """MBM: Mitchell plus the correction (halved after a carry), skipped in the carry/overflow corner case."""
     s = ma + mb
-    c0, c1 = mbm_corrections(t)
+    c0, c1 = mbm_corrections(getattr(mult, "t", 0))
     t1 = s + c1  # carry: 2 * (x1 + x2 + c/2)
     return torch.where(s >= ONE, torch.where(t1 < 2 * ONE, t1, s) << 1, s + (ONE + c0))
 
@@ -93,16 +101,38 @@ def normalise_significand(g: torch.Tensor) -> torch.Tensor:
 def log_product(significand: Callable) -> Callable:
     """The integer design of a float significand (SPEC section 4): ``P = floor(2**(k1 + k2) * G * 2**-23)``."""
 
-    def product(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
+    def product(a: torch.Tensor, b: torch.Tensor, mult=None) -> torch.Tensor:
         ka = torch.frexp(a.to(torch.float64)).exponent.to(torch.int64) - 1  # floor(log2 A); -1 for A = 0
         kb = torch.frexp(b.to(torch.float64)).exponent.to(torch.int64) - 1
         ma = (a << (MANT_BITS - ka.clamp(min=0))) & MANT_MASK  # x1 in 23-bit fixed point, exact (k <= 15)
         mb = (b << (MANT_BITS - kb.clamp(min=0))) & MANT_MASK
-        g = normalise_significand(significand(ma, mb, 0).to(torch.int64))
+        g = normalise_significand(significand(ma, mb).to(torch.int64))
         p = (g << (ka + kb).clamp(min=0)) >> MANT_BITS
         return torch.where((a == 0) | (b == 0), 0, p)
 
     return product
+
+
+def lmul_significand(ma: torch.Tensor, mb: torch.Tensor, mult=None) -> torch.Tensor:
+    """L-Mul (Luo and Sun 2024; SPEC section 6): ``1 + xA + xB + 2**-l`` of the top n mantissa bits (no bit
+    forced), l = n for n <= 3, 3 for n = 4, 4 above; the frame halves it (truncating) when it reaches 2."""
+    n = mult.param
+    keep = -(1 << (MANT_BITS - n))  # clears the 23 - n low bits
+    offset = ONE >> (n if n <= 3 else 3 if n == 4 else 4)
+    return (ma & keep) + (mb & keep) + (ONE + offset)
+
+
+def drum_product(a: torch.Tensor, b: torch.Tensor, mult=None) -> torch.Tensor:
+    """DRUM-k (Hashemi, Bahar and Reda 2015; SPEC section 6): each magnitude of 2**k or more keeps its k bits
+    from the leading one down with the lowest forced to 1; the product of the reduced operands is exact."""
+    k = mult.param
+
+    def reduced(x: torch.Tensor) -> torch.Tensor:
+        p = torch.frexp(x.to(torch.float64)).exponent.to(torch.int64) - 1  # floor(log2 x)
+        s = (p - k + 1).clamp(min=0)
+        return torch.where(x < (1 << k), x, ((x >> s) | 1) << s)
+
+    return reduced(a) * reduced(b)
 
 
 _REGISTRY: dict[tuple[str, str], Design] = {}
@@ -119,6 +149,10 @@ for _name, _significand in (("mitchell", mitchell_significand), ("mbm", mbm_sign
     _add(Design(_name, "float", _significand, mac=_name, builtin=True, summary=f"{_name} on float32 mantissas"))
     _add(Design(_name, "int", log_product(_significand), mac=_name, builtin=True,
                 summary=f"{_name} on n-bit magnitudes"))
+_add(Design("lmul", "float", lmul_significand, builtin=True, summary="L-Mul on n mantissa bits", param="m",
+            param_range=(1, MANT_BITS)))
+_add(Design("drum", "int", drum_product, builtin=True, summary="DRUM-k on n-bit magnitudes", param="k",
+            param_range=(2, INT_BITS_RANGE[1])))
 
 
 # ----------------------------------------------------------------------------- lookup
@@ -131,10 +165,18 @@ def registered_designs() -> list[Design]:
 
 def valid_names() -> str:
     """The one-line list of what a multiplier may be named, for error messages."""
-    floats = [repr(d.pattern) for d in registered_designs() if d.kind == "float"]
-    ints = [repr(d.pattern) for d in registered_designs() if d.kind == "int"]
-    return (f"valid names are 'exact', {', '.join(floats)} (0 <= N <= {MAX_TRUNCATION}), {', '.join(ints)} "
-            f"({INT_BITS_RANGE[0]} <= n <= {INT_BITS_RANGE[1]}) and 'table:<path to CSV>' "
+    def listed(designs, bounds: str, own: dict) -> str:
+        plain = [repr(d.pattern) for d in designs if not d.param]
+        text = ", ".join(plain) + f" ({bounds})" if plain else ""
+        return ", ".join([text] * bool(text) + [f"{d.pattern!r} ({own[d.param].format(*d.param_range)})"
+                                                for d in designs if d.param])
+
+    designs = registered_designs()
+    floats = listed([d for d in designs if d.kind == "float"], f"0 <= N <= {MAX_TRUNCATION}",
+                    {"m": "{} <= n <= {}"})
+    ints = listed([d for d in designs if d.kind == "int"], f"{INT_BITS_RANGE[0]} <= n <= {INT_BITS_RANGE[1]}",
+                  {"k": "{} <= k <= n"})
+    return (f"valid names are 'exact', {floats}, {ints} and 'table:<path to CSV>' "
             "(add your own with mbmlib.register_design)")
 
 
@@ -197,7 +239,7 @@ def check_values(name: str, kind: str, out, a: torch.Tensor, bits: int) -> None:
 def _wrapped(fn: Callable, kind: str) -> Callable:
     """The user's two-argument function as a registry reference: int64 operands, broadcast, extra argument dropped."""
 
-    def reference(a: torch.Tensor, b: torch.Tensor, _param: int) -> torch.Tensor:
+    def reference(a: torch.Tensor, b: torch.Tensor, _mult=None) -> torch.Tensor:
         a, b = torch.broadcast_tensors(a.to(torch.int64), b.to(torch.int64))
         return fn(a, b)
 

@@ -71,7 +71,7 @@ def significand(ma: torch.Tensor, mb: torch.Tensor, multiplier: Multiplier) -> t
     if design.mac is None and MANT_BITS - multiplier.t <= MANTISSA_TABLE_MAX_BITS:
         table, shift, width = _mantissa_table(multiplier, ma.device)
         return table[((ma >> shift) << width) + (mb >> shift)]
-    return normalise_significand(design.reference(ma, mb, multiplier.t))
+    return normalise_significand(design.reference(ma, mb, multiplier))
 
 
 @functools.lru_cache(maxsize=16)
@@ -83,7 +83,7 @@ def _mantissa_table(multiplier: Multiplier, device: torch.device) -> tuple[torch
     shift = multiplier.t + 1
     width = MANT_BITS - shift
     fields = (torch.arange(1 << width, dtype=torch.int64) << shift) | (1 << multiplier.t)
-    g = normalise_significand(multiplier.design.reference(fields[:, None], fields[None, :], multiplier.t))
+    g = normalise_significand(multiplier.design.reference(fields[:, None], fields[None, :], multiplier))
     return g.reshape(-1).to(device=device, dtype=torch.int32), shift, width
 
 

@@ -89,7 +89,8 @@ def int_products(a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch
         table = flat_table(multiplier, a2.device) if table is None else table
         return (a1 * b1).to(torch.int64) * table[(a2 << multiplier.bits) + b2]
     if multiplier.mac not in MAC_IDS:  # a design's own function of the magnitudes
-        return (a1 * b1).to(torch.int64) * multiplier.design.reference(a2, b2, multiplier.bits)
+        return (a1 * b1).to(torch.int64) * multiplier.design.reference(a2.to(torch.int64), b2.to(torch.int64),
+                                                                       multiplier)
     g = significand(a2, b2, _float_twin(multiplier.kind)).to(torch.int64)  # 2**23 * significand, < 2**25
     shift = (a1.abs() + b1.abs() - 2).to(torch.int64)  # k1 + k2 (-1, -2: a zero operand, masked by the sign)
     return torch.sign(a1 * b1).to(torch.int64) * ((g << shift.clamp(min=0)) >> MANT_BITS)

@@ -29,7 +29,8 @@ __all__ = [
 
 TABLE_PREFIX = "table:"  # "table:<path to CSV>" names a table multiplier; "table:sha256=<hex>" one built in memory
 _EXACT_TAKES_NO_T = "the 'exact' multiplier takes no truncation nor width"
-_NAME_RE = re.compile(r"^([a-z][a-z0-9_]*)(?:-t(\d+)|-int(\d+))?$")
+_NAME_RE = re.compile(r"^([a-z][a-z0-9_]*)(?:-t(\d+)|-int(\d+)|-m(\d+))?$")
+_NUMBERED = re.compile(r"^([a-z][a-z0-9_]*?[a-z_])(\d+)$")  # "drum4": a design's name and its number k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Multiplier:
     digest: Optional[str] = None
     source: Optional[str] = dataclasses.field(default=None, compare=False)
     table: Any = dataclasses.field(default=None, compare=False, repr=False)  # (2**bits, 2**bits) int64 tensor
+    param: Optional[int] = None  # a design's own parameter: L-Mul's mantissa width n, DRUM's k
 
     def __post_init__(self):
         if self.kind == "table":
@@ -70,7 +72,7 @@ class Multiplier:
             if self.t != 0:
                 raise ValueError(f"integer multipliers take no truncation: use '{self.kind}-int{self.bits}', "
                                  f"not t={self.t}")
-        find_design(self.kind, "int" if self.bits is not None else "float")  # ValueError naming the designs
+        _check_param(self, find_design(self.kind, "int" if self.bits is not None else "float"))
 
     @classmethod
     def from_table(cls, table, source: Optional[str] = None) -> "Multiplier":
@@ -91,7 +93,9 @@ class Multiplier:
         if self.kind == "table":
             return TABLE_PREFIX + (self.source if self.source is not None else f"sha256={self.digest}")
         if self.bits is not None:
-            return f"{self.kind}-int{self.bits}"
+            return f"{self.kind}{'' if self.param is None else self.param}-int{self.bits}"
+        if self.param is not None:
+            return f"{self.kind}-m{self.param}"
         return self.kind if self.t == 0 else f"{self.kind}-t{self.t}"
 
     @property
@@ -169,15 +173,46 @@ def _parsed(spec: str) -> Multiplier:
     match = _NAME_RE.match(spec.strip().lower())
     if match is None:
         raise ValueError(f"unknown multiplier {spec!r}; " + valid_names())
-    kind, t, bits = match.group(1), match.group(2), match.group(3)
-    if kind == "exact" and (t is not None or bits is not None):
+    kind, t, bits, m = (match.group(i) for i in range(1, 5))
+    if kind == "exact" and (t is not None or bits is not None or m is not None):
         raise ValueError(_EXACT_TAKES_NO_T + "; " + valid_names())
-    if kind not in ("exact", "table"):
-        try:
-            find_design(kind, "float" if bits is None else "int")
-        except ValueError as err:
-            raise ValueError(f"unknown multiplier {spec!r}: {err}") from None
-    return Multiplier(kind, int(t or 0), None if bits is None else int(bits))
+    if kind == "exact":
+        return Multiplier("exact")
+    param = None if m is None else int(m)
+    numbered = _NUMBERED.match(kind)
+    if bits is not None and numbered and not _registered(kind, "int") and _registered(numbered.group(1), "int"):
+        kind, param = numbered.group(1), int(numbered.group(2))  # "drum4-int8": design drum, k = 4
+    try:
+        find_design(kind, "float" if bits is None else "int")
+        return Multiplier(kind, int(t or 0), None if bits is None else int(bits), param=param)
+    except ValueError as err:
+        raise ValueError(f"unknown multiplier {spec!r}: {err}") from None
+
+
+def _registered(name: str, kind: str) -> bool:
+    try:
+        find_design(name, kind)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_param(mult: Multiplier, design: Design) -> None:
+    """The design's own parameter: present and in range where it has one (``lmul-m<n>``, ``drum<k>-int<n>``),
+    absent elsewhere; L-Mul takes no frame truncation (its own clears bits without forcing one)."""
+    if design.param is None:
+        if mult.param is not None:
+            raise ValueError(f"design {design.name!r} takes no parameter (got {mult.param}); its names are "
+                             f"{design.pattern!r}")
+        return
+    if design.param == "m" and mult.t:
+        raise ValueError(f"{design.name!r} takes -m<n>, not -t<N>: it truncates its mantissas itself (low bits "
+                         "cleared, none forced to 1)")
+    lo, hi = design.param_range[0], (mult.bits if design.param == "k" else design.param_range[1])
+    if mult.param is None or isinstance(mult.param, bool) or not lo <= mult.param <= hi:
+        example = f"{design.name}-m3" if design.param == "m" else f"{design.name}4-int8"
+        raise ValueError(f"{design.pattern!r} needs {'n' if design.param == 'm' else 'k'} from {lo} to {hi}, got "
+                         f"{mult.param!r}: e.g. {example!r}")
 
 
 def _named_table(rest: str) -> Multiplier:
