@@ -18,7 +18,8 @@ _HERE = torch.backends.cpu.get_cpu_capability()
 CAPABILITIES = list(_ORDER[:_ORDER.index(_HERE) + 1]) if _HERE in _ORDER else [_HERE]
 # t = 17 and 19: the carry correction is not half the other (a separate kernel path on AVX-512)
 MULTIPLIERS = [Multiplier("mbm", 0), Multiplier("mitchell", 0), Multiplier("mbm", 17), Multiplier("mbm", 16),
-               Multiplier("mitchell", 5), Multiplier("mbm", 18), Multiplier("mbm", 19), Multiplier("mbm", 22)]
+               Multiplier("mitchell", 5), Multiplier("mbm", 18), Multiplier("mbm", 19), Multiplier("mbm", 22),
+               Multiplier("lmul", param=3), Multiplier("lmul", param=4), Multiplier("lmul", param=23)]
 SPECIAL = [0.0, -0.0, 1e-40, -1e-45, float("inf"), -float("inf"), float("nan"), 1.0, -1.0, 1.5, -2.5, 1.99, 1.999999,
            3.0e38, -3.4e38, 1.0e-38, 2.0**-126, -(2.0**-126) * 1.5, 2.0**-75, 2.0**64, 1.0e20, 7.0e-20]
 

@@ -76,6 +76,10 @@ def _check_name(backend: str) -> str:
     return backend
 
 
+# The MACs a backend's own kernels lack (a design with one of these runs on its generic path there).
+_MISSING_MACS = {"triton": frozenset({"lmul"})}
+
+
 @functools.lru_cache(maxsize=None)
 def load(backend: str) -> Backend:
     """Import a backend module by name (ImportError if e.g. Triton is missing)."""
@@ -133,7 +137,7 @@ _ROUTES: dict[tuple[Multiplier, str], Route] = {}  # a dict, not lru_cache: torc
 
 
 def _route(mult: Multiplier, backend: str) -> Route:
-    if mult.is_exact or mult.mac is not None:
+    if mult.is_exact or (mult.mac is not None and mult.mac not in _MISSING_MACS.get(backend, ())):
         return Route(backend, mult, mult.key)
     if mult.is_integer and mult.bits <= MAX_TABLE_BITS:
         table = generated_table(mult)
@@ -146,7 +150,8 @@ def _route(mult: Multiplier, backend: str) -> Route:
 
 
 def _warn_generic(mult: Multiplier, path: str) -> None:
-    warnings.warn(f"mbmlib: design {mult.kind!r} has no specialised kernel; {mult.name!r} runs on {path}",
+    where = "" if mult.mac is None else " in this backend yet"  # specialised elsewhere (L-Mul: C++ only)
+    warnings.warn(f"mbmlib: design {mult.kind!r} has no specialised kernel{where}; {mult.name!r} runs on {path}",
                   GenericPathWarning, stacklevel=_callers_level())
 
 

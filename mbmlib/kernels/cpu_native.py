@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..multipliers.designs import MAC_IDS
+from ..multipliers.designs import MAC_IDS, lmul_constants
 from ..multipliers.floating import split_operand
 from ..multipliers.integer import int_fields
 from ..multipliers.specs import Multiplier
@@ -64,7 +64,7 @@ class GemmArgs(ctypes.Structure):
 
 # The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
 MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2, ("int", "mitchell"): 3,
-        ("int", "mbm"): 4, ("int", "table"): 5}
+        ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6}
 
 
 def _cache_dir() -> Path:
@@ -170,7 +170,7 @@ def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b_fie
     G, M, Np = out.shape
     N, K = b_fields[0].shape[1:]
     panels = [_panels(f, Np, nr) for f in b_fields]  # (G, Np/nr, K, nr); alive until the kernel returns
-    c0, c1 = multiplier.corrections
+    c0, c1 = (lmul_constants(multiplier.param)[1], 0) if multiplier.mac == "lmul" else multiplier.corrections
     table = _kernel_table(multiplier) if multiplier.kind == "table" else None
     args = GemmArgs((ctypes.c_void_p * 3)(*(f.data_ptr() for f in a_fields)), a_row.data_ptr(), a_col.data_ptr(),
                     a_group, (ctypes.c_void_p * 3)(*(f.data_ptr() for f in panels)), out.data_ptr(), M, Np, K, mac,
@@ -198,6 +198,9 @@ def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col
     """
     lib = library(capability)
     mac, b_fields = MACS["float", specialised_mac(multiplier)], (sb, mb)
+    if multiplier.mac == "lmul":  # L-Mul's own truncation, once per operand: the top n mantissa bits
+        keep = lmul_constants(multiplier.param)[0]
+        a_fields, b_fields = (a_fields[0], a_fields[1] & keep), (sb, mb & keep)
     if multiplier.mac == "mitchell" and lib.mbm_has_words():
         a_words, *range_a = mitchell_words(*a_fields, _ONE_BITS, lib)
         b_words, *range_b = mitchell_words(sb, mb, 0, lib)

@@ -113,13 +113,16 @@ def log_product(significand: Callable) -> Callable:
     return product
 
 
+def lmul_constants(n: int) -> tuple[int, int]:
+    """(mask keeping a mantissa's top n bits, 1 + 2**-l in 23-bit fixed point) of L-Mul on n bits."""
+    return -(1 << (MANT_BITS - n)), ONE + (ONE >> (n if n <= 3 else 3 if n == 4 else 4))
+
+
 def lmul_significand(ma: torch.Tensor, mb: torch.Tensor, mult=None) -> torch.Tensor:
     """L-Mul (Luo and Sun 2024; SPEC section 6): ``1 + xA + xB + 2**-l`` of the top n mantissa bits (no bit
     forced), l = n for n <= 3, 3 for n = 4, 4 above; the frame halves it (truncating) when it reaches 2."""
-    n = mult.param
-    keep = -(1 << (MANT_BITS - n))  # clears the 23 - n low bits
-    offset = ONE >> (n if n <= 3 else 3 if n == 4 else 4)
-    return (ma & keep) + (mb & keep) + (ONE + offset)
+    keep, base = lmul_constants(mult.param)
+    return (ma & keep) + (mb & keep) + base
 
 
 def drum_product(a: torch.Tensor, b: torch.Tensor, mult=None) -> torch.Tensor:
@@ -149,8 +152,8 @@ for _name, _significand in (("mitchell", mitchell_significand), ("mbm", mbm_sign
     _add(Design(_name, "float", _significand, mac=_name, builtin=True, summary=f"{_name} on float32 mantissas"))
     _add(Design(_name, "int", log_product(_significand), mac=_name, builtin=True,
                 summary=f"{_name} on n-bit magnitudes"))
-_add(Design("lmul", "float", lmul_significand, builtin=True, summary="L-Mul on n mantissa bits", param="m",
-            param_range=(1, MANT_BITS)))
+_add(Design("lmul", "float", lmul_significand, mac="lmul", builtin=True, summary="L-Mul on n mantissa bits",
+            param="m", param_range=(1, MANT_BITS)))
 _add(Design("drum", "int", drum_product, builtin=True, summary="DRUM-k on n-bit magnitudes", param="k",
             param_range=(2, INT_BITS_RANGE[1])))
 

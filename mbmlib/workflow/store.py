@@ -4,6 +4,7 @@ A run killed mid-write leaves the previous file (or none), never half a JSON.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import tempfile
@@ -105,6 +106,12 @@ def claim_result_files(paths, overwrite: bool, option: str = "--overwrite") -> l
 
 
 _HELD_LOCKS: dict[Path, Any] = {}  # lock files this process holds, open until it exits (kill -9 frees them too)
+
+
+@atexit.register
+def _release_locks() -> None:
+    for handle in _HELD_LOCKS.values():
+        handle.close()
 
 
 def lock_run(run_dir: str | os.PathLike) -> None:

@@ -36,6 +36,7 @@ static inline vi i_shr1(vi a) { return _mm512_srai_epi32(a, 1); }
 static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { return _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(x, y), q, p); }
 static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { return _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(x, y), q, p); }
 static inline vf as_f(vi a) { return _mm512_castsi512_ps(a); }
+static inline vf f_of_i(vi a) { return _mm512_cvtepi32_ps(a); }  // exact below 2^24 significant bits
 static inline vi i_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
 static inline vi i_xor(vi a, vi b) { return _mm512_xor_si512(a, b); }
 static inline vi i_andnot(vi a, vi b) { return _mm512_andnot_si512(a, b); }  // ~a & b
@@ -65,6 +66,7 @@ static inline vi i_shr1(vi a) { return _mm256_srai_epi32(a, 1); }
 static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { return _mm256_blendv_epi8(q, p, _mm256_cmpgt_epi32(y, x)); }
 static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { return _mm256_blendv_epi8(p, q, _mm256_cmpgt_epi32(y, x)); }
 static inline vf as_f(vi a) { return _mm256_castsi256_ps(a); }
+static inline vf f_of_i(vi a) { return _mm256_cvtepi32_ps(a); }
 static inline vi i_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
 static inline vi i_xor(vi a, vi b) { return _mm256_xor_si256(a, b); }
 static inline vi i_andnot(vi a, vi b) { return _mm256_andnot_si256(a, b); }  // ~a & b
@@ -92,6 +94,7 @@ static inline vi i_shr1(vi a) { LANES(vi, a.v[l] >> 1); }
 static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { LANES(vi, x.v[l] >= y.v[l] ? p.v[l] : q.v[l]); }
 static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { LANES(vi, x.v[l] < y.v[l] ? p.v[l] : q.v[l]); }
 static inline vf as_f(vi a) { vf r; std::memcpy(r.v, a.v, sizeof r.v); return r; }
+static inline vf f_of_i(vi a) { LANES(vf, (float)a.v[l]); }
 static inline vi i_sub(vi a, vi b) { LANES(vi, a.v[l] - b.v[l]); }
 static inline vi i_xor(vi a, vi b) { LANES(vi, a.v[l] ^ b.v[l]); }
 static inline vi i_andnot(vi a, vi b) { LANES(vi, ~a.v[l] & b.v[l]); }
@@ -117,7 +120,7 @@ static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BIT
 // ----------------------------------------------------------------------------- one call's arguments
 
 // The MACs (GemmArgs.mac).  Float MACs sum in float32, integer ones exactly (int32 blocks, int64 output).
-enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MITCHELL = 3, I_MBM = 4, I_TABLE = 5 };
+enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MITCHELL = 3, I_MBM = 4, I_TABLE = 5, F_LMUL = 6 };
 
 // Mirrors cpu_native.GemmArgs (ctypes).  A: element (g, m, k) of field f at a[f] + g * a_group + a_row[m]
 // + a_col[k] (a plain row-major A has a_row[m] = m * K, a_col[k] = k; im2col patches read straight from a
@@ -142,11 +145,13 @@ struct GemmArgs {
 struct FloatConsts {
     vi two, four, corner, half, c0, c1;  // bits of 2.0f, 4.0f, 4.0f - c1; 0x20000000 (see g0); corrections
     vf c0f, c1f;                         // corrections as float addends (no carry / carry)
+    int32_t a_bias;                      // added to A's mantissa field: ONE_BITS, or L-Mul's 2^23 + 2^(23-l) (c0)
+    vf ulp;                              // 2^-23
 };
 
 // MBM_ONE_ADDEND: MBM whose correction is the same float addend with and without a carry (c1 = c0 / 2,
 // true for t <= 16: 1 + x1 + x2 + c and 2 * (x1 + x2 + c/2) both add c).
-enum FloatKind { MITCHELL = 0, MBM = 1, MBM_ONE_ADDEND = 2 };
+enum FloatKind { MITCHELL = 0, MBM = 1, MBM_ONE_ADDEND = 2, LMUL = 3 };
 
 // The significand G * 2^-23 of a product as a float, from the bits sb = mant_a + mant_b + ONE_BITS
 // (the registry's significand, mbmlib.multipliers.designs).  As a float, sb is 1 + x1 + x2 below a carry
@@ -155,6 +160,9 @@ enum FloatKind { MITCHELL = 0, MBM = 1, MBM_ONE_ADDEND = 2 };
 template <int KIND>
 static inline vf significand(vi sb, const FloatConsts& c) {
     if (KIND == MITCHELL) return as_f(sb);
+    // L-Mul: sb = mA + mB + 2^23 + 2^(23-l) (mantissas already cut to n bits) is G itself, below 2^25:
+    // normalised (its lowest bit dropped from 2^24 on), it has 24 significant bits and converts exactly
+    if (KIND == LMUL) return f_mul(f_of_i(i_andnot(i_shr24(sb), sb)), c.ulp);
 #if defined(FLOAT_MBM)
     // corner case <=> sb + c1 >= bits(4.0f); never below a carry, where sb < bits(2.0f)
     __mmask16 corrected = _mm512_cmplt_epi32_mask(sb, c.corner);
@@ -185,11 +193,12 @@ struct FloatMac {
     static Consts consts(const GemmArgs& g) {
         return {i_set1(ONE_BITS + ONE), i_set1(ONE_BITS + 2 * ONE), i_set1(ONE_BITS + 2 * ONE - g.c1),
                 i_set1(0x20000000), i_set1(g.c0), i_set1(g.c1),
-                f_set1((float)g.c0 / (float)ONE), f_set1((float)g.c1 / (float)(ONE / 2))};
+                f_set1((float)g.c0 / (float)ONE), f_set1((float)g.c1 / (float)(ONE / 2)),
+                KIND == LMUL ? g.c0 : ONE_BITS, f_set1(1.0f / (float)ONE)};
     }
     static int64_t block(const GemmArgs& g) { return g.K > 0 ? g.K : 1; }
-    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts&) {
-        return {f_set1(((const float*)f[0])[k]), i_set1(f[1][k] + ONE_BITS)};
+    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts& c) {
+        return {f_set1(((const float*)f[0])[k]), i_set1(f[1][k] + (KIND == LMUL ? c.a_bias : ONE_BITS))};
     }
     ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
         return {f_load((const float*)f[0] + at), i_load(f[1] + at)};
@@ -408,6 +417,7 @@ int mbm_gemm(const GemmArgs* g, int64_t begin, int64_t end, int threads) {
         case I_MITCHELL: run_tiles<IntMac<I_MITCHELL>>(*g, begin, end, threads); return 0;
         case I_MBM: run_tiles<IntMac<I_MBM>>(*g, begin, end, threads); return 0;
         case I_TABLE: run_tiles<IntMac<I_TABLE>>(*g, begin, end, threads); return 0;
+        case F_LMUL: run_tiles<FloatMac<LMUL>>(*g, begin, end, threads); return 0;
         default: return -1;
     }
 }

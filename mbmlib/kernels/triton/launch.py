@@ -83,6 +83,9 @@ def design_constexprs(multiplier: Multiplier, k: int = 1) -> dict:
     mac = _mac_name(multiplier)
     c0, c1 = multiplier.corrections
     integer = multiplier.is_integer
+    if ("int" if integer else "float", mac) not in MAC_IDS:
+        raise ValueError(f"the Triton kernels have no multiply-accumulate for {multiplier.name!r} yet; "
+                         "mbmlib.kernels.route runs it on the reference backend")
     wide = integer and mac != "table" and 2 * (multiplier.bits - 1) > 22  # k1 + k2 > 22: a left shift, in int64
     acc = "float32" if not integer else "int64" if wide or max(1, k) * multiplier.max_product >= 2**31 else "int32"
     return {"MAC": MAC_IDS["int" if integer else "float", mac], "C0": c0, "C1": c1, "RZ": not INTERPRET,
