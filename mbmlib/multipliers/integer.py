@@ -3,7 +3,7 @@
 For n-bit magnitudes the formula designs use the float significand rules:
 ``float(A)`` is ``2**k * (1 + x)`` with ``x`` exact in k <= 15 fraction bits, so its
 23-bit mantissa field is exact and ``P = (G << (k1 + k2)) >> 23`` with ``G`` the
-significand of section 1 (:func:`mantissa_product`).  Every operand is split once
+significand of section 1 (:func:`~.floating.significand`).  Every operand is split once
 into two int32 fields, which the GEMM kernels then combine pair by pair with
 :func:`int_products` (int64, so sums are exact):
 
