@@ -20,11 +20,12 @@ from torch import Tensor
 
 from . import kernels
 from .multipliers.floating import check_float_tensors
+from .multipliers.integer import check_int_tensor
 from .multipliers.specs import MultiplierLike, as_multiplier
 
 BACKWARD_MODES = ("exact", "approx")
 
-__all__ = ["conv2d", "linear", "matmul", "BACKWARD_MODES", "check_backward", "conv2d_args", "linear_args",
+__all__ = ["conv2d", "linear", "matmul", "linear_int", "conv2d_int", "BACKWARD_MODES", "check_backward", "conv2d_args", "linear_args",
            "conv2d_exact_grads", "bmm_nt_exact_grads"]
 
 
@@ -309,3 +310,65 @@ def matmul(a: Tensor, b: Tensor, *, multiplier: MultiplierLike = "mbm", backward
     a3 = a2.expand(*batch, M, K).reshape(G, M, K)  # (G, M, K)
     b3 = b2.expand(*batch, K, N).transpose(-1, -2).reshape(G, N, K)  # (G, N, K)
     return _bmm_nt(a3, b3, mult, backward, backend).reshape(out_shape)
+
+
+# ----------------------------------------------------------------------------- integers in, exact integer sums out
+
+
+def _integer_call(multiplier: MultiplierLike, backend: Optional[str], named: dict):
+    """(multiplier form, backend) of an integer-in call: an integer or table multiplier, integer tensors on one
+    device within its range (sign-magnitude, or two's complement for a signed table)."""
+    mult = as_multiplier(multiplier)
+    if not mult.is_integer:
+        raise ValueError(f"linear_int / conv2d_int take an integer or table multiplier such as 'mbm-int8', got "
+                         f"{mult.name!r}; float tensors go through linear / conv2d")
+    tensors = {name: t for name, t in named.items() if t is not None}
+    for name, t in tensors.items():
+        check_int_tensor(t, name, mult, ranged=name == "bias")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {', '.join(map(str, devices))}")
+    way = kernels.route(mult, kernels.resolve(backend, next(iter(devices))))
+    return way.multiplier, way.backend
+
+
+def _int_out(sums: Tensor, bias: Optional[Tensor], bias_shape: tuple) -> Tensor:
+    out = sums.to(torch.int64)  # the kernels' float64 sums are exact integers (they refuse sums past 2**53)
+    return out if bias is None else out + bias.to(torch.int64).view(bias_shape)
+
+
+def linear_int(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, multiplier: MultiplierLike,
+               backend: Optional[str] = None) -> Tensor:
+    """``F.linear`` of integer tensors on an integer or table multiplier: ``sum_k P(input[.., k], weight[n, k])``
+    (+ ``bias``), exact int64 (no scales, no float rounding), for porting integer models.
+
+    input (..., in), weight (out, in), bias (out,) of any integer dtype.
+    """
+    mult, backend = _integer_call(multiplier, backend, {"input": input, "weight": weight, "bias": bias})
+    F.linear(input.to("meta", torch.float32), weight.to("meta", torch.float32),
+             None if bias is None else bias.to("meta", torch.float32))
+    K = input.shape[-1]
+    x = input.reshape(1, math.prod(input.shape[:-1]), K).contiguous()
+    w = weight.reshape(1, weight.shape[0] if weight.dim() == 2 else 1, K).contiguous()
+    sums = kernels.load(backend).bmm_nt_int(x, w, mult)
+    return _int_out(sums.reshape(*input.shape[:-1], *weight.shape[:-1]), bias, (-1,))
+
+
+def conv2d_int(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+               groups: int = 1, *, multiplier: MultiplierLike, backend: Optional[str] = None) -> Tensor:
+    """``F.conv2d`` of integer tensors on an integer or table multiplier: exact int64 sums of ``P(x, w)``
+    (+ ``bias``); zero padding is the operand 0, multiplied as the hardware does.
+
+    Input (B, C, H, W) or (C, H, W), weight (O, C/groups, kh, kw), numeric padding; any integer dtype.
+    """
+    mult, backend = _integer_call(multiplier, backend, {"input": input, "weight": weight, "bias": bias})
+    stride, padding, dilation = _conv_args(stride, padding, dilation, groups)
+    if isinstance(padding, str):
+        raise ValueError(f"conv2d_int takes numeric padding, got {padding!r}; pad the integers yourself")
+    _check_conv_shapes(input, weight, bias, groups)
+    F.conv2d(input.to("meta", torch.float32), weight.to("meta", torch.float32), None, stride, padding, dilation,
+             groups)
+    x = input.unsqueeze(0) if input.dim() == 3 else input
+    sums = kernels.conv2d_int(backend, x.contiguous(), weight.contiguous(), stride, padding, dilation, groups, mult)
+    out = _int_out(sums, bias, (1, -1, 1, 1))
+    return out.squeeze(0) if input.dim() == 3 else out

@@ -1,7 +1,8 @@
 """Quantised conv2d / linear on integer and table multipliers (SPEC section 4).
 
 Real tensors go onto an n-bit sign-magnitude multiplier: ``q = clamp(round(x / s),
--(2^n - 1), 2^n - 1)``, weights per output channel, activations per tensor; the
+-(2^n - 1), 2^n - 1)``, or ``[-2^(n-1), 2^(n-1) - 1]`` for a signed table (two's-complement
+hardware, SPEC section 6); weights per output channel, activations per tensor; the
 output is ``s_x * s_w[o] * sum(sign * P(|q_x|, |q_w|))`` with the integer sum exact
 (float64 from the kernels), scaled in float64, rounded once to the input's dtype,
 then the bias added exactly.  Gradients are straight-through: those of the float
@@ -29,7 +30,7 @@ from . import kernels
 from .multipliers import Multiplier, MultiplierLike, as_multiplier
 
 __all__ = ["QuantSpec", "PROJECT_SCALES", "CALIBRATION_METHODS", "Quantiser", "calibrate", "conv2d", "linear",
-           "quantise", "weight_scale_of"]
+           "quantise", "levels_of", "weight_scale_of"]
 
 CALIBRATION_METHODS = ("minmax", "histogram", "percentile")
 
@@ -55,13 +56,22 @@ class QuantSpec:
 PROJECT_SCALES = QuantSpec(weight_scale=1e-3, act_scale=0.1)
 
 
-def quantise(x: Tensor, scale: Tensor, max_magnitude: int) -> Tensor:
-    """``clamp(round(x / scale), -max_magnitude, max_magnitude)`` as int32 (round half to even).
+def levels_of(levels) -> tuple[int, int]:
+    """``(q_min, q_max)`` from a multiplier, a pair, or one magnitude m (symmetric: ``(-m, m)``)."""
+    if isinstance(levels, Multiplier):
+        return levels.q_range
+    return (-levels, levels) if isinstance(levels, int) else (int(levels[0]), int(levels[1]))
+
+
+def quantise(x: Tensor, scale: Tensor, levels) -> Tensor:
+    """``clamp(round(x / scale), q_min, q_max)`` as int32 (round half to even); ``levels`` as :func:`levels_of`
+    takes it (a multiplier: its ``q_range``).
 
     NaN has no integer: it becomes 0 here, and the layers make every output it reaches NaN
     (:func:`_nan_where`), as a float layer's output would be.
     """
-    q = torch.clamp(torch.round(x.float() / scale), -max_magnitude, max_magnitude)
+    lo, hi = levels_of(levels)
+    q = torch.clamp(torch.round(x.float() / scale), lo, hi)
     return torch.where(torch.isnan(q), 0.0, q).to(torch.int32)
 
 
@@ -87,10 +97,10 @@ def _conv2d_quant(x: Tensor, w: Tensor, bias: Optional[Tensor], x_scale: Tensor,
                   backend: str) -> Tensor:
     """Quantised convolution: integer sums (B, O, Ho, Wo) from the backend, scaled, plus the exact bias."""
     mult = as_multiplier(multiplier)
-    qx = quantise(x, x_scale, mult.max_magnitude)  # (B, C, H, W)
-    qw = quantise(w, w_scale.view(-1, 1, 1, 1), mult.max_magnitude)  # (O, C/groups, kh, kw)
-    sums = kernels.load(backend).conv2d_int(qx.contiguous(), qw.contiguous(), tuple(stride), tuple(padding),
-                                            tuple(dilation), groups, mult, ranged=True)  # (B, O, Ho, Wo) float64
+    qx = quantise(x, x_scale, mult)  # (B, C, H, W)
+    qw = quantise(w, w_scale.view(-1, 1, 1, 1), mult)  # (O, C/groups, kh, kw)
+    sums = kernels.conv2d_int(backend, qx.contiguous(), qw.contiguous(), stride, padding, dilation, groups, mult,
+                              ranged=True)  # (B, O, Ho, Wo) float64
     out = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).to(x.dtype)
     bad_x = (~torch.isfinite(x)).to(x.dtype)  # (B, C, H, W): which outputs a NaN/inf input reaches, exactly
     reached = F.conv2d(bad_x, torch.ones_like(w), None, stride, padding, dilation, groups) > 0
@@ -125,8 +135,8 @@ def _bmm_nt_quant(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, multip
     mult = as_multiplier(multiplier)
     if a.shape[2] == 0:  # empty sums
         return a.new_zeros(a.shape[0], a.shape[1], b.shape[1])
-    qa = quantise(a, a_scale, mult.max_magnitude)  # (G, M, K)
-    qb = quantise(b, b_scale.view(1, -1, 1), mult.max_magnitude)  # (G, N, K)
+    qa = quantise(a, a_scale, mult)  # (G, M, K)
+    qb = quantise(b, b_scale.view(1, -1, 1), mult)  # (G, N, K)
     sums = kernels.load(backend).bmm_nt_int(qa.contiguous(), qb.contiguous(), mult, ranged=True)  # (G, M, N) float64
     out = (sums * (a_scale.double() * b_scale.double())).to(a.dtype)
     return _nan_where(out, ~torch.isfinite(a).all(-1)[:, :, None] | ~torch.isfinite(b).all(-1)[:, None, :])
@@ -191,17 +201,18 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act_
 # ----------------------------------------------------------------------------- observers and scales
 
 
-def _observer(method: str, max_magnitude: int, percentile: float = 99.99) -> nn.Module:
-    """A PyTorch observer whose symmetric scale is ``range / max_magnitude``."""
-    kw = dict(dtype=torch.qint32, qscheme=torch.per_tensor_symmetric, quant_min=-max_magnitude,
-              quant_max=max_magnitude)
+def _observer(method: str, levels, percentile: float = 99.99) -> nn.Module:
+    """A PyTorch observer of symmetric scales for the integers ``levels`` (:func:`levels_of`): ``max|x|`` over
+    ``(q_max - q_min) / 2`` (``2**n - 1``, or ``2**(n-1) - 1/2`` for two's complement, as PyTorch's int8 does)."""
+    lo, hi = levels_of(levels)
+    kw = dict(dtype=torch.qint32, qscheme=torch.per_tensor_symmetric, quant_min=lo, quant_max=hi)
     if method == "moving":
         return tq.MovingAverageMinMaxObserver(**kw)
     if method == "minmax":
         return tq.MinMaxObserver(**kw)
     if method == "histogram":
         obs = tq.HistogramObserver(**kw)
-        obs.dst_nbins = 2 * max_magnitude + 1  # its L2 search assumes 2^32 levels for qint32; we have these
+        obs.dst_nbins = hi - lo + 1  # its L2 search assumes 2^32 levels for qint32; we have these
         return obs
     return _PercentileObserver(percentile, **kw)
 
@@ -225,10 +236,12 @@ class _PercentileObserver(tq.HistogramObserver):
         return self._calculate_qparams(torch.zeros_like(edge), edge)
 
 
-def weight_scale_of(weight: Tensor, max_magnitude: int) -> Tensor:
-    """Per-output-channel symmetric scales (O,) of ``weight``, from PyTorch's PerChannelMinMaxObserver."""
+def weight_scale_of(weight: Tensor, levels) -> Tensor:
+    """Per-output-channel symmetric scales (O,) of ``weight`` for the integers ``levels`` (:func:`levels_of`),
+    from PyTorch's PerChannelMinMaxObserver."""
+    lo, hi = levels_of(levels)
     obs = tq.PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint32, qscheme=torch.per_channel_symmetric,
-                                      quant_min=-max_magnitude, quant_max=max_magnitude).to(weight.device)
+                                      quant_min=lo, quant_max=hi).to(weight.device)
     obs(weight.detach().float())
     return obs.calculate_qparams()[0].float()
 
@@ -258,10 +271,10 @@ class Quantiser(nn.Module):
     def __init__(self, out_channels: int, multiplier: MultiplierLike, spec: Optional[QuantSpec] = None, device=None):
         super().__init__()
         self.spec = spec = spec or QuantSpec()
-        self.max_magnitude = _integer(multiplier).max_magnitude
+        self.levels = _integer(multiplier).q_range
         self.register_buffer("weight_scale", torch.full((out_channels,), spec.weight_scale or 0.0, device=device))
         self.register_buffer("act_scale", torch.tensor(spec.act_scale or 0.0, device=device))
-        moving = None if spec.act_scale else _observer("moving", self.max_magnitude)
+        moving = None if spec.act_scale else _observer("moving", self.levels)
         self.act_observer = None if moving is None else moving.to(self.act_scale.device)
         self.calibrated = False
         self.ready = bool(spec.weight_scale and spec.act_scale)
@@ -291,7 +304,7 @@ class Quantiser(nn.Module):
     @torch.no_grad()
     def _set_weight_scale(self, w: Tensor) -> None:
         if not self.spec.weight_scale:
-            self.weight_scale.copy_(weight_scale_of(w, self.max_magnitude))
+            self.weight_scale.copy_(weight_scale_of(w, self.levels))
 
     @torch.no_grad()
     def _track(self, x: Tensor, w: Tensor) -> None:
@@ -303,7 +316,7 @@ class Quantiser(nn.Module):
 
     def start_calibration(self, method: str, percentile: float) -> None:
         """Observe the activations with a fresh observer of ``method`` until :meth:`finish_calibration`."""
-        self._calibrating = [_observer(method, self.max_magnitude, percentile).to(self.act_scale.device)]
+        self._calibrating = [_observer(method, self.levels, percentile).to(self.act_scale.device)]
 
     def calibration_saw_data(self) -> bool:
         return _saw_data(self._calibrating[0])
@@ -341,14 +354,14 @@ class Quantiser(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "fixed" if not self.observed else "calibrated" if self.calibrated else "tracking"
-        return f"max_magnitude={self.max_magnitude}, scales={mode}, spec={self.spec}"
+        return f"levels={self.levels[0]}..{self.levels[1]}, scales={mode}, spec={self.spec}"
 
 
 def quantiser_for(layer: nn.Module, multiplier: Multiplier, backward: str,
                   spec: Optional[QuantSpec]) -> Optional[Quantiser]:
     """The quantiser an approximate layer needs for ``multiplier``: None for float multipliers.
 
-    Reconverting a quantised layer to a multiplier of the same width without a
+    Reconverting a quantised layer to a multiplier with the same integer range without a
     new ``spec`` keeps its quantiser (and so its calibrated scales).
     """
     if not multiplier.is_integer:
@@ -362,7 +375,7 @@ def quantiser_for(layer: nn.Module, multiplier: Multiplier, backward: str,
     if spec is not None and not isinstance(spec, QuantSpec):
         raise TypeError(f"quant must be a mbmlib.QuantSpec or None, got {type(spec).__name__}")
     old = getattr(layer, "quantiser", None)
-    if spec is None and old is not None and old.max_magnitude == multiplier.max_magnitude:
+    if spec is None and old is not None and old.levels == multiplier.q_range:
         return old
     return Quantiser(layer.weight.shape[0], multiplier, spec, device=layer.weight.device)
 

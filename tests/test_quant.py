@@ -281,7 +281,7 @@ def test_convert_makes_quantised_layers_and_back():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(100, 3))
     q = convert(model, multiplier="mbm-int8", quant=QuantSpec(weight_scale=0.01, act_scale=0.05),
                 backend="reference")
-    assert q[0].quantiser.max_magnitude == 255 and torch.equal(q[3].quantiser.act_scale, torch.tensor(0.05))
+    assert q[0].quantiser.levels == (-255, 255) and torch.equal(q[3].quantiser.act_scale, torch.tensor(0.05))
     x = torch.randn(2, 2, 5, 5)
     s_x, s_w = torch.tensor(0.05), torch.full((4,), 0.01)
     assert torch.equal(q[0](x), oracle_conv(x, model[0].weight.detach(), model[0].bias.detach(), s_x, s_w, "mbm", 255,

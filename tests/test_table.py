@@ -75,12 +75,14 @@ def test_tables_through_the_integer_kernels(backend, mbm8_csv):
 def test_an_arbitrary_table_is_a_gather(backend):
     gen = torch.Generator().manual_seed(4)
     t = torch.randint(0, 2**32 - 1, (8, 8), generator=gen, dtype=torch.int64)
-    t[0, 3] = 5  # sign-magnitude: a zero operand has sign 0, whatever T[0, B] holds
+    t[0, 3] = 5  # the hardware's row 0: the operand 0 is positive and T[0, B] is its product
     m = Multiplier.from_table(t)
     qa, qb = torch.randint(-7, 8, (1, 3, 11), generator=gen), torch.randint(-7, 8, (1, 4, 11), generator=gen)
-    prods = torch.sign(qa)[:, :, None] * torch.sign(qb)[:, None] * t[qa.abs()[:, :, None], qb.abs()[:, None]]
+    sign_a, sign_b = 1 - 2 * (qa < 0).long(), 1 - 2 * (qb < 0).long()
+    prods = sign_a[:, :, None] * sign_b[:, None] * t[qa.abs()[:, :, None], qb.abs()[:, None]]
     assert torch.equal(kernels.load(backend).bmm_nt_int(qa, qb, m), prods.sum(-1).double())
-    assert approx_mul(torch.tensor(0), torch.tensor(3), m).item() == 0
+    assert approx_mul(torch.tensor(0), torch.tensor(3), m).item() == 5
+    assert approx_mul(torch.tensor(0), torch.tensor(-3), m).item() == -5
 
 
 def test_int8_minus_128_is_magnitude_128():
@@ -88,7 +90,7 @@ def test_int8_minus_128_is_magnitude_128():
     for m in (as_multiplier("mbm-int8"), Multiplier.from_table(table_from_multiplier("mbm-int8"))):
         assert approx_mul(a, a, m).tolist() == approx_mul(a.long(), a.long(), "mbm-int8").tolist()
         assert approx_mul(a, a, m)[0].item() == approx_mul(torch.tensor(128), torch.tensor(128), "mbm-int8").item()
-    with pytest.raises(ValueError, match="above 127"):
+    with pytest.raises(ValueError, match="holds -128, outside -127..127"):
         approx_mul(a, a, "mbm-int7")
 
 
@@ -104,7 +106,7 @@ def full_rows(size=4):
 @pytest.mark.parametrize("edit, message", [
     (lambda rows: rows[:5] + rows[6:], r"pair A=1, B=1 is missing"),
     (lambda rows: rows + ["2,3,6"], r"line 18: pair A=2, B=3 repeats line 13"),
-    (lambda rows: rows[:3] + ["0,3,-1"] + rows[4:], r"line 5: '0,3,-1' must be three non-negative"),
+    (lambda rows: rows[:3] + ["0,3,-1"] + rows[4:], r"line 5: product -1 is negative; an unsigned table"),
     (lambda rows: rows[:7] + ["1,3,3.5"] + rows[8:], r"line 9: '1,3,3.5' is not three integers"),
     (lambda rows: rows[:7] + ["1,3"] + rows[8:], r"line 9: '1,3' must be three"),
     (lambda rows: [r for r in rows if not r.startswith("3,") and ",3," not in r], r"pair A=0, B=3 is missing"),
@@ -130,7 +132,7 @@ def test_csv_header_and_missing_file(tmp_path):
     (torch.zeros(4, 8), "must be square"),
     (torch.zeros(6, 6), "2\\*\\*n x 2\\*\\*n"),
     (torch.full((4, 4), -1), r"entry \[0, 0\] = -1"),
-    (torch.full((4, 4), 2.5), "non-negative integers"),
+    (torch.full((4, 4), 2.5), "holds integers, got dtype torch.float32"),
     (torch.full((2, 2), 2**33), r"entry \[0, 0\]"),
 ])
 def test_from_table_validation(table, message):
@@ -159,7 +161,7 @@ def test_csv_tables_from_excel_and_bad_files_are_clear(tmp_path):
     assert torch.equal(Multiplier.from_csv(_small_csv(tmp_path, bom=True)).table,
                        torch.arange(4)[:, None] * torch.arange(4)[None, :])  # Excel's "CSV UTF-8" byte-order mark
     for huge in ("1000000000000000000000000000000", str(2**63)):
-        with pytest.raises(ValueError, match=r"t.csv: line \d+: product \d+ is above 4294967295"):
+        with pytest.raises(ValueError, match=r"t.csv: line \d+: product \d+ is beyond 4294967295"):
             Multiplier.from_csv(_small_csv(tmp_path, huge))
     path = tmp_path / "t.csv"
     path.write_bytes(b"A,B,P\n0,0,\xff\xfe\n")

@@ -11,7 +11,8 @@ torch.compile kernels on the CPU.  Every backend module provides
 * ``conv2d_grads(grad, x, w, stride, padding, dilation, groups, multiplier)``: the input and weight
   gradients of that convolution with every gradient product approximate too;
 * ``bmm_nt_int(qa, qb, multiplier)`` and ``conv2d_int(qx, qw, stride, padding, dilation, groups, multiplier)``
-  for integer and table multipliers: sign-magnitude integer operands, exact integer sums returned as float64.
+  for integer and table multipliers: sign-magnitude (a signed table's two's-complement) integer operands,
+  exact integer sums returned as float64; :func:`conv2d_int` here pads for tables whose row 0 is not zero.
 
 Multiplier ``"exact"`` never reaches a backend: :mod:`mbmlib.functional` runs
 PyTorch's own ops for it.  Index maths shared by backends is in :mod:`.lowering`.
@@ -108,6 +109,21 @@ def resolve(backend: str | None, device: torch.device) -> str:
         raise ValueError("the 'triton' backend needs a CUDA device (or TRITON_INTERPRET=1 for CPU testing); "
                          "use backend='compiled' or 'reference' on the CPU")
     return backend
+
+
+def conv2d_int(backend: str, qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,
+               multiplier: Multiplier, ranged: bool = False) -> torch.Tensor:
+    """``backend``'s integer convolution, float64 exact sums, with the padding multiplied as the hardware does.
+
+    The kernels skip padded positions (their products are 0 for every design and for tables whose
+    row and column 0 are zero); for any other table the padding is the operand 0 with real
+    products ``P(0, w)``, so the input is padded here and the kernels see none.
+    """
+    if any(padding) and not multiplier.zero_annihilates:
+        qx = torch.nn.functional.pad(qx, (padding[1], padding[1], padding[0], padding[0]))
+        padding = (0, 0)
+    return load(backend).conv2d_int(qx, qw, tuple(stride), tuple(padding), tuple(dilation), groups, multiplier,
+                                    ranged=ranged)
 
 
 class Route(NamedTuple):

@@ -306,15 +306,16 @@ def specialised_mac(multiplier: Multiplier) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _kernel_table(multiplier: Multiplier) -> torch.Tensor:
-    """A table multiplier's entries as int32, row and column 0 zero (a zero operand gives 0, as its sign does)."""
-    table = multiplier.table.to(torch.int32).clone()
-    table[0, :], table[:, 0] = 0, 0
-    return table.reshape(-1).contiguous()
+    """A table multiplier's entries as int32 (every one: a table may give a non-zero product for the operand 0)."""
+    return multiplier.table.to(torch.int32).reshape(-1).contiguous()
 
 
 def _int_operand(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sign mask 0/-1, f, h) int32 fields of sign-magnitude integers, as the kernel's integer MACs read them."""
     q = q.to(torch.int32)
+    if multiplier.signed:  # no sign apart: the two's-complement index
+        index = q & ((1 << multiplier.bits) - 1)
+        return torch.zeros_like(q), index, index
     sign_mask = -(q < 0).to(torch.int32)
     if multiplier.kind == "table":
         magnitude = q.abs()

@@ -135,8 +135,7 @@ def conv2d_int_via_gemm(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dil
                         memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
     """Integer convolution as im2col of the integers + ``bmm_nt_int``: (B, C, H, W) -> (B, O, Ho, Wo) float64.
 
-    Zero padding is the integer 0, whose products are 0 for every formula multiplier
-    and ``T[0, B] * sign(0) = 0`` for tables (sign-magnitude).
+    Zero padding is the integer 0, an operand like any other (``T[0, w]`` for a table).
     """
     kernel_size = tuple(qw.shape[2:])
     wrows = weight_rows(qw.contiguous(), groups)  # (G, O/G, K)

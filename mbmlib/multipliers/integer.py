@@ -8,8 +8,9 @@ into two int32 fields, which the GEMM kernels then combine pair by pair with
 :func:`int_products` (int64, so sums are exact):
 
 * the built-in log designs: ``(sign * (k + 1), 23-bit mantissa field)``, 0 for a zero operand;
-* table multipliers and every other design: ``(sign, magnitude)``, the product a gather
-  from the table or the design's own function of the magnitudes.
+* unsigned tables and every other design: ``(sign, magnitude)`` with the sign of 0 positive,
+  the product a gather from the table or the design's own function of the magnitudes;
+* signed tables: ``(1, q mod 2**n)``, the two's-complement index, the product a plain gather.
 
 A design without a specialised kernel (a user's) runs on the table kernels through
 :func:`generated_table`, its table of products made from the same function.
@@ -44,12 +45,14 @@ def check_int_tensor(x, name: str, multiplier: Multiplier, ranged: bool = False)
     if x.dtype not in _INT_DTYPES:
         raise TypeError(f"the integer multiplier {multiplier.name!r} needs integer tensors (sign-magnitude values); "
                         f"{name} has dtype {x.dtype}: quantise it first (mbmlib.quant) or use a float multiplier")
-    if ranged:
+    if ranged or not x.numel():
         return
-    top = x.to(torch.int64).abs().max().item() if x.numel() else 0  # int64 first: int8 -128 has no int8 abs
-    if top > multiplier.max_magnitude:
-        raise ValueError(f"{name} has magnitude {top}, above {multiplier.max_magnitude}, the "
-                         f"largest the {multiplier.bits}-bit multiplier {multiplier.name!r} takes; clamp it first")
+    lo, hi = multiplier.q_range
+    least, most = (v.item() for v in torch.aminmax(x.to(torch.int64)))
+    if least < lo or most > hi:
+        kind = "signed (two's-complement)" if multiplier.signed else "sign-magnitude"
+        raise ValueError(f"{name} holds {least if least < lo else most}, outside {lo}..{hi}, the {kind} range of the "
+                         f"{multiplier.bits}-bit multiplier {multiplier.name!r}; clamp it first")
 
 
 @functools.lru_cache(maxsize=16)
@@ -65,8 +68,12 @@ def flat_table(multiplier: Multiplier, device: torch.device) -> torch.Tensor:
 def int_fields(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor]:
     """Split sign-magnitude integers into the two int32 fields :func:`int_products` combines (shape of ``q``)."""
     q = q.to(torch.int32)  # int8 -128 has no int8 magnitude
+    if multiplier.signed:
+        return torch.ones_like(q), q & ((1 << multiplier.bits) - 1)
+    if multiplier.kind == "table":
+        return 1 - 2 * (q < 0).to(torch.int32), q.abs()  # the operand 0 is positive: T[0, B] counts
     sign = torch.sign(q)
-    if multiplier.mac not in MAC_IDS:  # tables and designs without a log-domain kernel
+    if multiplier.mac not in MAC_IDS:  # designs without a log-domain kernel
         return sign, q.abs()
     qf = q.to(torch.float32)  # exact: |q| < 2**16
     _, mant = split_operand(qf, multiplier)
@@ -97,7 +104,8 @@ def int_products(a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch
 
 
 def approx_mul_int(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
-    """Elementwise ``sign(a*b) * P(|a|, |b|)`` of integer tensors (broadcasting), int64."""
+    """Elementwise ``sign(a*b) * P(|a|, |b|)`` of integer tensors (broadcasting), int64; a signed table's
+    ``T[a mod 2**n, b mod 2**n]``."""
     check_int_tensor(a, "a", multiplier)
     check_int_tensor(b, "b", multiplier)
     if a.device != b.device:
@@ -129,4 +137,5 @@ on_registry_change(generated_table.cache_clear)
 
 def write_csv(multiplier: MultiplierLike, path, column: str = "MBM") -> None:
     """Write an integer multiplier's table as CSV ``A,B,<column>``, A-major (the format ``Multiplier.from_csv`` reads)."""
-    write_table_csv(table_from_multiplier(multiplier), path, column)
+    mult = as_multiplier(multiplier)
+    write_table_csv(table_from_multiplier(mult), path, column, signed=mult.signed)

@@ -52,6 +52,7 @@ class Multiplier:
     source: Optional[str] = dataclasses.field(default=None, compare=False)
     table: Any = dataclasses.field(default=None, compare=False, repr=False)  # (2**bits, 2**bits) int64 tensor
     param: Optional[int] = None  # a design's own parameter: L-Mul's mantissa width n, DRUM's k
+    signed: bool = False  # a signed table: two's-complement operands, P(a, b) = table[a mod 2**n, b mod 2**n]
 
     def __post_init__(self):
         if self.kind == "table":
@@ -59,6 +60,9 @@ class Multiplier:
                 raise ValueError("build table multipliers with Multiplier.from_table(table) or "
                                  "Multiplier.from_csv(path)")
             return
+        if self.signed:
+            raise ValueError("only tables are signed (Multiplier.from_table(t, signed=True)); the formula designs "
+                             "multiply sign-magnitude operands")
         if not isinstance(self.t, int) or isinstance(self.t, bool) or not 0 <= self.t <= MAX_TRUNCATION:
             raise ValueError(f"valid truncations are integers t = 0..{MAX_TRUNCATION}, got {self.t!r}")
         if self.kind == "exact":
@@ -75,17 +79,26 @@ class Multiplier:
         _check_param(self, find_design(self.kind, "int" if self.bits is not None else "float"))
 
     @classmethod
-    def from_table(cls, table, source: Optional[str] = None) -> "Multiplier":
-        """A table multiplier ``P(A, B) = table[A, B]`` from a (2**n, 2**n) tensor/array of non-negative integers."""
-        t, bits = checked_table(table, source or "table")
-        mult = cls("table", bits=bits, digest=table_digest(t), source=source, table=t)
-        _BY_DIGEST.setdefault(mult.digest, cls("table", bits=bits, digest=mult.digest, table=t))
+    def from_table(cls, table, source: Optional[str] = None, signed: bool = False) -> "Multiplier":
+        """A table multiplier from a (2**n, 2**n) tensor/array of integers (any integer dtype).
+
+        Unsigned (default): ``P(A, B) = table[A, B]`` on n-bit magnitudes, the sign apart
+        (sign-magnitude; the operand 0 is positive).  ``signed=True``: operands are two's
+        complement in [-2**(n-1), 2**(n-1)) and ``P(a, b) = table[a mod 2**n, b mod 2**n]``
+        (entries may be negative).  Every entry counts, row and column 0 included.
+        """
+        t, bits = checked_table(table, source or "table", signed)
+        digest = table_digest(t, signed)
+        mult = cls("table", bits=bits, digest=digest, source=source, table=t, signed=signed)
+        _BY_DIGEST.setdefault(digest, cls("table", bits=bits, digest=digest, table=t, signed=signed))
         return mult
 
     @classmethod
     def from_csv(cls, path) -> "Multiplier":
-        """A table multiplier from a CSV with columns A, B and the product (e.g. ``A,B,MBM``), one row a pair."""
-        return cls.from_table(read_table_csv(path), source=os.fspath(path))
+        """A table multiplier from a CSV with columns A, B and the product (e.g. ``A,B,MBM``), one row a pair;
+        negative operands make it a signed table."""
+        table, signed = read_table_csv(path)
+        return cls.from_table(table, source=os.fspath(path), signed=signed)
 
     @property
     def name(self) -> str:
@@ -125,16 +138,32 @@ class Multiplier:
         return "table" if self.kind == "table" else getattr(self.design, "mac", None)
 
     @property
+    def q_range(self) -> Optional[tuple[int, int]]:
+        """The integers an integer multiplier takes: ``(-(2**n - 1), 2**n - 1)`` (sign-magnitude), or
+        ``(-2**(n-1), 2**(n-1) - 1)`` for a signed table; None for float multipliers."""
+        if self.bits is None:
+            return None
+        if self.signed:
+            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        return -((1 << self.bits) - 1), (1 << self.bits) - 1
+
+    @property
     def max_magnitude(self) -> Optional[int]:
-        """Largest magnitude an integer multiplier takes, ``2**bits - 1``; None for float multipliers."""
-        return None if self.bits is None else (1 << self.bits) - 1
+        """Largest |q| an integer multiplier takes (``2**n - 1``, a signed table's ``2**(n-1)``); None for floats."""
+        return None if self.bits is None else max(-self.q_range[0], self.q_range[1])
+
+    @functools.cached_property
+    def zero_annihilates(self) -> bool:
+        """Whether a zero operand always gives the product 0: true of every design, and of a table whose row and
+        column of the operand 0 are zero.  Where false, convolution padding is a real operand (hardware)."""
+        return self.kind != "table" or not (bool(self.table[0].any()) or bool(self.table[:, 0].any()))
 
     @functools.cached_property
     def max_product(self) -> Optional[int]:
-        """An upper bound of |P| (a table's largest entry, else 2**(2n)): how many products a sum may take."""
+        """An upper bound of |P| (a table's largest |entry|, else 2**(2n)): how many products a sum may take."""
         if self.bits is None:
             return None
-        return max(1, int(self.table.max())) if self.kind == "table" else 1 << (2 * self.bits)
+        return max(1, int(self.table.abs().max())) if self.kind == "table" else 1 << (2 * self.bits)
 
     @property
     def corrections(self) -> tuple[int, int]:

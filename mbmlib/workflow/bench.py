@@ -104,8 +104,8 @@ def _approx_call(kind: str, x: torch.Tensor, w: torch.Tensor, padding: int, mult
         extra = {"padding": padding} if kind == "conv" else {}
         return functools.partial(op, x, w, **extra, multiplier=mult, backend=backend)
     w_rows = w.t() if kind == "gemm" else w  # (out, ...): one weight scale per output
-    scales = dict(act_scale=x.abs().max() / mult.max_magnitude,
-                  weight_scale=quant.weight_scale_of(w_rows, mult.max_magnitude), multiplier=mult, backend=backend)
+    scales = dict(act_scale=x.abs().max() / mult.q_range[1],
+                  weight_scale=quant.weight_scale_of(w_rows, mult), multiplier=mult, backend=backend)
     if kind == "conv":
         return functools.partial(quant.conv2d, x, w, padding=padding, **scales)
     return functools.partial(quant.linear, x, w_rows, **scales)

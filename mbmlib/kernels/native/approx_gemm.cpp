@@ -135,7 +135,7 @@ struct GemmArgs {
     void* out;
     int64_t M, Np, K;
     int32_t mac, c0, c1;   // the MAC; MBM's corrections (no carry, carry)
-    const int32_t* table;  // I_TABLE: (2^bits)^2 int32 entries, row and column 0 zero
+    const int32_t* table;  // I_TABLE: (2^bits)^2 int32 entries
     int32_t bits;
     int64_t kblock;        // integer MACs: steps of k summed in int32 before the int64 output (kblock * max |P| < 2^31)
 };
@@ -247,8 +247,8 @@ struct WordsMac {
 // sign * P(|a|, |b|), exact.  Every operand comes as three int32 fields: a sign mask (0 or -1), f and h.
 // Formula designs (n <= 12 bits): f = k + 1 for |q| = 2^k (1 + x) (-64 for q = 0, which shifts the product
 // out), h = the 23-bit mantissa field of float(|q|); then P = G >> (25 - f_a - f_b), G the registry's
-// significand in integer form.  Tables (n <= 8 bits): f = |q|, P = table[(f_a << n) + f_b] from a table
-// whose row and column 0 are 0.
+// significand in integer form.  Tables (n <= 8 bits): f = |q| (a signed table: q mod 2^n, sign mask 0),
+// P = table[(f_a << n) + f_b], every entry as given (row and column 0 included, negative ones too).
 struct IntConsts {
     vi one, one_c0, two_one, c1;  // ONE; ONE + c0; 2 * ONE; c1 (the significand's constants)
     const int32_t* table;

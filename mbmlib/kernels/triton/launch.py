@@ -40,10 +40,11 @@ def words(x: torch.Tensor, multiplier: Multiplier, bias: int = 0) -> torch.Tenso
 def int_words(q: torch.Tensor, multiplier: Multiplier, m_side: bool) -> torch.Tensor:
     """int64 words of sign-magnitude integers for the integer MACs (see device._int_mac).
 
-    High half: the mantissa field (formula designs) or the magnitude (tables).  Low half:
-    ``sign << 8`` plus, for formula designs, ``23 - k`` on the M side and ``k`` on the N side, so
-    one subtraction gives the product's right shift.  The integer 0 has sign 0 (and k = 0), the
-    padding the word 0: both give products 0.
+    High half: the mantissa field (formula designs) or the table index (|q|, a signed table's
+    q mod 2**n).  Low half: ``sign << 8`` plus, for formula designs, ``23 - k`` on the M side and
+    ``k`` on the N side, so one subtraction gives the product's right shift.  The integer 0 of a
+    formula design has sign 0 (and k = 0), a table's sign 1 (its row 0 counts); the padding word 0
+    gives the product 0 (tables whose row 0 is not zero are padded with real operands upstream).
     """
     f1, f2 = int_fields(q, multiplier)  # (sign * (k + 1), mantissa) or (sign, magnitude)
     sign = torch.sign(f1)
@@ -104,7 +105,7 @@ def _table(multiplier: Multiplier, device: torch.device, transposed: bool) -> to
     Cached, like :func:`mbmlib.multipliers.integer.flat_table`: a layer's every call reads the same table.
     """
     t = multiplier.table.t() if transposed else multiplier.table
-    dtype = torch.int32 if int(t.max()) < 2**31 else torch.int64
+    dtype = torch.int32 if multiplier.max_product < 2**31 else torch.int64
     return t.contiguous().reshape(-1).to(device=device, dtype=dtype)
 
 
