@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cache import cache_dir
 from ..multipliers.designs import MAC_IDS, lmul_constants
 from ..multipliers.floating import split_operand
 from ..multipliers.integer import int_fields
@@ -67,12 +68,6 @@ MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2, ("
         ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6}
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("MBMLIB_CACHE"):
-        return Path(os.environ["MBMLIB_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mbmlib"
-
-
 def _compile(compiler: str, flags: list[str], target: Path) -> None:
     """Compile SOURCE to ``target`` atomically (a temporary file renamed), so parallel builds are safe."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +97,7 @@ def library(capability: str | None = None) -> ctypes.CDLL:
 def _built(compiler: str, flags: list[str]) -> Path:
     """The cached library for this compiler, flags and source, compiled if missing."""
     key = hashlib.sha256("\0".join([compiler, *flags, SOURCE.read_text()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"approx_gemm-{key}.so"
+    target = cache_dir() / f"approx_gemm-{key}.so"
     if not target.exists():
         _compile(compiler, flags, target)
     return target
