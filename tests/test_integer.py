@@ -205,10 +205,24 @@ def test_error_stats_over_every_8_bit_pair_match_the_model(kind):
     exact = (a[:, None] * a[None, :]).astype(np.float64)
     rel = (int_products_model(a[:, None], a[None, :], kind) - exact) / exact * 100.0
     stats = mbmlib.error_stats(f"{kind}-int8")
-    assert stats["n"] == 255 * 255
+    assert stats["n"] == 256 * 256  # every pair of magnitudes, 0 included; relative errors over the non-zero ones
     assert stats["max"] == rel.max() and stats["min"] == rel.min()
     assert stats["bias"] == pytest.approx(rel.mean(), abs=1e-12)
     assert stats["mean_abs"] == pytest.approx(np.abs(rel).mean(), abs=1e-12)
+    err = np.abs(int_products_model(a[:, None], a[None, :], kind) - exact)  # zero operands: no error
+    assert stats["wce"] == err.max() and stats["ep"] == pytest.approx((err != 0).sum() / 65536 * 100, abs=1e-12)
+    assert stats["mae_pct"] == pytest.approx(err.sum() / 65536 / 65536 * 100, rel=1e-12)
+
+
+def test_error_stats_of_a_signed_table_cover_its_twos_complement_range():
+    ops = torch.arange(-8, 8)
+    table = torch.zeros(16, 16, dtype=torch.int64)
+    table[ops[:, None] % 16, ops[None, :] % 16] = ops[:, None] * ops[None, :] + (ops[:, None] == -8).long()
+    stats = mbmlib.error_stats(Multiplier.from_table(table, signed=True))
+    assert stats["n"] == 256 and stats["wce"] == 1 and stats["ep"] == pytest.approx(16 / 256 * 100)
+    assert stats["mae_pct"] == pytest.approx(16 / 256 / 256 * 100)
+    rel = 1 / (-8 * ops[ops != 0].double()) * 100  # the row a = -8 is off by one
+    assert stats["max"] == pytest.approx(rel.max().item()) and stats["min"] == pytest.approx(rel.min().item())
 
 
 def test_error_stats_sample_wide_multipliers_and_see_the_power_of_two_peak():

@@ -1,8 +1,8 @@
 """Relative-error statistics and maps of a multiplier (SPEC section 1's table; section 4 for integer designs).
 
 Float multipliers are measured over operand mantissas, integer and table
-multipliers over their non-zero magnitudes (every pair for n <= 8, sampled
-above), always against the exact product.
+multipliers over their operands (every pair for n <= 8, sampled above), always
+against the exact product.
 """
 from __future__ import annotations
 
@@ -33,27 +33,47 @@ _EDGE_BITS = 10  # lattice of 2**10 mantissas per operand with the low 13 bits z
 _ALL_PAIRS_BITS = 8  # integer multipliers up to this width are measured over every pair of magnitudes
 
 
-def _int_relative_error_pct(a: torch.Tensor, b: torch.Tensor, mult: Multiplier) -> torch.Tensor:
-    """(P(A, B) - A*B) / (A*B) in percent for non-zero magnitudes (broadcasting)."""
-    exact = (a * b).double()
-    return (approx_mul_int(a, b, mult).double() - exact) / exact * 100.0
+def _int_operands(mult: Multiplier) -> torch.Tensor:
+    """Every operand an integer multiplier takes: magnitudes 0..2**n-1 (sign-magnitude designs are symmetric in
+    the sign), or a signed table's two's-complement range."""
+    lo, hi = mult.q_range
+    return torch.arange(lo if mult.signed else 0, hi + 1)
+
+
+def _int_errors(a: torch.Tensor, b: torch.Tensor, mult: Multiplier) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P(a, b) - a*b, exact a*b) as int64 (broadcasting)."""
+    exact = a.to(torch.int64) * b.to(torch.int64)
+    return approx_mul_int(a, b, mult) - exact, exact
+
+
+def _int_figures(err: torch.Tensor, exact: torch.Tensor, bits: int) -> dict:
+    """Relative-error statistics (percent, over pairs with a non-zero exact product) and the hardware
+    literature's figures over all pairs: error probability ``ep`` (%), worst-case error ``wce``, and
+    ``mae_pct``, the mean absolute error over 2**(2n) (EvoApproxLib's MAE%)."""
+    nonzero = exact != 0
+    rel = err[nonzero].double() / exact[nonzero].double() * 100.0
+    return {"n": err.numel(), "bias": rel.mean().item(), "mean_abs": rel.abs().mean().item(),
+            "max": rel.max().item(), "min": rel.min().item(), "ep": (err != 0).double().mean().item() * 100.0,
+            "wce": err.abs().max().item(), "mae_pct": err.abs().double().mean().item() / 4.0**bits * 100.0}
 
 
 def _int_error_stats(mult: Multiplier, n: int, seed: int) -> dict:
-    """Integer multipliers: every pair of magnitudes 1..2**n-1 for n <= 8, else ``n`` random pairs plus a lattice."""
-    top = mult.max_magnitude
+    """Integer multipliers: every pair of operands for n <= 8 bits, else ``n`` random pairs, whose max/min/wce
+    also cover a lattice holding the powers of two."""
+    ops = _int_operands(mult)
     if mult.bits <= _ALL_PAIRS_BITS:
-        mags = torch.arange(1, top + 1)
-        rel = _int_relative_error_pct(mags[:, None], mags[None, :], mult).flatten()
-        extremes, count = rel, rel.numel()
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        a, b = (torch.randint(1, top + 1, (n,), generator=gen) for _ in "ab")
-        rel, count = _int_relative_error_pct(a, b, mult), n
-        lattice = torch.arange(1, 1 << _ALL_PAIRS_BITS) << (mult.bits - _ALL_PAIRS_BITS)  # powers of two among them
-        extremes = torch.cat([rel, _int_relative_error_pct(lattice[:, None], lattice[None, :], mult).flatten()])
-    return {"multiplier": mult.name, "n": count, "bias": rel.mean().item(), "mean_abs": rel.abs().mean().item(),
-            "max": extremes.max().item(), "min": extremes.min().item()}
+        stats = _int_figures(*_int_errors(ops[:, None], ops[None, :], mult), mult.bits)
+        return {"multiplier": mult.name, **stats}
+    gen = torch.Generator().manual_seed(seed)
+    a, b = (ops[torch.randint(0, len(ops), (n,), generator=gen)] for _ in "ab")
+    stats = _int_figures(*_int_errors(a, b, mult), mult.bits)
+    lattice = torch.arange(1, 1 << _ALL_PAIRS_BITS) << (mult.bits - _ALL_PAIRS_BITS)
+    lattice = torch.cat([-lattice.flip(0), lattice]) if mult.signed else lattice
+    lattice = lattice[(lattice >= ops[0]) & (lattice <= ops[-1])]
+    edges = _int_figures(*_int_errors(lattice[:, None], lattice[None, :], mult), mult.bits)
+    stats.update(max=max(stats["max"], edges["max"]), min=min(stats["min"], edges["min"]),
+                 wce=max(stats["wce"], edges["wce"]))
+    return {"multiplier": mult.name, **stats}
 
 
 def error_stats(multiplier: MultiplierLike, n: int = 1_000_000, seed: int = 0) -> dict:
@@ -65,9 +85,12 @@ def error_stats(multiplier: MultiplierLike, n: int = 1_000_000, seed: int = 0) -
     peaks sit at powers of two (x = 0), which random sampling almost never hits.
     Exponents do not change the relative error.
 
-    Integer and table multipliers: over every pair of non-zero magnitudes when
-    ``bits <= 8`` (``n`` is then that count), else over ``n`` uniform random
-    pairs, with the extremes also over a 255 x 255 lattice holding the powers of two.
+    Integer and table multipliers: over every pair of operands when ``bits <= 8``
+    (magnitudes 0..2**n-1, a signed table's two's-complement range; ``n`` is then that
+    count), else over ``n`` uniform random pairs, with the extremes also over a lattice
+    holding the powers of two.  Relative errors skip pairs whose exact product is 0; they
+    add ``ep`` (error probability, %), ``wce`` (worst-case absolute error) and
+    ``mae_pct`` (mean absolute error over 2**(2n), %), EvoApproxLib's figures.
     """
     mult = as_multiplier(multiplier)
     if n < 1:
@@ -101,9 +124,10 @@ def error_map(multiplier: MultiplierLike, bins: int = 256) -> tuple[torch.Tensor
     if not 2 <= bins <= 4096:
         raise ValueError(f"bins must be between 2 and 4096, got {bins}")
     if mult.is_integer:
-        mags = torch.linspace(1, mult.max_magnitude, min(bins, mult.max_magnitude), dtype=torch.float64)
-        mags = mags.round().long().unique()
-        return mags.double(), _int_relative_error_pct(mags[:, None], mags[None, :], mult)
+        top = mult.q_range[1]
+        mags = torch.linspace(1, top, min(bins, top), dtype=torch.float64).round().long().unique()
+        err, exact = _int_errors(mags[:, None], mags[None, :], mult)
+        return mags.double(), err.double() / exact.double() * 100.0
     step = ONE // bins
     fields = torch.arange(bins, dtype=torch.int32) * step + step // 2  # cell centres
     ops = _operands_from_fields(fields)
