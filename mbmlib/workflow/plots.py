@@ -25,6 +25,8 @@ from .report import runtime_name, seed_groups
 from .store import atomic_write
 
 __all__ = [
+    "new_figure",
+    "report_title",
     "save_figure",
     "run_labels",
     "loss_curves",
@@ -48,7 +50,8 @@ DPI = 120
 _MULT_COLORS = {"exact": "#4d4d4d", "mitchell": "#e66101", "mbm": "#1f78b4"}
 
 
-def _figure(width: float = 9.0, height: float = 5.0) -> Figure:
+def new_figure(width: float = 9.0, height: float = 5.0) -> Figure:
+    """A figure on its own Agg canvas (no pyplot state), constrained layout."""
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -115,7 +118,7 @@ def loss_curves(history: pd.DataFrame, path: str | Path, labels: Optional[Mappin
     :func:`mbmlib.workflow.report.load_runs`; ``labels`` maps run -> legend label;
     ``smooth`` is the EMA span in steps (default: 1/15 of the longest run, between 3 and 100).
     """
-    fig = _figure()
+    fig = new_figure()
     if history.empty:
         _empty(fig, "no training history found")
         return save_figure(fig, path)
@@ -160,12 +163,12 @@ def loss_panels(history: pd.DataFrame, runs: pd.DataFrame, path: str | Path, smo
     """
     groups = loss_groups(history, runs) if not (history.empty or runs.empty) else {}
     if not groups:
-        fig = _figure()
+        fig = new_figure()
         _empty(fig, "no training history found")
         return save_figure(fig, path)
     cols = min(2, len(groups))
     rows = -(-len(groups) // cols)
-    fig = _figure(6.2 * cols, 3.4 * rows + 0.6)
+    fig = new_figure(6.2 * cols, 3.4 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     multiplier = runs.drop_duplicates("run").set_index("run")["multiplier"].astype(str)
     colors = _mult_colors(multiplier[sorted(multiplier.index)])
@@ -195,7 +198,7 @@ def loss_panels(history: pd.DataFrame, runs: pd.DataFrame, path: str | Path, smo
 def run_epochs(metrics: dict, path: str | Path) -> Path:
     """One run's per-epoch train/validation loss and validation accuracy (from its ``metrics.json``)."""
     epochs = [e for e in metrics.get("epochs") or [] if isinstance(e, dict)]
-    fig = _figure(10, 4.2)
+    fig = new_figure(10, 4.2)
     name = metrics.get("run_name", "run")
     if not epochs:
         _empty(fig, f"{name}: no finished epoch")
@@ -233,7 +236,7 @@ def run_epochs(metrics: dict, path: str | Path) -> Path:
 def accuracy_bars(runs: pd.DataFrame, path: str | Path, labels: Optional[Mapping[str, str]] = None) -> Path:
     """Validation and test accuracy of every run as horizontal bars, values written on the bars."""
     n = len(runs)
-    fig = _figure(9, max(2.8, 0.55 * n + 1.6))
+    fig = new_figure(9, max(2.8, 0.55 * n + 1.6))
     if runs.empty:
         _empty(fig, "no runs found")
         return save_figure(fig, path)
@@ -288,7 +291,7 @@ def epoch_time_bars(runs: pd.DataFrame, path: str | Path) -> Path:
     Runs are grouped by runtime *and* samples per epoch (an epoch of 2048 samples and one of
     48000 are not comparable); several runs in one group are averaged.
     """
-    fig = _figure(10, 4.8)
+    fig = new_figure(10, 4.8)
     runs = runs[runs["samples_per_s"].notna()] if not runs.empty else runs
     if runs.empty:
         _empty(fig, "no timed runs found")
@@ -353,7 +356,7 @@ def seed_intervals(runs: pd.DataFrame, path: str | Path) -> Path:
     """
     groups = seed_groups(runs) if not runs.empty else pd.DataFrame()
     groups = groups[groups["seeds"] > 1] if not groups.empty else groups
-    fig = _figure(max(8.0, 2.6 * len(groups) + 2), 5.2)
+    fig = new_figure(max(8.0, 2.6 * len(groups) + 2), 5.2)
     if groups.empty:
         _empty(fig, "no experiment was run with more than one seed")
         return save_figure(fig, path)
@@ -380,7 +383,7 @@ def _weights_name(checkpoint: Optional[str]) -> str:
     return path.parent.name if path.name.startswith("checkpoint") else path.stem
 
 
-def _title(report: dict) -> str:
+def report_title(report: dict) -> str:
     """``model on dataset (split), runtime`` for an evaluation or sensitivity report."""
     source = "pretrained" if report.get("pretrained") else _weights_name(report.get("checkpoint"))
     return (f"{report['model']} ({source}) on {report['dataset']} ({report['split']}), "
@@ -390,7 +393,7 @@ def _title(report: dict) -> str:
 def multiplier_accuracy(report: dict, path: str | Path) -> Path:
     """Top-1 and top-5 accuracy per multiplier of one :func:`mbmlib.workflow.evaluate.evaluate_multipliers` report."""
     rows = report["results"]
-    fig = _figure(max(6.0, 1.3 * len(rows) + 2.5), 4.8)
+    fig = new_figure(max(6.0, 1.3 * len(rows) + 2.5), 4.8)
     ax = fig.add_subplot()
     names = [r["multiplier"] for r in rows]
     x = np.arange(len(rows))
@@ -409,7 +412,7 @@ def multiplier_accuracy(report: dict, path: str | Path) -> Path:
     ax.set_xlabel("multiplier (top-1 change against exact in brackets, points)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"Accuracy per multiplier (axis zoomed from {low:.0f}%)\n{_title(report)}, "
+    ax.set_title(f"Accuracy per multiplier (axis zoomed from {low:.0f}%)\n{report_title(report)}, "
                  f"{rows[0]['samples']} images", fontsize=10)
     return save_figure(fig, path)
 
@@ -417,7 +420,7 @@ def multiplier_accuracy(report: dict, path: str | Path) -> Path:
 def layer_sensitivity(report: dict, path: str | Path) -> Path:
     """Top-1 drop when only one layer uses the approximate multiplier, with each layer's share of the MACs."""
     rows = report["layers"] + report["combined"]
-    fig = _figure(10, max(3.5, 0.38 * len(rows) + 1.8))
+    fig = new_figure(10, max(3.5, 0.38 * len(rows) + 1.8))
     ax1, ax2 = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
     y = np.arange(len(rows))
     drops = [r["top1_drop"] for r in rows]
@@ -439,7 +442,7 @@ def layer_sensitivity(report: dict, path: str | Path) -> Path:
     ax2.set_title("Work moved to the approximate multiplier", fontsize=9)
     for ax in (ax1, ax2):
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"Layer sensitivity to {report['multiplier']}: {_title(report)}", fontsize=10)
+    fig.suptitle(f"Layer sensitivity to {report['multiplier']}: {report_title(report)}", fontsize=10)
     return save_figure(fig, path)
 
 
@@ -458,7 +461,7 @@ def layer_throughput(bench: pd.DataFrame, path: str | Path, title: Optional[str]
     Colour = multiplier, hatching = the slower backends.
     """
     timed = bench[bench["median_s"].notna()].copy() if not bench.empty else bench
-    fig = _figure(12, 8)
+    fig = new_figure(12, 8)
     if timed.empty:
         _empty(fig, "no timed layer cases")
         return save_figure(fig, path)
@@ -520,7 +523,7 @@ def _seednet_totals(bench: pd.DataFrame) -> pd.DataFrame:
 def runtime_throughput(bench: pd.DataFrame, path: str | Path) -> Path:
     """SeedNet forward throughput (G MAC/s, log scale) per runtime and multiplier, fastest backend each."""
     totals = _seednet_totals(bench) if not bench.empty else pd.DataFrame()
-    fig = _figure(10, 5)
+    fig = new_figure(10, 5)
     if totals.empty:
         _empty(fig, "no SeedNet layer benchmarks found")
         return save_figure(fig, path)
@@ -537,7 +540,7 @@ def runtime_throughput(bench: pd.DataFrame, path: str | Path) -> Path:
 def elementwise_bars(bench: pd.DataFrame, path: str | Path) -> Path:
     """Elementwise products per second (G/s) of torch.mul, Mitchell and MBM, per runtime."""
     rows = bench[bench["benchmark"] == "elementwise"] if not bench.empty else bench
-    fig = _figure(9, 4.5)
+    fig = new_figure(9, 4.5)
     if rows.empty:
         _empty(fig, "no elementwise benchmark found")
         return save_figure(fig, path)
@@ -569,7 +572,7 @@ def _error_panels(panels, extent, axis_labels: tuple[str, str], suptitle: str, p
     """Heat maps ``[(title, err)]`` side by side on one diverging colour scale centred on 0 (error in %)."""
     lim = max(max(abs(float(e.min())), abs(float(e.max()))) for _, e in panels) or 1e-9
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
-    fig = _figure(4.6 * len(panels) + 1.2, 5.6)
+    fig = new_figure(4.6 * len(panels) + 1.2, 5.6)
     axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
     image = None
     for ax, (title, err) in zip(axes, panels):
@@ -626,7 +629,7 @@ def error_histograms(multipliers: Iterable[str], path: str | Path, bins: int = 5
     Dotted vertical lines mark each multiplier's mean (its bias).
     """
     names = [as_multiplier(m).name for m in multipliers]
-    fig = _figure(9, 4.8)
+    fig = new_figure(9, 4.8)
     ax = fig.add_subplot()
     values = {n: error_map(n, bins)[1].flatten().numpy() for n in names}
     lo = min(v.min() for v in values.values())
