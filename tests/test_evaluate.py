@@ -69,6 +69,19 @@ def test_integer_multipliers_are_calibrated_before_scoring(mnist_root, lenet_che
                                   batch_size=10, device="cpu", progress=False)
     exact, int8 = report["results"]
     assert int8["multiplier"] == "mbm-int8" and abs(int8["loss"] - exact["loss"]) < 0.5 * exact["loss"]
+    assert exact["relative_energy"] == 1.0 and int8["relative_energy"] == pytest.approx(21.6 / 35.3)  # every layer
+    assert int8["energy_sources"].startswith("Saadat et al., TCAD 2018")
+
+
+def test_evaluate_reports_energy_beside_accuracy_and_draws_it(mnist_root, lenet_checkpoint, tmp_path):
+    _, path = lenet_checkpoint
+    report = evaluate_multipliers("lenet5", "mnist", ["mitchell-int8", "drum4-int8"], checkpoint=path,
+                                  root=mnist_root, samples=20, batch_size=10, device="cpu", progress=False)
+    energy = {r["multiplier"]: r["relative_energy"] for r in report["results"]}
+    assert energy == {"exact": 1.0, "mitchell-int8": pytest.approx(16.0 / 35.3), "drum4-int8": None}
+    paths = save_results(report, tmp_path / "eval", tmp_path / "fig")
+    assert paths["energy_figure"].name == "eval-lenet5-mnist-test-energy.png"
+    assert paths["energy_figure"].stat().st_size > 10_000
 
 
 def test_evaluate_command_writes_json_csv_and_chart(tmp_path, capsys):
@@ -110,6 +123,7 @@ def test_sensitivity_rows_add_up(mnist_root, lenet_checkpoint, tmp_path):
     together, every = report["combined"]
     assert together["layers"] == report["most_tolerant"] and every["layers"] == names
     assert every["top1"] == accuracy(mbmlib.convert(model, multiplier="mitchell"), data.batches)["top1"]
+    assert report["baseline"]["relative_energy"] == 1.0 and every["relative_energy"] == pytest.approx(1 / 19.2)
     paths = save_sensitivity({**report, "model": "lenet5", "dataset": "mnist", "split": "test", "checkpoint": None,
                               "runtime": {}}, tmp_path / "eval", tmp_path / "fig")
     assert "| features.3 " in paths["markdown"].read_text() and paths["figure"].stat().st_size > 1000

@@ -16,6 +16,7 @@ import re
 from typing import Any, Optional, Union
 
 from .designs import INT_BITS_RANGE, MAX_TRUNCATION, Design, find_design, mbm_corrections, on_registry_change, valid_names
+from .evoapprox import EVOAPPROX_ENV, load_circuit
 from .table import checked_table, read_table_csv, table_digest
 
 __all__ = [
@@ -25,9 +26,11 @@ __all__ = [
     "MAX_TRUNCATION",
     "INT_BITS_RANGE",
     "TABLE_PREFIX",
+    "EVOAPPROX_PREFIX",
 ]
 
 TABLE_PREFIX = "table:"  # "table:<path to CSV>" names a table multiplier; "table:sha256=<hex>" one built in memory
+EVOAPPROX_PREFIX = "evoapprox:"  # "evoapprox:<circuit>" (in $MBMLIB_EVOAPPROX) or "evoapprox:<path to .c>"
 _EXACT_TAKES_NO_T = "the 'exact' multiplier takes no truncation nor width"
 _NAME_RE = re.compile(r"^([a-z][a-z0-9_]*)(?:-t(\d+)|-int(\d+)|-m(\d+))?$")
 _NUMBERED = re.compile(r"^([a-z][a-z0-9_]*?[a-z_])(\d+)$")  # "drum4": a design's name and its number k
@@ -100,9 +103,24 @@ class Multiplier:
         table, signed = read_table_csv(path)
         return cls.from_table(table, source=os.fspath(path), signed=signed)
 
+    @classmethod
+    def from_evoapprox(cls, spec: str, directory: Optional[str] = None) -> "Multiplier":
+        """An EvoApproxLib circuit as a table multiplier: ``spec`` is ``[evoapprox:]<circuit>`` (looked up in the
+        checkout ``directory``, else ``$MBMLIB_EVOAPPROX``) or ``[evoapprox:]<path to .c>``.  Unsigned circuits
+        are sign-magnitude tables, signed ones signed tables (:mod:`.evoapprox`)."""
+        spec = spec[len(EVOAPPROX_PREFIX):] if spec.lower().startswith(EVOAPPROX_PREFIX) else spec
+        key = (spec, directory or os.environ.get(EVOAPPROX_ENV))
+        if key not in _EVOAPPROX:
+            circuit = load_circuit(spec, directory)
+            _EVOAPPROX[key] = cls.from_table(circuit.table, source=EVOAPPROX_PREFIX + spec, signed=circuit.signed)
+        return _EVOAPPROX[key]
+
     @property
     def name(self) -> str:
-        """Canonical string name, e.g. ``"mbm-t16"``, ``"mbm-int8"``, ``"table:file.csv"``; parses back to it."""
+        """Canonical string name, e.g. ``"mbm-t16"``, ``"mbm-int8"``, ``"table:file.csv"``,
+        ``"evoapprox:mul8s_1L2J"``; parses back to it."""
+        if self.kind == "table" and self.source is not None and self.source.startswith(EVOAPPROX_PREFIX):
+            return self.source
         if self.kind == "table":
             return TABLE_PREFIX + (self.source if self.source is not None else f"sha256={self.digest}")
         if self.bits is not None:
@@ -177,16 +195,20 @@ class Multiplier:
 MultiplierLike = Union[str, Multiplier]
 _BY_DIGEST: dict[str, Multiplier] = {}  # every table built in this process, for "table:sha256=..." names
 _BY_FILE: dict[str, tuple[tuple[int, int], Multiplier]] = {}  # path -> ((mtime_ns, size), table)
+_EVOAPPROX: dict[tuple, Multiplier] = {}  # (circuit spec, checkout) -> its table multiplier
 
 
 def as_multiplier(spec: MultiplierLike) -> Multiplier:
-    """Parse a multiplier name ("mbm", "mitchell-t8", "mbm-int8", "table:file.csv", "exact") or pass one through."""
+    """Parse a multiplier name ("mbm", "mitchell-t8", "mbm-int8", "table:file.csv", "evoapprox:mul8s_1L2J",
+    "exact") or pass one through."""
     if isinstance(spec, Multiplier):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"multiplier must be a str or mbmlib.Multiplier, got {type(spec).__name__}")
     if spec.strip().lower().startswith(TABLE_PREFIX):
         return _named_table(spec.strip()[len(TABLE_PREFIX):])
+    if spec.strip().lower().startswith(EVOAPPROX_PREFIX):
+        return Multiplier.from_evoapprox(spec.strip())
     mult = _PARSED.get(spec)
     if mult is None:
         mult = _PARSED[spec] = _parsed(spec)

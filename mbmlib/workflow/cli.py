@@ -1,5 +1,5 @@
-"""Command line: ``python -m mbmlib train|bench|sweep|report|evaluate|sensitivity`` (``--designs`` first registers
-users' own designs).
+"""Command line: ``python -m mbmlib train|bench|sweep|report|evaluate|sensitivity|designs`` (``--designs`` first
+registers users' own designs; ``--evoapprox-dir`` names the EvoApproxLib checkout ``evoapprox:<circuit>`` reads).
 
 :func:`main` is the one error boundary: every expected failure becomes a one-line
 message on stderr and a documented exit status (see ``EXIT_CODES``).
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..multipliers.evoapprox import EVOAPPROX_ENV
 from . import bench, plugins
 from .store import claim_result_files
 from .config import add_config_arguments, config_from_args
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a Python file that registers your own designs (mbmlib.register_design) before the "
                              f"command runs (repeat for more); also env {plugins.ENV_VAR} (paths separated by "
                              f"'{os.pathsep}')")
+    _add_evoapprox_option(parser, None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_bench(sub)
@@ -207,13 +209,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     _add_evaluate(sub)
     _add_sensitivity(sub)
+    _add_designs(sub)
     return parser
+
+
+def _add_evoapprox_option(p, default) -> None:
+    """``--evoapprox-dir``: on the main parser and on the commands that take multipliers (there without a default,
+    so that it does not hide the main parser's value)."""
+    p.add_argument("--evoapprox-dir", default=default, metavar="DIR",
+                   help="a checkout of github.com/ehw-fit/evoapproxlib (branch v2022) where evoapprox:<circuit> "
+                        f"names are looked up (default: ${EVOAPPROX_ENV})")
+
+
+def _add_designs(sub) -> None:
+    p = sub.add_parser("designs", help="the design catalogue: every design of one width with its error and "
+                                       "published cost",
+                       description="Error statistics over every operand pair and the published relative power/area "
+                                   "of every registered integer design of --bits (MBM, Mitchell, DRUM-k, your own) "
+                                   "and every EvoApproxLib circuit of that width in the checkout; CSV and markdown "
+                                   "to results/tables/, the Pareto figure to results/figures/.", epilog=EXIT_CODES)
+    p.add_argument("--bits", type=int, default=8, help="operand width (default: 8)")
+    p.add_argument("--out", default="results/tables", help="table folder (default: results/tables)")
+    p.add_argument("--figures", default="results/figures", help="figure folder (default: results/figures)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_evoapprox_option(p, argparse.SUPPRESS)
+    p.set_defaults(func=_run_designs)
+
+
+def _run_designs(args) -> int:
+    from .catalogue import catalogue, save_catalogue, checkout_description
+
+    table = catalogue(args.bits, args.evoapprox_dir, args.progress)
+    for kind, path in save_catalogue(table, args.bits, checkout_description(args.evoapprox_dir), args.out,
+                                     args.figures).items():
+        print(f"wrote {kind}: {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; expected failures become one line on stderr and the exit status of ``EXIT_CODES``."""
     args = build_parser().parse_args(argv)
     try:
+        if args.evoapprox_dir:
+            os.environ[EVOAPPROX_ENV] = str(Path(args.evoapprox_dir).expanduser().resolve())
         _load_designs(args.designs)
         return args.func(args)
     except Exception as err:
@@ -285,6 +323,7 @@ def _add_evaluate(sub) -> None:
                                    "multiplier (exact first, the baseline); JSON/CSV to results/eval/, a bar chart "
                                    "to results/figures/eval-<name>.png.", epilog=EXIT_CODES)
     _add_model_and_data(p)
+    _add_evoapprox_option(p, argparse.SUPPRESS)
     p.add_argument("--multipliers", nargs="+", default=["exact", "mitchell", "mbm"],
                    help="multipliers to score, e.g. exact mitchell mbm mbm-t16 mbm-int8 (default: exact mitchell mbm)")
     p.set_defaults(func=_run_evaluate)
@@ -311,6 +350,7 @@ def _add_sensitivity(sub) -> None:
                                    "all. Table and JSON to results/eval/, figure to results/figures/.",
                        epilog=EXIT_CODES)
     _add_model_and_data(p)
+    _add_evoapprox_option(p, argparse.SUPPRESS)
     p.add_argument("--multiplier", default="mbm", help="the approximate multiplier (default: mbm)")
     p.add_argument("--layers", nargs="+", default=None, help="glob patterns of the layers to try (default: all "
                                                              "Conv2d/Linear layers)")

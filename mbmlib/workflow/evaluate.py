@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import calibrate, convert
+from ..energy import model_energy
 from ..multipliers import as_multiplier
 from .config import check_run_name, safe_stem
 from .models import check_input, load_model, model_channels
@@ -130,15 +131,25 @@ def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], c
     dev = resolve_device(device)
     base, data = load_model_and_data(model, dataset, checkpoint, pretrained, root, split, samples, batch_size, dev)
     rows = []
+    shape = (1, *data.batches[0][0].shape[1:])
     for name in _ordered(multipliers):
-        result = accuracy(approximate(base, name, data.calibration, backend), data.batches, progress, name)
-        rows.append({"multiplier": name, **result})
+        approx_model = approximate(base, name, data.calibration, backend)
+        result = accuracy(approx_model, data.batches, progress, name)
+        rows.append({"multiplier": name, **result, **energy_columns(approx_model, shape)})
+        energy = rows[-1]["relative_energy"]
         print(f"{name:>12}: top-1 {result['top1']:6.2f}%  top-5 {result['top5']:6.2f}%  loss {result['loss']:.4f}"
+              f"  energy {'unknown' if energy is None else f'{energy:.3f}'}"
               f"  ({result['samples']} images, {result['seconds']:.1f} s)")
     for row in rows:
         row["top1_drop"] = rows[0]["top1"] - row["top1"]
     return {"model": model, "dataset": dataset, "split": split, "checkpoint": str(checkpoint) if checkpoint else None,
             "pretrained": pretrained, "runtime": describe(dev), "results": rows}
+
+
+def energy_columns(model: nn.Module, shape: tuple) -> dict:
+    """The model's relative multiplier energy (None where a cost is unpublished) and its sources, for a row."""
+    energy = model_energy(model, shape)
+    return {"relative_energy": energy["relative_energy"], "energy_sources": "; ".join(energy["sources"])}
 
 
 def result_paths(model: str, dataset: str, split: str, out_dir="results/eval", figures_dir="results/figures",
@@ -149,13 +160,15 @@ def result_paths(model: str, dataset: str, split: str, out_dir="results/eval", f
     """
     name = check_run_name(name, "--name", "file") if name else f"{model}-{safe_stem(dataset)}-{split}"
     return {"json": Path(out_dir) / f"{name}.json", "csv": Path(out_dir) / f"{name}.csv",
-            "figure": Path(figures_dir) / f"eval-{name}.png"}
+            "figure": Path(figures_dir) / f"eval-{name}.png",
+            "energy_figure": Path(figures_dir) / f"eval-{name}-energy.png"}
 
 
 def save_results(report: dict, out_dir="results/eval", figures_dir="results/figures",
                  name: Optional[str] = None) -> dict:
-    """Write ``<name>.json`` and ``<name>.csv`` under ``out_dir`` and the bar chart; returns the paths."""
-    from . import plots
+    """Write ``<name>.json`` and ``<name>.csv`` under ``out_dir``, the bar chart, and top-1 against relative
+    energy where any approximate multiplier has a published cost; returns the paths."""
+    from . import design_plots, plots
 
     paths = result_paths(report["model"], report["dataset"], report["split"], out_dir, figures_dir, name)
     json_path = write_json(paths["json"], report)
@@ -164,5 +177,9 @@ def save_results(report: dict, out_dir="results/eval", figures_dir="results/figu
     writer.writeheader()
     writer.writerows(report["results"])
     csv_path = write_text(paths["csv"], buffer.getvalue())
-    png = plots.multiplier_accuracy(report, paths["figure"])
-    return {"json": json_path, "csv": csv_path, "figure": png}
+    written = {"json": json_path, "csv": csv_path, "figure": plots.multiplier_accuracy(report, paths["figure"])}
+    if any(r.get("relative_energy") is not None and r["multiplier"] != "exact" for r in report["results"]):
+        written["energy_figure"] = design_plots.accuracy_energy(report["results"], paths["energy_figure"],
+                                                                f"{plots.report_title(report)}: top-1 against "
+                                                                "relative multiplier energy")
+    return written

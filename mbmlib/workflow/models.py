@@ -8,13 +8,13 @@ cross-entropy.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..energy import layer_macs
 from ..multipliers import MultiplierLike
 
 __all__ = ["SeedNet", "LeNet5", "ExampleNet", "CifarResNet", "resnet20", "resnet8", "MODELS", "build_model",
@@ -188,44 +188,13 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return model_factory(name)(**kwargs)
 
 
-def _layer_macs(layer: nn.Module, output: Tensor) -> int:
-    """Multiply-accumulates of one conv or linear layer per sample, from its output shape."""
-    outputs_per_sample = output[0].numel()
-    if isinstance(layer, nn.Conv2d):
-        kh, kw = layer.kernel_size
-        return outputs_per_sample * (layer.in_channels // layer.groups) * kh * kw
-    return outputs_per_sample * layer.in_features
-
-
-def layer_macs(model: nn.Module, input_shape: Tuple[int, ...] = (1, 1, 28, 28)) -> Dict[str, int]:
-    """Forward multiply-accumulates per sample of every Conv2d and Linear layer, by module name.
-
-    Runs an eval-mode copy of the model on the meta device, so nothing is computed and the
-    model itself is left untouched.  A layer called twice counts twice.
-    """
-    probe = copy.deepcopy(model).to("meta").eval()
-    macs: Dict[str, int] = {}
-
-    def hook_for(name: str):
-        def hook(layer: nn.Module, inputs, output: Tensor) -> None:
-            macs[name] = macs.get(name, 0) + _layer_macs(layer, output)
-        return hook
-
-    for name, layer in probe.named_modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            layer.register_forward_hook(hook_for(name))
-    with torch.no_grad():
-        probe(torch.empty(input_shape, device="meta"))
-    return macs
-
-
 def count_macs(model: nn.Module, input_shape: Tuple[int, ...] = (1, 1, 28, 28)) -> Dict[str, int]:
     """Forward multiply-accumulates per sample of the conv and linear layers: ``{conv, linear, total}``.
 
     Bias additions, norms and activations are not counted (see :func:`layer_macs`).
     """
     kinds = {name: isinstance(m, nn.Conv2d) for name, m in model.named_modules()}
-    per_layer = layer_macs(model, input_shape)
+    per_layer = layer_macs(model, tuple(input_shape))
     macs = {"conv": sum(v for k, v in per_layer.items() if kinds[k]),
             "linear": sum(v for k, v in per_layer.items() if not kinds[k])}
     macs["total"] = macs["conv"] + macs["linear"]

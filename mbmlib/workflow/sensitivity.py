@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .config import check_run_name, safe_stem
-from .evaluate import accuracy, approximate, load_model_and_data
-from .models import layer_macs
+from ..energy import layer_macs
+from .evaluate import accuracy, approximate, energy_columns, load_model_and_data
 from .runtime import describe, resolve_device
 from .store import write_json
 
@@ -37,7 +37,8 @@ def layer_names(model: nn.Module, patterns: Optional[Sequence[str]] = None) -> l
 
 def layer_sensitivity(base: nn.Module, data, multiplier: str, layers: Optional[Sequence[str]] = None,
                       top: int = 3, progress: bool = True) -> dict:
-    """Rows ``{layer, macs, top1, top5, loss, top1_drop}``: baseline, one layer each, the ``top`` most tolerant, all."""
+    """Rows ``{layer, macs, top1, top5, loss, top1_drop, relative_energy}``: baseline, one layer each, the ``top``
+    most tolerant, all (relative multiplier energy of the model: None where the design has no published cost)."""
     names = layer_names(base, layers)
     shape = (1, *data.batches[0][0].shape[1:])
     macs = layer_macs(base, shape)
@@ -47,8 +48,10 @@ def layer_sensitivity(base: nn.Module, data, multiplier: str, layers: Optional[S
         model = approximate(base, {n: multiplier for n in chosen}, data.calibration)
         result = accuracy(model, data.batches, progress, label)
         row = {"layer": label, "layers": list(chosen), "macs": sum(macs.get(n, 0) for n in chosen), **result,
-               "top1_drop": baseline["top1"] - result["top1"]}
-        print(f"{label:>30}: top-1 {result['top1']:6.2f}% (drop {row['top1_drop']:+.2f})  {row['macs']:,} MACs")
+               "top1_drop": baseline["top1"] - result["top1"], **energy_columns(model, shape)}
+        energy = "unknown" if row["relative_energy"] is None else f"{row['relative_energy']:.3f}"
+        print(f"{label:>30}: top-1 {result['top1']:6.2f}% (drop {row['top1_drop']:+.2f})  {row['macs']:,} MACs  "
+              f"energy {energy}")
         return row
 
     single = [run(n, [n]) for n in names]
@@ -56,7 +59,7 @@ def layer_sensitivity(base: nn.Module, data, multiplier: str, layers: Optional[S
     combined = [run(f"{len(tolerant)} most tolerant together", tolerant)] if 1 < len(tolerant) < len(names) else []
     every = run("all layers", names)
     return {"multiplier": multiplier, "baseline": {"layer": "exact (baseline)", "macs": 0, **baseline,
-                                                   "top1_drop": 0.0},
+                                                   "top1_drop": 0.0, "relative_energy": 1.0},
             "total_macs": sum(macs.values()), "layers": single, "combined": combined + [every],
             "most_tolerant": tolerant}
 
@@ -90,12 +93,14 @@ def save_sensitivity(report: dict, out_dir="results/eval", figures_dir="results/
     paths = sensitivity_paths(report["model"], report["dataset"], report["multiplier"], out_dir, figures_dir, name)
     json_path = write_json(paths["json"], report)
     rows = [report["baseline"], *report["layers"], *report["combined"]]
-    table = pd.DataFrame(rows)[["layer", "macs", "top1", "top5", "loss", "top1_drop"]]
+    table = pd.DataFrame(rows).reindex(columns=["layer", "macs", "top1", "top5", "loss", "top1_drop",
+                                                "relative_energy"])
     table["macs_share"] = 100.0 * table["macs"] / report["total_macs"]
     md = rep.to_markdown(table, {"macs": "MACs / image", "top1": "top-1 (%)", "top5": "top-5 (%)",
-                                 "top1_drop": "top-1 drop (points)", "macs_share": "share of MACs (%)"},
+                                 "top1_drop": "top-1 drop (points)", "macs_share": "share of MACs (%)",
+                                 "relative_energy": "relative multiplier energy"},
                          {"macs": "{:,.0f}", "top1": "{:.2f}", "top5": "{:.2f}", "loss": "{:.4f}",
-                          "top1_drop": "{:+.2f}", "macs_share": "{:.1f}"})
+                          "top1_drop": "{:+.2f}", "macs_share": "{:.1f}", "relative_energy": "{:.3f}"})
     md_path = rep.write_text(paths["markdown"],
                              f"# Layer sensitivity: {report['model']} on {report['dataset']} ({report['split']}), "
                              f"multiplier {report['multiplier']}\n\n{md}")
