@@ -9,9 +9,11 @@ imports torch only; ``mbmlib.workflow`` (data, models, training, benchmarks,
 sweeps, reports, plots) builds on it and is not imported here.
 """
 from .multipliers import (
+    Cost,
     Multiplier,
     approx_mul,
     as_multiplier,
+    cost,
     error_map,
     error_stats,
     mbm_mul,
@@ -26,9 +28,11 @@ from .multipliers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cost",
     "Multiplier",
     "approx_mul",
     "as_multiplier",
+    "cost",
     "error_map",
     "error_stats",
     "mbm_mul",
@@ -44,6 +48,7 @@ __all__ = [
 from . import functional, kernels, nn, quant  # noqa: E402  (layers build on the multipliers above)
 from .nn import MBMConv2d, MBMLinear, NotConvertedWarning, convert  # noqa: E402
 from .quant import QuantSpec, calibrate  # noqa: E402
+from .energy import layer_macs, model_energy  # noqa: E402
 
 __all__ += ["functional", "kernels", "nn", "quant", "MBMConv2d", "MBMLinear", "NotConvertedWarning", "convert",
-            "QuantSpec", "calibrate"]
+            "QuantSpec", "calibrate", "layer_macs", "model_energy"]

@@ -2,12 +2,13 @@
 
 :func:`designs_pareto`: the catalogue's error against relative power, the Pareto front marked;
 :func:`accuracy_energy`: a model's top-1 against its relative multiplier energy.  Designs
-without a published cost cannot be placed: they are listed beside the chart, never guessed.
-Relative figures from different sources share an axis (each against its own exact); the
-marker says the source.
+without a published cost cannot be placed on the cost axis: they stand in a strip beside the
+chart (or are named under it), never at a guessed cost.  Relative figures from different
+sources share an axis (each against its own exact); the title names the sources.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -18,8 +19,9 @@ from .plots import new_figure, save_figure
 __all__ = ["pareto_front", "designs_pareto", "accuracy_energy"]
 
 _FAMILY_STYLE = {"mbm": ("#1f78b4", "o"), "mitchell": ("#e66101", "s"), "drum": ("#33a02c", "D"),
-                 "EvoApproxLib": ("#9e9e9e", "."), "exact": ("#4d4d4d", "*")}
+                 "EvoApproxLib unsigned": ("#9e9e9e", "o"), "EvoApproxLib signed": ("#5a5a5a", "v")}
 _OTHER_STYLE = ("#6a3d9a", "^")
+_EVOAPPROX = "evoapprox:"
 
 
 def pareto_front(cost: Sequence[float], error: Sequence[float]) -> list[int]:
@@ -33,63 +35,80 @@ def pareto_front(cost: Sequence[float], error: Sequence[float]) -> list[int]:
     return front
 
 
-def _unplaced_note(fig, names: Sequence[str], what: str) -> None:
-    if names:
-        shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
-        fig.text(0.01, 0.005, f"{what} (no published cost, not placed): {shown}", fontsize=7, color="#555555",
-                 ha="left", va="bottom", wrap=True)
+def _family(name: str, signed: bool = False) -> str:
+    """The legend group of a multiplier name: its design, or EvoApproxLib signed/unsigned."""
+    if name.startswith(_EVOAPPROX):
+        return "EvoApproxLib signed" if signed else "EvoApproxLib unsigned"
+    design = name.split("-")[0]
+    return "drum" if design.startswith("drum") else design
+
+
+def _point(ax, x: float, y: float, family: str, label: str | None, legend: set) -> None:
+    """One design's marker in its family's style (the family named in the legend once), labelled if asked."""
+    color, marker = _FAMILY_STYLE.get(family, _OTHER_STYLE)
+    ax.scatter([x], [y], color=color, marker=marker, s=40, zorder=3, alpha=0.85,
+               label=None if family in legend else family)
+    legend.add(family)
+    if label:
+        ax.annotate(label.replace(_EVOAPPROX, ""), (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+
+
+def _unplaced_strip(ax, unplaced: pd.DataFrame, error: str) -> None:
+    """The designs without a published cost as a column beside the chart: their error on the same axis."""
+    legend: set = set()
+    for _, row in unplaced.iterrows():
+        _point(ax, 0, row[error], _family(row["multiplier"], row["signed"]), row["multiplier"], legend)
+    ax.set_xticks([])
+    ax.set_xlim(-0.5, 3)
+    ax.set_title("no published cost", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def designs_pareto(table: pd.DataFrame, path: str | Path, title: str, error: str = "mean_abs") -> Path:
-    """Mean relative error (%) against relative power of every costed design; the Pareto front joined and its
-    members labelled, MBM/Mitchell/DRUM always labelled."""
-    fig = new_figure(10, 6.5)
-    ax = fig.add_subplot()
+    """Mean relative error (%) against relative power of every costed design, the Pareto front joined and its
+    members labelled (the built-in designs always); designs without a published cost in a strip beside it."""
+    fig = new_figure(11, 6.5)
+    ax, strip = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [7, 1]})
     placed = table[table["relative_power"].notna()].reset_index(drop=True)
-    for family, group in placed.groupby("family"):
-        color, marker = _FAMILY_STYLE.get(family, _OTHER_STYLE)
-        ax.scatter(group["relative_power"], group[error], color=color, marker=marker, s=40 if marker != "." else 60,
-                   label=family, zorder=3)
     front = pareto_front(list(placed["relative_power"]), list(placed[error]))
+    legend: set = set()
+    for i, row in placed.iterrows():
+        labelled = i in front or not row["multiplier"].startswith(_EVOAPPROX)
+        _point(ax, row["relative_power"], row[error], _family(row["multiplier"], row["signed"]),
+               row["multiplier"] if labelled else None, legend)
     ax.plot(placed.loc[front, "relative_power"], placed.loc[front, error], color="#d62728", lw=1.2, zorder=2,
             label="Pareto front (lower power, lower error)")
-    for i, row in placed.iterrows():
-        if i in front or row["family"] != "EvoApproxLib":
-            ax.annotate(row["multiplier"].replace("evoapprox:", ""), (row["relative_power"], row[error]),
-                        fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("relative power (design / exact multiplier of the same source)")
-    ax.set_ylabel("mean relative error (%)")
     ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_title(f"{title}: error against published power (MBM paper's designs vs its Wallace multiplier; "
-                 "EvoApproxLib vs its exact circuit)", fontsize=9)
+    ax.set_ylabel("mean relative error (%)")
+    ax.set_xlabel("relative power (design / exact multiplier of the same source)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    _unplaced_note(fig, list(table.loc[table["relative_power"].isna(), "multiplier"]), "not placed")
+    fig.suptitle(f"{title}: error against published power (the MBM paper's designs against its Wallace "
+                 "multiplier, EvoApproxLib's circuits against its exact circuit)", fontsize=10)
+    _unplaced_strip(strip, table[table["relative_power"].isna()], error)
     return save_figure(fig, path)
 
 
 def accuracy_energy(rows: Sequence[dict], path: str | Path, title: str) -> Path:
     """Top-1 (%) against relative multiplier energy, one labelled point per multiplier with a published cost;
-    the exact model's top-1 as a line, the others listed below."""
+    the exact model's top-1 as a line, the others named under the axis."""
     fig = new_figure(10, 6)
     ax = fig.add_subplot()
+    legend: set = set()
+    for r in rows:
+        if r.get("relative_energy") is not None and r["multiplier"] != "exact":
+            _point(ax, r["relative_energy"], r["top1"], _family(r["multiplier"]), r["multiplier"], legend)
     exact = next((r["top1"] for r in rows if r["multiplier"] == "exact"), None)
-    placed = [r for r in rows if r.get("relative_energy") is not None and r["multiplier"] != "exact"]
-    for r in placed:
-        family = "EvoApproxLib" if r["multiplier"].startswith("evoapprox:") else r["multiplier"].split("-")[0]
-        family = "drum" if family.startswith("drum") else family
-        color, marker = _FAMILY_STYLE.get(family, _OTHER_STYLE)
-        ax.scatter(r["relative_energy"], r["top1"], color=color, marker=marker if marker != "." else "o", s=40,
-                   zorder=3)
-        ax.annotate(r["multiplier"].replace("evoapprox:", ""), (r["relative_energy"], r["top1"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
     if exact is not None:
         ax.axhline(exact, color="#4d4d4d", ls="--", lw=1, label=f"exact: {exact:.2f}%")
-        ax.legend(fontsize=8, loc="lower right")
-    ax.set_xlabel("relative multiplier energy of the model (MAC-weighted, each design vs its source's exact)")
+    ax.legend(fontsize=8, loc="lower right")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    _unplaced_note(fig, [r["multiplier"] for r in rows if r.get("relative_energy") is None
-                         and r["multiplier"] != "exact"], "not placed")
+    unplaced = [r["multiplier"] for r in rows if r.get("relative_energy") is None and r["multiplier"] != "exact"]
+    label = "relative multiplier energy of the model (MAC-weighted, each design against its source's exact)"
+    if unplaced:
+        note = "no published cost, not placed: " + ", ".join(unplaced)
+        label += "\n" + "\n".join(textwrap.wrap(note, 140))
+    ax.set_xlabel(label)
     return save_figure(fig, path)
