@@ -84,3 +84,24 @@ def test_designs_command_writes_the_catalogue(tmp_path, monkeypatch, capsys):
     assert placed.to_dict() == pytest.approx({"mbm-int8": 21.6 / 35.3, "mitchell-int8": 16.0 / 35.3})
     assert (tmp_path / "f" / "designs-pareto.png").exists() and "wrote figure" in capsys.readouterr().out
     assert cli.main(["designs", "--evoapprox-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+
+
+def test_evoapprox_circuits_join_the_catalogue_with_their_header_cost(tmp_path, monkeypatch):
+    from test_evoapprox import fake_checkout
+
+    monkeypatch.setenv("MBMLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MBMLIB_EVOAPPROX", raising=False)
+    root = fake_checkout(tmp_path / "evoapproxlib")  # mul8s_uret (0.3 mW in its header), mul8u_bfst (no figures)
+    code = cli.main(["designs", "--evoapprox-dir", str(root), "--out", str(tmp_path / "t"), "--figures",
+                     str(tmp_path / "f"), "--no-progress"])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "t" / "designs.csv").set_index("multiplier")
+    signed = table.loc["evoapprox:mul8s_uret"]
+    assert bool(signed["signed"]) and signed["relative_power"] == pytest.approx(0.3 / 0.425)  # vs mul8s_1KV6
+    assert signed["cost_source"].startswith("EvoApproxLib") and pd.isna(table.loc["evoapprox:mul8u_bfst",
+                                                                                    "relative_power"])
+    assert "evoapprox:mul8x4u_asy" not in table.index  # asymmetric widths are no n x n table
+    assert "(branch unknown, commit unknown)" in (tmp_path / "t" / "designs.md").read_text()  # not a git checkout
+    monkeypatch.setenv("MBMLIB_EVOAPPROX", str(root))
+    found = mbmlib.cost("evoapprox:mul8s_uret")
+    assert found.exact == "mul8s_1KV6" and found.power_uw == pytest.approx(300.0)

@@ -32,14 +32,15 @@ class Cost:
     """Published area/power/delay of ``design`` and of ``exact``, the same source's exact multiplier.
 
     Absolute figures are None where the source gives only ratios (the float32 designs);
-    ``relative_area`` / ``relative_power`` are ``design / exact`` (1.0 = no saving).
+    ``relative_area`` / ``relative_power`` are ``design / exact`` (1.0 = no saving); an area
+    the source does not give is None.
     """
 
     design: str
     source: str
     width: str  # "8-bit unsigned", "float32", ...
     exact: str  # the source's exact multiplier of that width
-    relative_area: float
+    relative_area: Optional[float]
     relative_power: float
     area_um2: Optional[float] = None
     power_uw: Optional[float] = None
@@ -113,10 +114,11 @@ def _design_of_table() -> dict[str, str]:
 def _circuit_cost(circuit) -> Optional[Cost]:
     """An EvoApproxLib circuit's header figures against the library's exact circuit of its width and sign."""
     figures, exact = circuit.figures, _EVOAPPROX_EXACT.get((circuit.bits, circuit.signed))
-    if exact is None or "power_mw" not in figures or "area_um2" not in figures:
+    if exact is None or "power_mw" not in figures:
         return None
     name, area, power_mw, delay = exact
     width = f"{circuit.bits}-bit {'signed' if circuit.signed else 'unsigned'}"
-    return Cost(f"evoapprox:{circuit.name}", EVOAPPROX, width, name, figures["area_um2"] / area,
-                figures["power_mw"] / power_mw, figures["area_um2"], figures["power_mw"] * 1000,
-                figures.get("delay_ns"), area, power_mw * 1000, delay)
+    own_area = figures.get("area_um2")
+    return Cost(f"evoapprox:{circuit.name}", EVOAPPROX, width, name, None if own_area is None else own_area / area,
+                figures["power_mw"] / power_mw, own_area, figures["power_mw"] * 1000, figures.get("delay_ns"), area,
+                power_mw * 1000, delay)
