@@ -53,6 +53,11 @@ def examples(design) -> list[str]:
 DESIGNS = mbmlib.registered_designs()
 FLOAT_NAMES = [n for d in DESIGNS if d.kind == "float" for n in examples(d)]
 INT_NAMES = [n for d in DESIGNS if d.kind == "int" for n in examples(d)]
+# The layer tests add the widths DRUM's and L-Mul's kernels treat apart: DRUM k in {2, 4, 6, n} at n = 4, 8, 12
+# (int32 products) and 16 (split / int64 products); L-Mul's l = n (n <= 3), 3 (n = 4), 4 (n > 4).
+LAYER_INT_NAMES = INT_NAMES + [f"drum{k}-int{n}" for n in (4, 8, 12, 16) for k in sorted({2, 4, 6, n})
+                               if k <= n and f"drum{k}-int{n}" not in INT_NAMES]
+LAYER_FLOAT_NAMES = FLOAT_NAMES + [f"lmul-m{m}" for m in (1, 4, 7, 23) if f"lmul-m{m}" not in FLOAT_NAMES]
 TK, TRITON_SKIP = triton_backend()
 BACKENDS = ["reference", "compiled", pytest.param("triton", marks=pytest.mark.skipif(TK is None,
                                                                                       reason=TRITON_SKIP or ""))]
@@ -164,7 +169,7 @@ def _close(out, ref, abs_sum):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("name", FLOAT_NAMES)
+@pytest.mark.parametrize("name", LAYER_FLOAT_NAMES)
 def test_float_designs_in_linear_and_conv2d_on_every_backend(name, backend):
     gen = torch.Generator().manual_seed(7)
     x, w = torch.randn(5, 19, generator=gen), torch.randn(6, 19, generator=gen)
@@ -179,7 +184,7 @@ def test_float_designs_in_linear_and_conv2d_on_every_backend(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("name", FLOAT_NAMES)
+@pytest.mark.parametrize("name", LAYER_FLOAT_NAMES)
 def test_float_designs_approximate_gradients_on_every_backend(name, backend):
     gen = torch.Generator().manual_seed(8)
     img, k = torch.randn(2, 3, 6, 5, generator=gen), torch.randn(4, 3, 3, 3, generator=gen)
@@ -203,7 +208,7 @@ def _quantised_direct(x, w, name, s_x, s_w):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("name", INT_NAMES)
+@pytest.mark.parametrize("name", LAYER_INT_NAMES)
 def test_integer_designs_in_quantised_layers_on_every_backend(name, backend):
     gen = torch.Generator().manual_seed(9)
     x, w = torch.randn(5, 23, generator=gen), torch.randn(7, 23, generator=gen)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import mbmlib
 from triton_backend import triton_backend
+from mbmlib import kernels
 from mbmlib.kernels import fallback, reference
 from mbmlib.multipliers import Multiplier, as_multiplier
 
@@ -411,8 +412,9 @@ def test_int_kernels_sum_in_int64_when_int32_could_overflow(tk):
 def test_one_loop_per_shape_picks_the_mac_and_accumulator_per_design(tk):
     """Float and integer designs share the GEMM and convolution kernels; the design constexprs tell them apart."""
     assert set(tk.KERNELS) == {"gemm", "conv2d", "conv2d_grad_input", "conv2d_grad_weight"}
-    macs = {name: tk.design_constexprs(as_multiplier(name))["MAC"] for name in ("mitchell", "mbm", "mitchell-int8",
-                                                                                "mbm-int8")}
+    macs = {name: tk.design_constexprs(as_multiplier(name))["MAC"] for name in ("mitchell", "mbm", "lmul-m7",
+                                                                                "mitchell-int8", "mbm-int8",
+                                                                                "drum4-int8")}
     macs["table"] = tk.design_constexprs(_table_multiplier(4, 100, seed=1))["MAC"]
     assert sorted(macs.values()) == sorted(tk.MAC_IDS.values())
     assert tk.design_constexprs(as_multiplier("mbm"))["ACC"] == tk.ACC_IDS["float32"]
@@ -433,9 +435,12 @@ def test_conv2d_int_equals_the_reference_exactly(tk, case, name):
     _, xs, ws, stride, padding, dilation, groups = case
     m = _table_multiplier(5, 1 << 12, seed=4) if name == "table" else as_multiplier(name)
     qx, qw = _ints(xs, m.max_magnitude, seed=61), _ints(ws, m.max_magnitude, seed=62)
-    out = tk.conv2d_int(qx.to(DEVICE), qw.to(DEVICE), stride, padding, dilation, groups, m)
-    want = reference.conv2d_int(qx, qw, stride, padding, dilation, groups, m)
+    # through kernels.conv2d_int: the random table's row 0 is not zero, so its padding is a real operand
+    out = kernels.conv2d_int("triton", qx.to(DEVICE), qw.to(DEVICE), stride, padding, dilation, groups, m)
+    want = kernels.conv2d_int("reference", qx, qw, stride, padding, dilation, groups, m)
     assert out.dtype == torch.float64 and out.shape == want.shape and torch.equal(out.cpu(), want)
+    if name == "table" and any(padding):
+        assert not m.zero_annihilates  # so this case does test the padding as an operand
 
 
 def test_the_mbm_int8_table_gives_the_design_s_sums(tk):

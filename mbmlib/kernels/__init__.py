@@ -18,7 +18,7 @@ Multiplier ``"exact"`` never reaches a backend: :mod:`mbmlib.functional` runs
 PyTorch's own ops for it.  Index maths shared by backends is in :mod:`.lowering`.
 
 The kernels specialise the multiply-accumulate of designs that declare one
-(``Design.mac``: MBM, Mitchell, tables).  :func:`route` sends every other design
+(``Design.mac``: MBM, Mitchell, L-Mul, DRUM, tables).  :func:`route` sends every other design
 to a generic path, with one warning: an integer design of up to 12 bits to the
 table kernels of the same backend (its generated table, the same products), any
 other design to the reference backend.
@@ -77,8 +77,9 @@ def _check_name(backend: str) -> str:
     return backend
 
 
-# The MACs a backend's own kernels lack (a design with one of these runs on its generic path there).
-_MISSING_MACS = {"triton": frozenset({"lmul"})}
+# The MACs a backend's own kernels lack (a design with one of these runs on its generic path there): none today,
+# every specialised MAC (MBM, Mitchell, L-Mul, DRUM, tables) is in both the C++ and the Triton kernels.
+_MISSING_MACS: dict[str, frozenset] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,7 +167,7 @@ def _route(mult: Multiplier, backend: str) -> Route:
 
 
 def _warn_generic(mult: Multiplier, path: str) -> None:
-    where = "" if mult.mac is None else " in this backend yet"  # specialised elsewhere (L-Mul: C++ only)
+    where = "" if mult.mac is None else " in this backend yet"  # specialised on another backend (_MISSING_MACS)
     warnings.warn(f"mbmlib: design {mult.kind!r} has no specialised kernel{where}; {mult.name!r} runs on {path}",
                   GenericPathWarning, stacklevel=_callers_level())
 

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from ..multipliers.designs import MANT_BITS
+from ..multipliers.designs import MANT_BITS, drum_reduced
 from ..multipliers.floating import significand, split_operand
 from ..multipliers.integer import flat_table, int_fields, int_products
 from ..multipliers.specs import Multiplier
@@ -143,12 +143,14 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *, ra
     """Integer ``qa @ qb.T`` (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums.
 
     The C++ integer GEMM on the CPU for the designs it covers (:func:`cpu_native.supports_int`), else
-    fused by inductor; the reference (one warning) where torch.compile does not work either.
-    ``ranged``: the magnitudes are known to fit (quantised), so they are not scanned.
+    fused by inductor (DRUM: :func:`_drum_bmm_nt`); the reference (one warning) where torch.compile does not
+    work either.  ``ranged``: the magnitudes are known to fit (quantised), so they are not scanned.
     """
     check_int_gemm(qa, qb, multiplier, ranged=ranged)
     if cpu_native.supports_int(multiplier) and _native_available(qa.device):
         return cpu_native.bmm_nt_int(qa, qb, multiplier)
+    if multiplier.mac == "drum":
+        return _drum_bmm_nt(qa, qb, multiplier)
     if fallback.failed("inductor"):
         return reference.bmm_nt_int(qa, qb, multiplier, ranged=True)
     table = flat_table(multiplier, qa.device) if multiplier.kind == "table" else None
@@ -159,6 +161,13 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *, ra
     except Exception as err:  # compilation failed: no compiler, unsupported platform, ...
         _warn_fallback(err)
         return reference.bmm_nt_int(qa, qb, multiplier, ranged=True)
+
+
+def _drum_bmm_nt(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
+    """DRUM without the C++ kernel: the float64 GEMM of its reduced operands, exact (integer products below
+    2**32, every partial sum below 2**53: check_int_gemm), on any device; inductor cannot compile its frexp."""
+    k = multiplier.param
+    return torch.bmm(drum_reduced(qa, k).double(), drum_reduced(qb, k).double().transpose(1, 2))
 
 
 def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int,

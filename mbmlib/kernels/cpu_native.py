@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import cache_dir
-from ..multipliers.designs import MAC_IDS, lmul_constants
+from ..multipliers.designs import MAC_IDS, drum_reduced, lmul_constants
 from ..multipliers.floating import split_operand
 from ..multipliers.integer import int_fields
 from ..multipliers.specs import Multiplier
 from .lowering import output_size, weight_rows
 
 __all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt_split", "conv2d", "BuildError",
-           "supports_int", "bmm_nt_int", "conv2d_int", "GemmArgs", "MACS", "specialised_mac"]
+           "supports_int", "drum_split", "int_block", "bmm_nt_int", "conv2d_int", "GemmArgs", "MACS", "specialised_mac"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {
@@ -65,7 +65,7 @@ class GemmArgs(ctypes.Structure):
 
 # The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
 MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2, ("int", "mitchell"): 3,
-        ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6}
+        ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6, ("int", "drum"): 7}
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> None:
@@ -165,7 +165,7 @@ def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b_fie
     G, M, Np = out.shape
     N, K = b_fields[0].shape[1:]
     panels = [_panels(f, Np, nr) for f in b_fields]  # (G, Np/nr, K, nr); alive until the kernel returns
-    c0, c1 = (lmul_constants(multiplier.param)[1], 0) if multiplier.mac == "lmul" else multiplier.corrections
+    c0, c1 = _mac_constants(multiplier)
     table = _kernel_table(multiplier) if multiplier.kind == "table" else None
     args = GemmArgs((ctypes.c_void_p * 3)(*(f.data_ptr() for f in a_fields)), a_row.data_ptr(), a_col.data_ptr(),
                     a_group, (ctypes.c_void_p * 3)(*(f.data_ptr() for f in panels)), out.data_ptr(), M, Np, K, mac,
@@ -181,6 +181,16 @@ def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b_fie
     if any(codes):
         raise ValueError(f"the native kernel has no MAC {mac} in its {isa(capability)} build")
     return out if Np == N else out[:, :, :N].contiguous()
+
+
+def _mac_constants(multiplier: Multiplier) -> tuple[int, int]:
+    """GemmArgs ``c0, c1`` of the multiplier's MAC: MBM's corrections, L-Mul's ``1 + 2**-l`` (23-bit fixed point),
+    DRUM's split of A (:func:`drum_split`); (0, 0) for the others."""
+    if multiplier.mac == "lmul":
+        return lmul_constants(multiplier.param)[1], 0
+    if multiplier.mac == "drum":
+        return drum_split(multiplier), 0
+    return multiplier.corrections
 
 
 def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col: torch.Tensor, a_group: int,
@@ -284,15 +294,36 @@ def _conv_output(res: torch.Tensor, B: int, O: int, groups: int, Ho: int, Wo: in
 
 FORMULA_MAX_BITS = 12  # products < 2**24 and shifts that only go right: int32 lanes suffice
 TABLE_MAX_BITS = 8  # a 256 x 256 int32 table (256 KB) stays in the cache
+DRUM_SPLIT = 8  # DRUM over 12 bits: A = 2**8 * hi + lo, two int32 sums (the split DrumMac is built for)
+
+
 def supports_int(multiplier: Multiplier) -> bool:
-    """Whether the C++ integer GEMM computes ``multiplier`` (log designs <= 12 bits, int32 tables <= 8)."""
+    """Whether the C++ integer GEMM computes ``multiplier`` (log designs <= 12 bits, int32 tables <= 8, DRUM)."""
     if multiplier.kind == "table":
         return multiplier.bits <= TABLE_MAX_BITS and multiplier.max_product < 2**31
-    return multiplier.mac in MAC_IDS and multiplier.bits <= FORMULA_MAX_BITS
+    return multiplier.mac == "drum" or (multiplier.mac in MAC_IDS and multiplier.bits <= FORMULA_MAX_BITS)
+
+
+def drum_split(multiplier: Multiplier) -> int:
+    """How DRUM's kernel splits A (``DrumMac<SPLIT>``): not at all up to 12 bits (int32 products below 2**24),
+    else ``A = 2**DRUM_SPLIT * hi + lo``, as 16-bit products reach 2**32."""
+    return DRUM_SPLIT if multiplier.bits > FORMULA_MAX_BITS else 0
+
+
+def int_block(multiplier: Multiplier) -> int:
+    """Steps of k an integer MAC sums in int32 before its int64 output: no block sum of its terms can reach 2**31.
+
+    A term is a product (below ``max_product``), or for a split DRUM ``hi * B`` (below ``2**(2n - split)``) and
+    ``lo * B`` (below ``2**(n + split)``).
+    """
+    split = drum_split(multiplier) if multiplier.mac == "drum" else 0
+    term = 1 << max(2 * multiplier.bits - split, multiplier.bits + split) if split else multiplier.max_product
+    return (2**31 - 1) // term
 
 
 def specialised_mac(multiplier: Multiplier) -> str:
-    """The multiplier's MAC ("mbm", "mitchell", "table"); ValueError for a design the kernel does not specialise."""
+    """The multiplier's MAC ("mbm", "mitchell", "lmul", "drum", "table"); ValueError for a design the kernel does
+    not specialise."""
     if multiplier.mac is None:
         raise ValueError(f"the native kernel has no multiply-accumulate for {multiplier.name!r}; run it through "
                          "mbmlib.functional (mbmlib.kernels.route picks its generic path)")
@@ -305,8 +336,11 @@ def _kernel_table(multiplier: Multiplier) -> torch.Tensor:
     return multiplier.table.to(torch.int32).reshape(-1).contiguous()
 
 
-def _int_operand(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sign mask 0/-1, f, h) int32 fields of sign-magnitude integers, as the kernel's integer MACs read them."""
+def _int_operand(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor, ...]:
+    """(sign mask 0/-1, f, h) int32 fields of sign-magnitude integers, as the kernel's integer MACs read them;
+    DRUM's one field, its signed reduced operand (``DrumMac``)."""
+    if multiplier.mac == "drum":
+        return (drum_reduced(q, multiplier.param).to(torch.int32),)
     q = q.to(torch.int32)
     if multiplier.signed:  # no sign apart: the two's-complement index
         index = q & ((1 << multiplier.bits) - 1)
@@ -323,14 +357,14 @@ def _gemm_int(a_fields: list, a_row: torch.Tensor, a_col: torch.Tensor, a_group:
               multiplier: Multiplier, capability: str | None) -> torch.Tensor:
     """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) float64 exact sums; b is (G, N, K).
 
-    Products are summed in int32 for as many steps of k as cannot overflow it, then in int64.
+    Products are summed in int32 for as many steps of k as cannot overflow it (:func:`int_block`), then in int64.
     """
     nr = library(capability).mbm_tile_cols()
     G, N, _ = qb.shape
     out = torch.empty(G, a_row.numel(), -(-N // nr) * nr, dtype=torch.int64)
     mac = MACS["int", specialised_mac(multiplier)]
     res = _run(a_fields, a_row, a_col, a_group, _int_operand(qb, multiplier), out, mac, multiplier, capability,
-               kblock=(2**31 - 1) // multiplier.max_product)
+               kblock=int_block(multiplier))
     return res.to(torch.float64)
 
 

@@ -12,8 +12,9 @@ A design supplies only its core; the frame of its operand kind does the rest:
   :mod:`.integer`).  Names ``<design>-int<n>``.
 
 ``mac`` names the design's specialised multiply-accumulate in the C++ and Triton
-kernels (:data:`MAC_IDS`); a design without one runs on each backend's generic
-path (:func:`mbmlib.kernels.route`).  Users add designs with :func:`register_design`.
+kernels (``"mbm"``, ``"mitchell"``, ``"lmul"``, ``"drum"``; :data:`MAC_IDS` holds the log-domain ones,
+whose integer designs split operands into exponent and mantissa); a design without
+one runs on each backend's generic path (:func:`mbmlib.kernels.route`).  Users add designs with :func:`register_design`.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ MBM_CORRECTION = 0xA0000  # 2**-4 + 2**-6 = 0.078125 in 23-bit fixed point
 MAX_TRUNCATION = 22
 INT_BITS_RANGE = (2, 16)  # widths of the integer designs: n-bit magnitudes, products below 2**(2n)
 DESIGN_KINDS = ("float", "int")
-MAC_IDS = {"mitchell": 0, "mbm": 1}  # the specialised MACs of the native and Triton kernels (their template ids)
+MAC_IDS = {"mitchell": 0, "mbm": 1}  # the log-domain MACs (the integer designs split into exponent and mantissa)
 RESERVED_NAMES = ("exact", "table")  # spelled out by the multiplier names themselves, never registered
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -125,17 +126,20 @@ def lmul_significand(ma: torch.Tensor, mb: torch.Tensor, mult=None) -> torch.Ten
     return (ma & keep) + (mb & keep) + base
 
 
+def drum_reduced(q: torch.Tensor, k: int) -> torch.Tensor:
+    """DRUM-k's reduced operand of sign-magnitude integers ``q``, int64 with the sign kept: a magnitude below 2**k
+    as it is, else its k bits from the leading one down with the lowest forced to 1 (reducing twice changes
+    nothing).  The kernels prepare their operands with it once, so a DRUM product is one exact multiply."""
+    q = q.to(torch.int32)  # magnitudes below 2**16; an int8 -128 has no int8 magnitude
+    m = q.abs()
+    s = (torch.frexp(m.to(torch.float32)).exponent - k).clamp(min=0)  # floor(log2 m) + 1 - k, from an exact float
+    return torch.where(m < (1 << k), q, torch.sign(q) * (((m >> s) | 1) << s)).to(torch.int64)
+
+
 def drum_product(a: torch.Tensor, b: torch.Tensor, mult=None) -> torch.Tensor:
     """DRUM-k (Hashemi, Bahar and Reda 2015; SPEC section 6): each magnitude of 2**k or more keeps its k bits
     from the leading one down with the lowest forced to 1; the product of the reduced operands is exact."""
-    k = mult.param
-
-    def reduced(x: torch.Tensor) -> torch.Tensor:
-        p = torch.frexp(x.to(torch.float64)).exponent.to(torch.int64) - 1  # floor(log2 x)
-        s = (p - k + 1).clamp(min=0)
-        return torch.where(x < (1 << k), x, ((x >> s) | 1) << s)
-
-    return reduced(a) * reduced(b)
+    return drum_reduced(a, mult.param) * drum_reduced(b, mult.param)
 
 
 _REGISTRY: dict[tuple[str, str], Design] = {}
@@ -154,7 +158,7 @@ for _name, _significand in (("mitchell", mitchell_significand), ("mbm", mbm_sign
                 summary=f"{_name} on n-bit magnitudes"))
 _add(Design("lmul", "float", lmul_significand, mac="lmul", builtin=True, summary="L-Mul on n mantissa bits",
             param="m", param_range=(1, MANT_BITS)))
-_add(Design("drum", "int", drum_product, builtin=True, summary="DRUM-k on n-bit magnitudes", param="k",
+_add(Design("drum", "int", drum_product, mac="drum", builtin=True, summary="DRUM-k on n-bit magnitudes", param="k",
             param_range=(2, INT_BITS_RANGE[1])))
 
 

@@ -4,13 +4,15 @@
 // out[g, m, n] = sum_k product(a[g, m, k], b[g, n, k]).  Each call computes a range of tiles; a tile is MR
 // rows x NR columns of outputs held in registers.  For every k it broadcasts MR elements of A and loads one
 // NR-wide vector of B (packed K-major per column panel, so the load is contiguous), with no horizontal
-// reduction.  The MACs (SPEC sections 1 and 4): float Mitchell and MBM on (scale, mantissa) fields, formed
-// in the same order as mbmlib.multipliers.floating.products(flush=False) (build with -ffp-contract=off);
+// reduction.  The MACs (SPEC sections 1, 4 and 6): float Mitchell, MBM and L-Mul on (scale, mantissa) fields,
+// formed in the same order as mbmlib.multipliers.floating.products(flush=False) (build with -ffp-contract=off);
 // Mitchell in the bit domain on words (AVX-512); integer Mitchell and MBM on (sign, exponent, mantissa)
-// fields and table gathers on (sign, magnitude), summed exactly.  The instruction set is chosen at build
-// time (-mavx512f / -mavx2 / none) by the Python loader, which passes one GemmArgs per call.
+// fields, table gathers on (sign, magnitude) and DRUM on signed reduced operands, summed exactly.  The
+// instruction set is chosen at build time (-mavx512f / -mavx2 / none) by the Python loader, which passes one
+// GemmArgs per call.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #ifdef _OPENMP
 #define HAS_OPENMP 1  // built with -fopenmp: shares the process's libgomp (and its threads) with torch
 #else
@@ -31,6 +33,7 @@ static inline vf f_zero() { return _mm512_setzero_ps(); }
 static inline vf f_add(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf f_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vi i_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
+static inline vi i_mul(vi a, vi b) { return _mm512_mullo_epi32(a, b); }  // low 32 bits of the product
 static inline vi i_shr1(vi a) { return _mm512_srai_epi32(a, 1); }
 // where(x >= y, p, q) and where(x < y, p, q) on int32 lanes
 static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { return _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(x, y), q, p); }
@@ -62,6 +65,7 @@ static inline vf f_zero() { return _mm256_setzero_ps(); }
 static inline vf f_add(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf f_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vi i_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
+static inline vi i_mul(vi a, vi b) { return _mm256_mullo_epi32(a, b); }
 static inline vi i_shr1(vi a) { return _mm256_srai_epi32(a, 1); }
 static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { return _mm256_blendv_epi8(q, p, _mm256_cmpgt_epi32(y, x)); }
 static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { return _mm256_blendv_epi8(p, q, _mm256_cmpgt_epi32(y, x)); }
@@ -90,6 +94,7 @@ static inline vf f_zero() { LANES(vf, 0.0f); }
 static inline vf f_add(vf a, vf b) { LANES(vf, a.v[l] + b.v[l]); }
 static inline vf f_mul(vf a, vf b) { LANES(vf, a.v[l] * b.v[l]); }
 static inline vi i_add(vi a, vi b) { LANES(vi, a.v[l] + b.v[l]); }
+static inline vi i_mul(vi a, vi b) { LANES(vi, (int32_t)((uint32_t)a.v[l] * (uint32_t)b.v[l])); }
 static inline vi i_shr1(vi a) { LANES(vi, a.v[l] >> 1); }
 static inline vi i_sel_ge(vi x, vi y, vi p, vi q) { LANES(vi, x.v[l] >= y.v[l] ? p.v[l] : q.v[l]); }
 static inline vi i_sel_lt(vi x, vi y, vi p, vi q) { LANES(vi, x.v[l] < y.v[l] ? p.v[l] : q.v[l]); }
@@ -120,7 +125,8 @@ static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BIT
 // ----------------------------------------------------------------------------- one call's arguments
 
 // The MACs (GemmArgs.mac).  Float MACs sum in float32, integer ones exactly (int32 blocks, int64 output).
-enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MITCHELL = 3, I_MBM = 4, I_TABLE = 5, F_LMUL = 6 };
+enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MITCHELL = 3, I_MBM = 4, I_TABLE = 5, F_LMUL = 6,
+           I_DRUM = 7 };
 
 // Mirrors cpu_native.GemmArgs (ctypes).  A: element (g, m, k) of field f at a[f] + g * a_group + a_row[m]
 // + a_col[k] (a plain row-major A has a_row[m] = m * K, a_col[k] = k; im2col patches read straight from a
@@ -134,10 +140,10 @@ struct GemmArgs {
     const void* b[3];
     void* out;
     int64_t M, Np, K;
-    int32_t mac, c0, c1;   // the MAC; MBM's corrections (no carry, carry)
+    int32_t mac, c0, c1;   // the MAC; MBM's corrections (no carry, carry), L-Mul's c0, DRUM's split in c0
     const int32_t* table;  // I_TABLE: (2^bits)^2 int32 entries
     int32_t bits;
-    int64_t kblock;        // integer MACs: steps of k summed in int32 before the int64 output (kblock * max |P| < 2^31)
+    int64_t kblock;        // integer MACs: steps of k summed in int32 before the int64 output (kblock * |term| < 2^31)
 };
 
 // ----------------------------------------------------------------------------- float MACs (SPEC 1)
@@ -249,6 +255,14 @@ struct WordsMac {
 // out), h = the 23-bit mantissa field of float(|q|); then P = G >> (25 - f_a - f_b), G the registry's
 // significand in integer form.  Tables (n <= 8 bits): f = |q| (a signed table: q mod 2^n, sign mask 0),
 // P = table[(f_a << n) + f_b], every entry as given (row and column 0 included, negative ones too).
+
+// out[l] += scale * s[l] over the VW lanes of an int32 block sum: how integer MACs reach their int64 output.
+ALWAYS_INLINE void add_lanes(int64_t* out, vi s, int64_t scale) {
+    int32_t part[VW];
+    i_store(part, s);
+    for (int l = 0; l < VW; ++l) out[l] += scale * part[l];
+}
+
 struct IntConsts {
     vi one, one_c0, two_one, c1;  // ONE; ONE + c0; 2 * ONE; c1 (the significand's constants)
     const int32_t* table;
@@ -293,10 +307,47 @@ struct IntMac {
         vi neg = i_xor(a.sign, b.sign);  // -1 where the signs differ
         return i_add(acc, i_sub(i_xor(magnitude(a, b, c), neg), neg));
     }
+    ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
+};
+
+// DRUM-k (SPEC 6): every operand comes as one int32 field, its reduced value with the sign, sign * A' (prepared
+// once per operand), so a product is one exact multiply.  With SPLIT = 0 (up to 12 bits: products below 2^24)
+// the products sum in one int32 block.  Wider operands (products below 2^32) are split on the A side,
+// A = 2^SPLIT * hi + lo with lo in [0, 2^SPLIT): two int32 sums, of hi * B and of lo * B (each term below 2^24
+// for 16 bits and SPLIT = 8), recombined in int64 at the flush.  The loader passes SPLIT in c0.
+struct SplitSum { vi hi, lo; };
+
+template <int SPLIT>
+struct DrumMac {
+    static const int FIELDS = 1;
+    typedef int64_t Out;
+    typedef typename std::conditional<SPLIT != 0, SplitSum, vi>::type Sum;
+    struct Consts {};
+    struct A { vi hi, lo; };  // hi unused without a split
+    struct B { vi b; };
+    static Consts consts(const GemmArgs&) { return {}; }
+    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
+    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts&) {
+        const int32_t a = f[0][k];
+        if (SPLIT) return {i_set1(a >> SPLIT), i_set1(a & ((1 << SPLIT) - 1))};  // an arithmetic shift: floor
+        return {i_set1(0), i_set1(a)};
+    }
+    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) { return {i_load(f[0] + at)}; }
+    ALWAYS_INLINE Sum zero() {
+        if constexpr (SPLIT != 0) return {i_set1(0), i_set1(0)};
+        else return i_set1(0);
+    }
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
+        if constexpr (SPLIT != 0) return {i_add(acc.hi, i_mul(a.hi, b.b)), i_add(acc.lo, i_mul(a.lo, b.b))};
+        else return i_add(acc, i_mul(a.lo, b.b));
+    }
     ALWAYS_INLINE void flush(Out* out, Sum s) {
-        int32_t part[VW];
-        i_store(part, s);
-        for (int l = 0; l < VW; ++l) out[l] += part[l];
+        if constexpr (SPLIT != 0) {
+            add_lanes(out, s.hi, (int64_t)1 << SPLIT);
+            add_lanes(out, s.lo, 1);
+        } else {
+            add_lanes(out, s, 1);
+        }
     }
 };
 
@@ -418,6 +469,11 @@ int mbm_gemm(const GemmArgs* g, int64_t begin, int64_t end, int threads) {
         case I_MBM: run_tiles<IntMac<I_MBM>>(*g, begin, end, threads); return 0;
         case I_TABLE: run_tiles<IntMac<I_TABLE>>(*g, begin, end, threads); return 0;
         case F_LMUL: run_tiles<FloatMac<LMUL>>(*g, begin, end, threads); return 0;
+        case I_DRUM:
+            if (g->c0 == 0) run_tiles<DrumMac<0>>(*g, begin, end, threads);
+            else if (g->c0 == 8) run_tiles<DrumMac<8>>(*g, begin, end, threads);
+            else return -1;
+            return 0;
         default: return -1;
     }
 }

@@ -11,7 +11,9 @@ the product's significand ``G * 2**-23`` in most cases (SPEC section 1 rules 4-6
 * Mitchell: ``bits(ma + mb + 0x3F800000)`` is ``G * 2**-23`` exactly (carry or not);
 * MBM, carry: the same bits plus the halved correction (or none in the corner case);
 * MBM, no carry: ``G = trunc24(mant sum + 1 + correction)``, a round-toward-zero int-to-float
-  conversion on CUDA (``RZ``), ``m & ~(m >> 24)`` then an exact conversion in the interpreter.
+  conversion on CUDA (``RZ``), ``m & ~(m >> 24)`` then an exact conversion in the interpreter;
+* L-Mul: the same conversion of ``mant sum + 1 + 2**-l``, carry or not (its mantissas are cut to
+  their top n bits when the words are made).
 
 Each product is then ``(scale_a * scale_b) * F`` with ``F = G * 2**-23``, rounded exactly
 as in the reference (FMA contraction is disabled).  ``tl.dot`` is never used:
@@ -25,8 +27,9 @@ GEMM operands are stored K-major and padded to the tile, so the GEMM K loop has
 no masks; the convolution kernels mask input loads at the padding only.
 Integer and table multipliers (SPEC section 4) run the same GEMM and implicit-GEMM
 convolution loops on int64 words of their own (:func:`int_words`: sign and shift low,
-mantissa field or magnitude high): the product from the integer formula or one gather
-from the table, summed exactly in int32 where no sum can overflow it, else int64.
+mantissa field or magnitude high; DRUM's word is its signed reduced operand): the product
+from the integer formula, one gather from the table or (DRUM) one exact multiply, summed
+exactly in int32 where no sum can overflow it, else int64.
 The MAC is a compile-time choice (``MAC``, a constexpr from the design's registry entry).
 If a kernel fails to compile or launch on the user's GPU, the call warns once and
 runs the ``compiled`` backend instead.

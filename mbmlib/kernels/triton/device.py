@@ -2,8 +2,8 @@
 its input and weight gradients).
 
 Every kernel takes the same design constexprs (:func:`mbmlib.kernels.triton.launch.design_constexprs`):
-``MAC`` picks the multiply-accumulate at compile time (float words: Mitchell or MBM; integer words:
-Mitchell, MBM or a table gather), ``ACC`` the accumulator (float32, or int32/int64 for exact integer
+``MAC`` picks the multiply-accumulate at compile time (float words: Mitchell, MBM or L-Mul; integer words:
+Mitchell, MBM, a table gather or DRUM), ``ACC`` the accumulator (float32, or int32/int64 for exact integer
 sums), and the rest are the design's constants.  A MAC the kernel is not compiled for costs nothing.
 """
 from __future__ import annotations
@@ -20,12 +20,14 @@ _BIAS = tl.constexpr(0x3F800000)  # bits of 1.0f: mantissa field + _BIAS = bits 
 _ULP = tl.constexpr(2.0**-23)  # G * 2**-23 is exact in float32 (G has at most 24 significant bits)
 
 # The MACs (value of the MAC constexpr): float words first, then integer words (see launch.encode).
-MAC_IDS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("int", "mitchell"): 2, ("int", "mbm"): 3,
-           ("int", "table"): 4}
+MAC_IDS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "lmul"): 2, ("int", "mitchell"): 3,
+           ("int", "mbm"): 4, ("int", "table"): 5, ("int", "drum"): 6}
 _F_MBM = tl.constexpr(1)
-_I_MITCHELL = tl.constexpr(2)
-_I_MBM = tl.constexpr(3)
-_I_TABLE = tl.constexpr(4)
+_F_LMUL = tl.constexpr(2)
+_I_MITCHELL = tl.constexpr(3)
+_I_MBM = tl.constexpr(4)
+_I_TABLE = tl.constexpr(5)
+_I_DRUM = tl.constexpr(6)
 ACC_IDS = {"float32": 0, "int32": 1, "int64": 2}
 
 
@@ -38,30 +40,40 @@ def _rz_float(m):
 
 
 @triton.jit
-def _significand(x, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr):
-    """F = G * 2**-23 (float32) from x = mant_a + mant_b + _BIAS: the same G as mbmlib.multipliers.designs.mbm_significand."""
-    if IS_MBM:
+def _one_plus(x, C0: tl.constexpr, RZ: tl.constexpr):
+    """2**-23 * trunc24(2**23 * (1 + x1 + x2) + C0) (float32) from x = mant_a + mant_b + _BIAS, the sum below 2**25:
+    at 2 or more its lowest bit is dropped, as the normalising shift truncates it (SPEC rule 6)."""
+    m = x + (_ONE + C0 - _BIAS)
+    if RZ:
+        g = _rz_float(m)
+    else:
+        g = (m & ~(m >> 24)).to(tl.float32)
+    return g * _ULP
+
+
+@triton.jit
+def _significand(x, MAC: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr):
+    """F = G * 2**-23 (float32) from x = mant_a + mant_b + _BIAS: the same G as the registry's significand
+    (mbmlib.multipliers.designs) of Mitchell, MBM or L-Mul (mantissas cut to n bits, C0 = 2**(23 - l))."""
+    if MAC == _F_MBM:
         carry = x >= _BIAS + _ONE  # x1 + x2 >= 1
         f1 = tl.where(x < _BIAS + _TWO - C1, x + C1, x).to(tl.float32, bitcast=True)  # corner case: no correction
-        m0 = x + (_ONE + C0 - _BIAS)  # no carry: 2**23 * (1 + x1 + x2 + c), maybe >= 2: truncated
-        if RZ:
-            g0 = _rz_float(m0)
-        else:
-            g0 = (m0 & ~(m0 >> 24)).to(tl.float32)
-        f = tl.where(carry, f1, g0 * _ULP)
+        f = tl.where(carry, f1, _one_plus(x, C0, RZ))  # no carry: 1 + x1 + x2 + c, maybe >= 2: truncated
+    elif MAC == _F_LMUL:
+        f = _one_plus(x, C0, RZ)  # 1 + xA + xB + 2**-l, halved (truncating) at 2 or more
     else:
         f = x.to(tl.float32, bitcast=True)  # Mitchell: 1 + x1 + x2, or 2 (x1 + x2) after a carry
     return f
 
 
 @triton.jit
-def _rank1(acc, wa, wb, IS_MBM: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr):
+def _rank1(acc, wa, wb, MAC: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr):
     """Float words: acc (BLOCK_N, BLOCK_M) += product(a, b) for one k: wa (BLOCK_M,) words of A, wb (BLOCK_N,) of B
     (biased)."""
     sa = wa.to(tl.int32).to(tl.float32, bitcast=True)[None, :]  # low half: scale bits
     sb = wb.to(tl.int32).to(tl.float32, bitcast=True)[:, None]
     x = (wa >> 32).to(tl.int32)[None, :] + (wb >> 32).to(tl.int32)[:, None]  # (BLOCK_N, BLOCK_M)
-    return acc + (sa * sb) * _significand(x, IS_MBM, C0, C1, RZ)  # same order of rounding as the reference
+    return acc + (sa * sb) * _significand(x, MAC, C0, C1, RZ)  # same order of rounding as the reference
 
 
 @triton.jit
@@ -106,11 +118,24 @@ def _int_mac(acc, wa, wb, table_ptr, TABLE: tl.constexpr, BITS: tl.constexpr, IS
 
 
 @triton.jit
+def _drum_mac(acc, wa, wb, WIDE: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_M) += a * b for one k, from DRUM's words (int_words): each its signed reduced operand
+    sign * A', so the product is exact; in int32 (|P| < 2**30 up to 15 bits), in int64 (``WIDE``) at 16 bits."""
+    if WIDE:
+        p = wa.to(tl.int32).to(tl.int64)[None, :] * wb.to(tl.int32).to(tl.int64)[:, None]  # one mul.wide.s32
+    else:
+        p = wa.to(tl.int32)[None, :] * wb.to(tl.int32)[:, None]
+    return acc + p.to(acc.dtype)
+
+
+@triton.jit
 def _mac(acc, wa, wb, table_ptr, MAC: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, RZ: tl.constexpr,
          BITS: tl.constexpr, WIDE: tl.constexpr):
     """acc (BLOCK_N, BLOCK_M) += product(a, b) for one k, by the design's MAC (chosen at compile time)."""
     if MAC < _I_MITCHELL:
-        acc = _rank1(acc, wa, wb, MAC == _F_MBM, C0, C1, RZ)
+        acc = _rank1(acc, wa, wb, MAC, C0, C1, RZ)
+    elif MAC == _I_DRUM:
+        acc = _drum_mac(acc, wa, wb, WIDE)
     else:
         acc = _int_mac(acc, wa, wb, table_ptr, MAC == _I_TABLE, BITS, MAC == _I_MBM, C0, C1, WIDE)
     return acc

@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from ...multipliers.designs import ONE, drum_reduced, lmul_constants
 from ...multipliers.floating import check_float_tensors, split_operand
 from ...multipliers.integer import int_fields
 from ...multipliers.specs import Multiplier
@@ -31,8 +32,13 @@ BIAS = 0x3F800000  # bits of 1.0f, added to the mantissas of the float words of 
 # --------------------------------------------------------------------------- operands
 
 def words(x: torch.Tensor, multiplier: Multiplier, bias: int = 0) -> torch.Tensor:
-    """int64 words of x's fields, same shape: scale bits low, (mantissa + bias) high; +0 is the word 0."""
+    """int64 words of x's fields, same shape: scale bits low, (mantissa + bias) high; +0 is the word 0.
+
+    L-Mul's mantissas are cut to their top n bits here, once per operand.
+    """
     scale, mant = split_operand(x, multiplier)
+    if multiplier.mac == "lmul":
+        mant = mant & lmul_constants(multiplier.param)[0]
     low = scale.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     return ((mant.to(torch.int64) + bias) << 32) | low
 
@@ -45,7 +51,10 @@ def int_words(q: torch.Tensor, multiplier: Multiplier, m_side: bool) -> torch.Te
     ``k`` on the N side, so one subtraction gives the product's right shift.  The integer 0 of a
     formula design has sign 0 (and k = 0), a table's sign 1 (its row 0 counts); the padding word 0
     gives the product 0 (tables whose row 0 is not zero are padded with real operands upstream).
+    DRUM's word is its signed reduced operand itself (``sign * A'``, :func:`drum_reduced`).
     """
+    if multiplier.mac == "drum":
+        return drum_reduced(q, multiplier.param)
     f1, f2 = int_fields(q, multiplier)  # (sign * (k + 1), mantissa) or (sign, magnitude)
     sign = torch.sign(f1)
     low = sign << 8
@@ -63,7 +72,8 @@ def encode(x: torch.Tensor, multiplier: Multiplier, side: str) -> torch.Tensor:
 
 
 def _mac_name(multiplier: Multiplier) -> str:
-    """The multiplier's specialised MAC ("mbm", "mitchell", "table"); ValueError for a design without one."""
+    """The multiplier's specialised MAC ("mbm", "mitchell", "lmul", "drum", "table"); ValueError for a design
+    without one."""
     if multiplier.is_exact:
         raise ValueError("the 'exact' multiplier has no approximate kernel; mbmlib.functional runs torch's own ops "
                          "for it")
@@ -78,19 +88,28 @@ def design_constexprs(multiplier: Multiplier, k: int = 1) -> dict:
 
     ``enable_fp_fusion=False``: no FMA contraction, so every float product is rounded on its own exactly as in
     the reference before it is summed.  ``RZ``: the cvt.rz instruction exists on CUDA, not in the interpreter.
-    Integer sums are int32 where no sum of ``k`` products can overflow it, else int64 (``WIDE``: designs over
-    12 bits, whose shifts go left too).
+    Integer sums are int32 where no sum of ``k`` products can overflow it, else int64 (always where ``WIDE``,
+    see :func:`_wide`).
+    ``C0``: MBM's correction without a carry, or L-Mul's ``2**-l`` (23-bit fixed point); ``C1``: MBM's with one.
     """
     mac = _mac_name(multiplier)
-    c0, c1 = multiplier.corrections
     integer = multiplier.is_integer
     if ("int" if integer else "float", mac) not in MAC_IDS:
         raise ValueError(f"the Triton kernels have no multiply-accumulate for {multiplier.name!r} yet; "
                          "mbmlib.kernels.route runs it on the reference backend")
-    wide = integer and mac != "table" and 2 * (multiplier.bits - 1) > 22  # k1 + k2 > 22: a left shift, in int64
+    c0, c1 = (lmul_constants(multiplier.param)[1] - ONE, 0) if mac == "lmul" else multiplier.corrections
+    wide = integer and _wide(multiplier)
     acc = "float32" if not integer else "int64" if wide or max(1, k) * multiplier.max_product >= 2**31 else "int32"
     return {"MAC": MAC_IDS["int" if integer else "float", mac], "C0": c0, "C1": c1, "RZ": not INTERPRET,
             "BITS": multiplier.bits or 0, "WIDE": wide, "ACC": ACC_IDS[acc], "enable_fp_fusion": False}
+
+
+def _wide(multiplier: Multiplier) -> bool:
+    """Whether an integer MAC forms its products in int64: log designs over 12 bits (k1 + k2 > 22: shifts go left
+    too) and 16-bit DRUM (products reach 2**32); tables never (their entries pick the accumulator)."""
+    if multiplier.mac == "drum":
+        return multiplier.max_product >= 2**31
+    return multiplier.mac != "table" and 2 * (multiplier.bits - 1) > 22
 
 
 def _table_pointer(multiplier: Multiplier, device: torch.device, transposed: bool, placeholder: torch.Tensor):
