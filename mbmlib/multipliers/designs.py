@@ -183,7 +183,7 @@ def valid_names() -> str:
                     {"m": "{} <= n <= {}"})
     ints = listed([d for d in designs if d.kind == "int"], f"{INT_BITS_RANGE[0]} <= n <= {INT_BITS_RANGE[1]}",
                   {"k": "{} <= k <= n"})
-    return (f"valid names are 'exact', {floats}, {ints} and 'table:<path to CSV>' "
+    return (f"valid names are 'exact', {floats}, {ints}, 'table:<path to CSV>' and 'evoapprox:<circuit>' "
             "(add your own with mbmlib.register_design)")
 
 
