@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test bench demo clean
+.PHONY: install test bench gpu-check demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m mbmlib bench
+
+# On a lent GPU (under 8 minutes): CUDA tests, tile autotuning, bench, one SeedNet epoch each for exact, MBM and
+# Mitchell; results under results/ named by the device.  Without CUDA it plans and checks every step (dry run).
+gpu-check: $(STAMP)
+	$(PY) -m mbmlib.workflow.gpu_check $(GPU_CHECK_ARGS)
 
 # The main job: the demo sweep (exact, mitchell, mbm on SeedNet, shortened runs) and the comparison notebook.
 demo: $(STAMP)

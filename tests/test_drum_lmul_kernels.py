@@ -217,15 +217,9 @@ _SASS_SCRIPT = textwrap.dedent("""
     from mbmlib.workflow import sass
 
     arch, out = sys.argv[1], []
-    for kernel in ("gemm", "conv2d"):
+    for kernel in ("gemm", "conv2d"):  # compiled as a launch of the kernel's benchmark shape would be
         for mult in sys.argv[2].split(","):
-            tile = TILES[0]
-            compiled = sass.compile_kernel(kernel, mult, tile, arch)
-            listing = sass._disassemble(compiled.asm["cubin"], "-sass")
-            macs = sass.int_macs(tile) if "-int" in mult else sass._float_macs
-            entry = dict(sass.k_loop_stats(listing, macs), kernel=kernel, multiplier=mult, tile=tile._asdict())
-            entry["tile"].update(tm=tile.tm, tn=tile.tn)
-            out.append(entry)
+            out.append(sass.analyse(kernel, mult, TILES[0], arch)[0])
     print(json.dumps(out))
 """)
 

@@ -49,10 +49,10 @@ except ImportError as err:
 from .device import ACC_IDS, KERNELS, MAC_IDS
 from .launch import (BIAS, bmm_nt, bmm_nt_int, conv2d, conv2d_grads, conv2d_int, design_constexprs, encode, int_words,
                      name, words)
-from .tiles import DEFAULT_TILE, INTERPRET, TILES, Tile, pick_tile
+from .tiles import CONV_TILES, DEFAULT_TILE, INTERPRET, TILES, Tile, pick_tile
 
 TRITON_VERSION = triton.__version__
 
-__all__ = ["name", "TRITON_VERSION", "INTERPRET", "Tile", "TILES", "DEFAULT_TILE", "pick_tile", "KERNELS", "MAC_IDS", "ACC_IDS", "BIAS",
+__all__ = ["name", "TRITON_VERSION", "INTERPRET", "Tile", "TILES", "CONV_TILES", "DEFAULT_TILE", "pick_tile", "KERNELS", "MAC_IDS", "ACC_IDS", "BIAS",
            "words", "int_words", "encode", "design_constexprs", "bmm_nt", "bmm_nt_int", "conv2d", "conv2d_int",
            "conv2d_grads"]

@@ -197,15 +197,13 @@ def _conv2d_kernel(
     x_rows = x_ptr + b.to(tl.int64) * stride_xb + grp * Cg * stride_xc
     w_cols = w_ptr + grp * stride_wg + offs_n  # weights (i, j, c)-major, output channel contiguous
     acc = _acc_zero(BLOCK_M, BLOCK_N, ACC)
-    for i in tl.static_range(KH):
-        for j in tl.static_range(KW):
-            px, pw, inside = _conv_tap(x_rows, w_cols, ih0, iw0, i, j, offs_m, M, H, W, Cg, KW, dil_h, dil_w,
-                                       stride_xh, stride_xw, stride_wk)
-            for _ in range(Cg):  # the K loop: input channels at this kernel offset
-                acc = _mac(acc, tl.load(px, mask=inside, other=0), tl.load(pw), table_ptr, MAC, C0, C1, RZ, BITS,
-                           WIDE)
-                px += stride_xc
-                pw += stride_wk
+    for t in range(KH * KW):  # kernel taps: a loop, not unrolled, so no tap's pointers stay live in another
+        px, pw, inside = _conv_tap(x_rows, w_cols, ih0, iw0, t // KW, t % KW, offs_m, M, H, W, Cg, KW, dil_h, dil_w,
+                                   stride_xh, stride_xw, stride_wk)
+        for _ in range(Cg):  # the K loop: input channels at this kernel offset
+            acc = _mac(acc, tl.load(px, mask=inside, other=0), tl.load(pw), table_ptr, MAC, C0, C1, RZ, BITS, WIDE)
+            px += stride_xc
+            pw += stride_wk
     _store_conv_tile(out_ptr, acc.to(out_ptr.dtype.element_ty), b, r, offs_m, offs_n, grp, M, N, stride_ob,
                      stride_oc)
 
@@ -261,26 +259,28 @@ def _conv2d_grad_input_kernel(
     g_rows = g_ptr + b.to(tl.int64) * stride_gb + grp * Og * stride_go
     w_cols = w_ptr + grp * stride_wg + offs_n
     acc = _acc_zero(BLOCK_M, BLOCK_N, ACC)
-    for i in tl.static_range(KH):
-        for j in tl.static_range(KW):
-            th = th0 - i * dil_h  # = oh * conv_sh for the output position that read (h, w) through (i, j)
-            tw = tw0 - j * dil_w
-            oh = tl.maximum(th, 0) // conv_sh
-            ow = tl.maximum(tw, 0) // conv_sw
-            hit = ((offs_m < M) & (th >= 0) & (tw >= 0) & (oh * conv_sh == th) & (ow * conv_sw == tw)
-                   & (oh < Ho) & (ow < Wo))
-            pg = g_rows + oh * stride_gh + ow * stride_gw
-            pw = w_cols + (i * KW + j) * Og * stride_wk
-            for _ in range(Og):  # the K loop: output channels of the group
-                new = _mac(acc, tl.load(pg, mask=hit, other=0), tl.load(pw), table_ptr, MAC, C0, C1, RZ, BITS, WIDE)
-                # A miss has no product at all (0 * inf would be NaN): kept out, when w has infinities or NaN.
-                acc = tl.where(hit[None, :], new, acc) if NONFINITE_W else new
-                pg += stride_go
-                pw += stride_wk
-    _store_conv_tile(out_ptr, acc, b, r, offs_m, offs_n, grp, M, N, stride_ob, stride_oc)
+    for t in range(KH * KW):  # kernel taps: a loop, not unrolled (as in _conv2d_kernel)
+        th = th0 - (t // KW) * dil_h  # = oh * conv_sh for the output position that read (h, w) through (i, j)
+        tw = tw0 - (t % KW) * dil_w
+        oh = tl.maximum(th, 0) // conv_sh
+        ow = tl.maximum(tw, 0) // conv_sw
+        hit = ((offs_m < M) & (th >= 0) & (tw >= 0) & (oh * conv_sh == th) & (ow * conv_sw == tw)
+               & (oh < Ho) & (ow < Wo))
+        pg = g_rows + oh * stride_gh + ow * stride_gw
+        pw = w_cols + t * Og * stride_wk
+        for _ in range(Og):  # the K loop: output channels of the group
+            new = _mac(acc, tl.load(pg, mask=hit, other=0), tl.load(pw), table_ptr, MAC, C0, C1, RZ, BITS, WIDE)
+            # A miss has no product at all (0 * inf would be NaN): kept out, when w has infinities or NaN.
+            acc = tl.where(hit[None, :], new, acc) if NONFINITE_W else new
+            pg += stride_go
+            pw += stride_wk
+    _store_conv_tile(out_ptr, acc, offs_m // (H * W), offs_m % (H * W), offs_m, offs_n, grp, M, N, stride_ob,
+                     stride_oc)
 
 
-@triton.jit
+# As _gemm_kernel's stride_ak: an unknown step keeps grad's loads scalar, in the acc layout.  Specialised (a launch
+# passes a multiple of 16), the K loop converted layouts through shared memory or warp shuffles (bench --sass).
+@triton.jit(do_not_specialize=["stride_gp"])
 def _conv2d_grad_weight_kernel(
     g_ptr, x_ptr, out_ptr, table_ptr,  # words of grad, channels last (B, Ho, Wo, G, Mp); of x, zero-padded (B, C, Hp, Wp)
     M, N, KHW, Ho, Wo, b_per, n_batch, n_groups,  # M = O // groups, N = Cg*KH*KW; b_per images a program

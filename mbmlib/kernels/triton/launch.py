@@ -19,10 +19,10 @@ from .. import fallback
 from ..lowering import check_int_gemm, output_size
 from .device import (ACC_IDS, MAC_IDS, _conv2d_grad_input_kernel, _conv2d_grad_weight_kernel, _conv2d_kernel,
                      _gemm_kernel)
-from .tiles import INTERPRET, Tile, _cdiv, _tile_for
+from .tiles import CONV_TILES, INTERPRET, Tile, _cdiv, _tile_for
 
 __all__ = ["name", "BIAS", "words", "int_words", "encode", "design_constexprs", "bmm_nt", "bmm_nt_int", "conv2d",
-           "conv2d_int", "conv2d_grads"]
+           "conv2d_int", "conv2d_grads", "recorded_launches"]
 
 name = "triton"
 _MAX_GRID_Z = 65535  # CUDA limit on grid axes 1 and 2; more groups / batches are launched in chunks
@@ -198,6 +198,29 @@ def _guarded(op: str, device: torch.device, launch, args: tuple, fallback_args: 
 
 # --------------------------------------------------------------------------- one launcher per shape
 
+_RECORDING: list | None = None  # set by recorded_launches: the launches are recorded, not run
+
+
+def _run(kernel, grid, *args, **meta):
+    """``kernel[grid](*args, **meta)``, or, inside :func:`recorded_launches`, only its record."""
+    if _RECORDING is not None:
+        _RECORDING.append((kernel, grid, args, meta))
+    else:
+        kernel[grid](*args, **meta)
+
+
+@contextlib.contextmanager
+def recorded_launches():
+    """Within the block, the launchers record ``(kernel, grid, args, meta)`` in the list yielded instead of
+    launching: ``bench --sass`` compiles each launch with the arguments a GPU would get, no GPU needed."""
+    global _RECORDING
+    saved, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = saved
+
+
 def _result(out: torch.Tensor) -> torch.Tensor:
     """The launch's output as the backend returns it: float32 sums, or exact integer sums as float64."""
     return out if out.dtype == torch.float32 else out.to(torch.float64)
@@ -222,8 +245,8 @@ def _gemm_launch(a, b, multiplier, out, tile):
     table = _table_pointer(multiplier, out.device, swap, wa)
     stride_om, stride_on = out.stride()[1:] if not swap else out.stride()[:0:-1]
     for g0, ng in _z_chunks(G):
-        _gemm_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
-            wa, wb, out, table, M, N, K, g0, wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1),
+        _run(_gemm_kernel, (_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng),
+             wa, wb, out, table, M, N, K, g0, wa.stride(0), wa.stride(1), wb.stride(0), wb.stride(1),
             out.stride(0), stride_om, stride_on, **design_constexprs(multiplier, K), **tile.meta())
     return _result(out)
 
@@ -232,13 +255,13 @@ def _conv2d_launch(x, w, stride, padding, dilation, groups, multiplier, out, til
     B, O, Ho, Wo = out.shape
     Cg, KH, KW = w.shape[1:]
     M, N = B * Ho * Wo, O // groups
-    tile = _tile_for(M, N, tile)
+    tile = _tile_for(M, N, tile, CONV_TILES)
     wx = encode(x.contiguous(), multiplier, "m")  # (B, C, H, W)
     ww = _kmajor_weights(encode(w.contiguous(), multiplier, "n"), groups, tile.block_n, channels_out=True)
     table = _table_pointer(multiplier, out.device, False, wx)
     for g0, ng in _z_chunks(groups):
-        _conv2d_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
-            wx, ww, out, table, M, N, Cg, x.shape[2], x.shape[3], Ho, Wo, g0,
+        _run(_conv2d_kernel, (_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng),
+             wx, ww, out, table, M, N, Cg, x.shape[2], x.shape[3], Ho, Wo, g0,
             *wx.stride(), ww.stride(0), ww.stride(3), out.stride(0), out.stride(1),
             *_conv_args(stride, padding, dilation), KH=KH, KW=KW, **design_constexprs(multiplier, Cg * KH * KW),
             **tile.meta())
@@ -374,11 +397,11 @@ def _grad_input_launch(wg, w, stride, padding, dilation, groups, multiplier, kin
     B, C, H, W = grad_x.shape
     O, Cg, KH, KW = w.shape
     M, N = B * H * W, Cg
-    tile = _tile_for(M, N, tile)
+    tile = _tile_for(M, N, tile, CONV_TILES)
     ww = _kmajor_weights(words(w, multiplier, BIAS), groups, tile.block_n, channels_out=False)  # (G, KH, KW, Og, Np)
     for g0, ng in _z_chunks(groups):
-        _conv2d_grad_input_kernel[(_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng)](
-            wg, ww, grad_x, wg, M, N, O // groups, H, W, wg.shape[2], wg.shape[3], g0,
+        _run(_conv2d_grad_input_kernel, (_cdiv(M, tile.block_m), _cdiv(N, tile.block_n), ng),
+             wg, ww, grad_x, wg, M, N, O // groups, H, W, wg.shape[2], wg.shape[3], g0,
             *wg.stride(), ww.stride(0), ww.stride(3), grad_x.stride(0), grad_x.stride(1),
             *_conv_args(stride, padding, dilation), KH=KH, KW=KW,
             NONFINITE_W=not bool(torch.isfinite(w).all()), **kind, **tile.meta())
@@ -406,8 +429,8 @@ def _grad_weight_launch(wg, x, w_shape, stride, padding, dilation, groups, multi
     b_per = _cdiv(B, splits)
     splits = _cdiv(B, b_per)
     part = torch.empty(splits, groups, M, N, dtype=torch.float32, device=wg.device)
-    _conv2d_grad_weight_kernel[(*grid_mn, splits * groups)](
-        gl, xp, part, gl, M, N, KH * KW, Ho, Wo, b_per, B, groups,
+    _run(_conv2d_grad_weight_kernel, (*grid_mn, splits * groups),
+         gl, xp, part, gl, M, N, KH * KW, Ho, Wo, b_per, B, groups,
         gl.stride(0), gl.stride(2), gl.stride(3), *xp.stride(), part.stride(0), part.stride(1),
         *stride, *dilation, KW=KW, **kind, **tile.meta())
     return part.sum(0).view(w_shape)  # (G, Og, Cg*KH*KW) -> (O, Cg, KH, KW)

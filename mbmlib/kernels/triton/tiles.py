@@ -29,6 +29,10 @@ class Tile(NamedTuple):
 # 4 x 4 and one warp serve small problems (linear layers of a small batch, grad_w of a first layer).
 TILES = (Tile(1024, 4, 4), Tile(512, 8, 2), Tile(256, 8, 2), Tile(256, 4, 1), Tile(128, 4, 1))
 DEFAULT_TILE = TILES[0]
+# The convolution forward and input-gradient kernels (float and integer) keep 32 outputs a thread at most:
+# with 64 (the 8 x 8 tile) they hold 168-254 registers on sm_75 / sm_90 and the Mitchell forward spills (24-byte
+# stack frame on sm_90), and capping the 8 x 4 tile at 128 registers (maxnreg) spills 4-96 bytes outside the loops.
+CONV_TILES = tuple(t for t in TILES if t.tm * t.tn <= 32)
 _INTERPRET_TILE = Tile(16, 4, 1)  # under the interpreter: a few, partly padded tiles on the tests' shapes
 
 
@@ -45,6 +49,6 @@ def pick_tile(m: int, n: int, tiles=TILES) -> Tile:
     return min(tiles, key=cost)
 
 
-def _tile_for(m: int, n: int, tile: Tile | None) -> Tile:
-    """The caller's tile (tests), the interpreter's small one, or pick_tile's."""
-    return tile or (_INTERPRET_TILE if INTERPRET else pick_tile(m, n))
+def _tile_for(m: int, n: int, tile: Tile | None, tiles=TILES) -> Tile:
+    """The caller's tile (tests), the interpreter's small one, or pick_tile's among ``tiles``."""
+    return tile or (_INTERPRET_TILE if INTERPRET else pick_tile(m, n, tiles))
