@@ -8,6 +8,7 @@ sources share an axis (each against its own exact); the title names the sources.
 """
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,7 @@ import pandas as pd
 
 from .plots import new_figure, save_figure
 
-__all__ = ["pareto_front", "designs_pareto", "accuracy_energy"]
+__all__ = ["pareto_front", "designs_pareto", "accuracy_energy", "explore_figure"]
 
 _FAMILY_STYLE = {"mbm": ("#1f78b4", "o"), "mitchell": ("#e66101", "s"), "drum": ("#33a02c", "D"),
                  "EvoApproxLib unsigned": ("#9e9e9e", "o"), "EvoApproxLib signed": ("#5a5a5a", "v")}
@@ -90,25 +91,60 @@ def designs_pareto(table: pd.DataFrame, path: str | Path, title: str, error: str
 
 
 def accuracy_energy(rows: Sequence[dict], path: str | Path, title: str) -> Path:
-    """Top-1 (%) against relative multiplier energy, one labelled point per multiplier with a published cost;
-    the exact model's top-1 as a line, the others named under the axis."""
-    fig = new_figure(10, 6)
+    """Top-1 drop against exact (points, symlog: a one-image drop and a collapse on one axis) against relative
+    multiplier energy, one labelled point per multiplier with a published cost; the others named under the
+    axis.  Labels alternate above and below their points, which crowd where designs cost about the same."""
+    fig = new_figure(11, 6.5)
     ax = fig.add_subplot()
+    exact = next(r["top1"] for r in rows if r["multiplier"] == "exact")
+    placed = sorted((r for r in rows if r.get("relative_energy") is not None and r["multiplier"] != "exact"),
+                    key=lambda r: r["relative_energy"])
     legend: set = set()
-    for r in rows:
-        if r.get("relative_energy") is not None and r["multiplier"] != "exact":
-            _point(ax, r["relative_energy"], r["top1"], _family(r["multiplier"]), r["multiplier"], legend)
-    exact = next((r["top1"] for r in rows if r["multiplier"] == "exact"), None)
-    if exact is not None:
-        ax.axhline(exact, color="#4d4d4d", ls="--", lw=1, label=f"exact: {exact:.2f}%")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_ylabel("top-1 accuracy (%)")
+    for i, r in enumerate(placed):
+        signed = bool(re.match(r"evoapprox:mul\d+s_", r["multiplier"]))
+        _point(ax, r["relative_energy"], exact - r["top1"], _family(r["multiplier"], signed), None, legend)
+        ax.annotate(r["multiplier"].replace(_EVOAPPROX, ""), (r["relative_energy"], exact - r["top1"]),
+                    fontsize=7, rotation=30, xytext=(3, 4 if i % 2 == 0 else -12), textcoords="offset points")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(bottom=-0.02)
+    ax.set_ylabel(f"top-1 drop against exact ({exact:.2f}%), points (lower is better)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
     unplaced = [r["multiplier"] for r in rows if r.get("relative_energy") is None and r["multiplier"] != "exact"]
     label = "relative multiplier energy of the model (MAC-weighted, each design against its source's exact)"
     if unplaced:
         note = "no published cost, not placed: " + ", ".join(unplaced)
         label += "\n" + "\n".join(textwrap.wrap(note, 140))
     ax.set_xlabel(label)
+    return save_figure(fig, path)
+
+
+def explore_figure(report: dict, path: str | Path) -> Path:
+    """An exploration's every scored assignment (top-1 drop against relative energy), its Pareto front joined,
+    the uniform assignments marked and labelled, and the loss budget as a line; the drop axis is symlog."""
+    fig = new_figure(11, 6.5)
+    ax = fig.add_subplot()
+    points, front = report["points"], report["front"]
+    ax.scatter([p["relative_energy"] for p in points], [p["top1_drop"] for p in points], s=12, color="#bdbdbd",
+               label=f"every assignment scored ({len(points)})", zorder=2)
+    line = sorted((p for p in front if not p.get("reference")), key=lambda p: p["relative_energy"])
+    ax.plot([p["relative_energy"] for p in line], [p["top1_drop"] for p in line], color="#d62728", marker="o", ms=4,
+            lw=1.2, label="Pareto front", zorder=3)
+    uniform = [p for p in points if p["origin"] == "uniform"]
+    ax.scatter([p["relative_energy"] for p in uniform], [p["top1_drop"] for p in uniform], marker="D", s=40,
+               color="#1f78b4", label="uniform assignments", zorder=4)
+    for p in uniform:
+        ax.annotate(p["label"].replace(_EVOAPPROX, ""), (p["relative_energy"], p["top1_drop"]), fontsize=7,
+                    rotation=30, xytext=(3, 4), textcoords="offset points")
+    ax.axhline(report["max_loss"], color="#4d4d4d", ls="--", lw=1,
+               label=f"loss budget {report['max_loss']:g} points (exact: {report['exact_top1']:.2f}%)")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(bottom=-0.02)
+    ax.set_xlabel("relative multiplier energy of the model (MAC-weighted, each design against its source's exact)")
+    ax.set_ylabel("top-1 drop on the search split, points (lower is better)")
+    ax.set_title(f"Design-space exploration: {report['model']} on {report['dataset']}, one design per layer",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
     return save_figure(fig, path)
