@@ -21,6 +21,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _evoapprox_env_restored(monkeypatch):
+    """``cli.main(["--evoapprox-dir", D, ...])`` exports MBMLIB_EVOAPPROX for the processes a command starts; in
+    the test process it would leak into later tests (and their notebook kernels).  Recording the variable here
+    makes monkeypatch restore it after every test."""
+    monkeypatch.setenv("MBMLIB_EVOAPPROX", os.environ.get("MBMLIB_EVOAPPROX", ""))
+    if not os.environ["MBMLIB_EVOAPPROX"]:
+        monkeypatch.delenv("MBMLIB_EVOAPPROX")
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory):
     """A torchvision-style root with the repo's MNIST subset (.gz only), so loading never writes into tests/data."""
