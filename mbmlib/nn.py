@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
+import os
 import warnings
+from pathlib import Path
 from typing import Optional
 
 from torch import Tensor, nn
@@ -21,7 +24,8 @@ from . import functional as AF
 from .multipliers import MultiplierLike, as_multiplier
 from .quant import QuantSpec, quantiser_for
 
-__all__ = ["MBMConv2d", "MBMLinear", "convert", "NotConvertedWarning", "UNCONVERTIBLE"]
+__all__ = ["MBMConv2d", "MBMLinear", "convert", "NotConvertedWarning", "UNCONVERTIBLE", "read_multiplier_map",
+           "is_multiplier_map_path"]
 
 
 class _ApproxMixin:
@@ -144,6 +148,32 @@ def _chooser(multiplier, names: list[str]):
     return lambda name: next((m for pattern, m in table if fnmatch.fnmatchcase(name, pattern)), None)
 
 
+def is_multiplier_map_path(multiplier) -> bool:
+    """Whether ``multiplier`` names an assignment file (a path object, or a string ending in ``.json``) rather
+    than one multiplier (``table:<file.csv>`` and ``evoapprox:<file.c>`` name their files differently)."""
+    return isinstance(multiplier, os.PathLike) or (isinstance(multiplier, str) and multiplier.endswith(".json")
+                                                   and not multiplier.startswith(("table:", "evoapprox:")))
+
+
+def read_multiplier_map(path) -> dict:
+    """The ``{layer pattern: multiplier name}`` dict of an assignment file (JSON with a ``"multipliers"`` object,
+    as ``python -m mbmlib explore`` writes them); ValueError naming the file if it holds none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"assignment file {path} does not exist; give a JSON file with a \"multipliers\" "
+                                "object of layer patterns to multiplier names (python -m mbmlib explore writes them)")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"assignment file {path} is not valid JSON ({err}); fix or regenerate it") from None
+    table = data.get("multipliers") if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not table or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in table.items()):
+        raise ValueError(f"assignment file {path} has no \"multipliers\" object of layer patterns to multiplier "
+                         "names (e.g. {\"multipliers\": {\"features.0\": \"exact\", \"*\": \"mbm\"}})")
+    return dict(table)
+
+
 def _warn_not_converted(skipped: list[tuple[str, nn.Module]]) -> None:
     if skipped:
         listed = ", ".join(f"{name or '(model)'!r} ({type(m).__name__})" for name, m in skipped)
@@ -156,9 +186,10 @@ def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=
             inplace: bool = False, backend: Optional[str] = None, quant: Optional[QuantSpec] = None) -> nn.Module:
     """Make every layer of the types in ``layers`` approximate, keeping its weights; return the model.
 
-    ``multiplier`` is one multiplier for all, or a dict of per-layer choices keyed by
+    ``multiplier`` is one multiplier for all, a dict of per-layer choices keyed by
     glob patterns (:func:`fnmatch.fnmatchcase`) on the module names of
-    ``model.named_modules()``, e.g. ``{"features.0": "exact", "*": "mbm"}``: the
+    ``model.named_modules()``, e.g. ``{"features.0": "exact", "*": "mbm"}``, or the path of an
+    assignment file holding such a dict (:func:`read_multiplier_map`; a ``.json`` name or a path object): the
     first pattern that matches a layer's name, in dict order, wins; a layer no
     pattern matches stays as it is; a pattern that matches no layer is a
     ValueError.  A bare layer's name is ``""``.
@@ -177,6 +208,8 @@ def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=
     :class:`~mbmlib.QuantSpec`) fixes their scales, else they are observed -- see
     :func:`mbmlib.calibrate`.  With a dict, ``quant`` goes to the integer layers only.
     """
+    if is_multiplier_map_path(multiplier):
+        multiplier = read_multiplier_map(multiplier)
     opts = dict(backward=AF.check_backward(backward), backend=backend)
     layers = tuple(layers)
     for kind in layers:

@@ -183,6 +183,26 @@ def test_05_evaluates_a_run_checkpoint_and_its_layer_sensitivity(tmp_path):
 
 
 @pytest.mark.slow
+def test_06_explores_assignments_and_writes_the_front(tmp_path):
+    import torch
+
+    from mbmlib.workflow.models import LeNet5
+
+    torch.save(LeNet5().state_dict(), tmp_path / "lenet.pt")
+    results = tmp_path / "results"
+    nb = execute(REPO / "notebooks/06_explore.ipynb", tmp_path, model="lenet5", checkpoint=str(tmp_path / "lenet.pt"),
+                 designs=["mbm"], evaluations=10, population=2, samples=20, test_samples=20, batch_size=10,
+                 device="cpu", results_dir=str(results))
+    folder = results / "explore" / "lenet5-mnist"
+    found = json.loads((folder / "explore.json").read_text())
+    assert found["evaluations"] == 10 and found["search_split"] == "val" and found["test_samples"] == 20
+    assert (folder / "front.csv").read_text().startswith("id,origin,label,top1")
+    assert list((folder / "assignments").glob("point-*.json"))
+    assert_png(results / "figures" / "explore-lenet5-mnist.png")
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
 def test_a_bad_parameter_fails_with_the_cells_error(tmp_path):
     with pytest.raises(PapermillExecutionError) as err:
         execute(REPO / "notebooks/02_train_mnist.ipynb", tmp_path, multiplier="bogus",
@@ -197,9 +217,10 @@ def test_colab_notebook_runs_locally_with_tiny_parameters(tmp_path):
     results = tmp_path / "results"
     nb = execute(REPO / "colab" / "mbmlib_colab.ipynb", tmp_path, results_dir=str(results),
                  run_notebooks=["01_multiplier_error", "02_train_mnist", "04_compare_runtimes",
-                                "05_evaluate_and_sensitivity"],
+                                "05_evaluate_and_sensitivity", "06_explore"],
                  multipliers=["exact"], train_samples=64, val_samples=40, test_samples=40, max_steps=2,
-                 speed_ratio_steps=0, error_samples=10_000, eval_multipliers=["mitchell"], eval_samples=20)
+                 speed_ratio_steps=0, error_samples=10_000, eval_multipliers=["mitchell"], eval_samples=20,
+                 explore_designs=["mbm"], explore_evaluations=10, explore_population=2, explore_samples=20)
     log = stream_text(nb)
     assert "not on Colab" in log and "pip install" not in log
     sweep = json.loads((results / "runs" / f"sweep-{AUTO_LABEL}.json").read_text())
@@ -213,6 +234,8 @@ def test_colab_notebook_runs_locally_with_tiny_parameters(tmp_path):
     scores = json.loads((results / "eval" / "seednet-mnist-test.json").read_text())  # 05 on the exact run
     assert scores["checkpoint"].endswith(f"seednet-exact-exact-b16-{AUTO_LABEL}/checkpoint.pt")
     assert [r["multiplier"] for r in scores["results"]] == ["exact", "mitchell"]
+    explored = json.loads((results / "explore" / f"seednet-{AUTO_LABEL}" / "explore.json").read_text())  # 06
+    assert explored["evaluations"] == 10 and explored["checkpoint"].endswith("checkpoint.pt")
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mbmlib train|bench|sweep|report|evaluate|sensitivity|designs`` (``--designs`` first
+"""Command line: ``python -m mbmlib train|bench|sweep|report|evaluate|sensitivity|designs|explore`` (``--designs`` first
 registers users' own designs; ``--evoapprox-dir`` names the EvoApproxLib checkout ``evoapprox:<circuit>`` reads).
 
 :func:`main` is the one error boundary: every expected failure becomes a one-line
@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_sensitivity(sub)
     _add_designs(sub)
+    _add_explore(sub)
     return parser
 
 
@@ -324,8 +325,12 @@ def _add_evaluate(sub) -> None:
                                    "to results/figures/eval-<name>.png.", epilog=EXIT_CODES)
     _add_model_and_data(p)
     _add_evoapprox_option(p, argparse.SUPPRESS)
-    p.add_argument("--multipliers", nargs="+", default=["exact", "mitchell", "mbm"],
-                   help="multipliers to score, e.g. exact mitchell mbm mbm-t16 mbm-int8 (default: exact mitchell mbm)")
+    p.add_argument("--multipliers", nargs="+", default=None,
+                   help="multipliers to score, e.g. exact mitchell mbm mbm-t16 mbm-int8 (default: exact mitchell mbm; "
+                        "with --multiplier-map: exact)")
+    p.add_argument("--multiplier-map", nargs="+", default=[], metavar="FILE.json",
+                   help="assignment files (a JSON \"multipliers\" object of layer patterns to multipliers, as explore "
+                        "writes them) to score too, each as a row map:<file stem>")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -335,9 +340,10 @@ def _run_evaluate(args) -> int:
     _check_weights(args)
     claim_result_files(result_paths(args.model, args.dataset, args.split, args.out, args.figures, args.name).values(),
                        args.overwrite)
-    report = evaluate_multipliers(args.model, args.dataset, args.multipliers, args.checkpoint, args.pretrained,
+    multipliers = args.multipliers or (["exact"] if args.multiplier_map else ["exact", "mitchell", "mbm"])
+    report = evaluate_multipliers(args.model, args.dataset, multipliers, args.checkpoint, args.pretrained,
                                   args.data_dir, args.split, args.samples, args.batch_size, args.device,
-                                  progress=args.progress)
+                                  progress=args.progress, multiplier_maps=args.multiplier_map)
     for kind, path in save_results(report, args.out, args.figures, args.name).items():
         print(f"wrote {kind}: {path}")
     return 0
@@ -370,6 +376,67 @@ def _run_sensitivity(args) -> int:
                              args.data_dir, args.split, args.samples, args.batch_size, args.device, args.layers,
                              args.top, args.progress)
     for kind, path in save_sensitivity(report, args.out, args.figures, args.name).items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def _add_explore(sub) -> None:
+    p = sub.add_parser("explore", help="search per-layer design assignments for the most energy saved within an "
+                                       "accuracy loss",
+                       description="Multi-objective search (Optuna's NSGA-II) over assignments of the given designs "
+                                   "(or exact) to every Conv2d/Linear layer: top-1 on held-out validation images "
+                                   "against the model's relative multiplier energy (published costs, or --cost). "
+                                   "Writes results/explore/<name>/ (every point, the Pareto front, one assignment "
+                                   "file per front point) and results/figures/explore-<name>.png; the front's points "
+                                   "within --max-loss are re-scored on the test split.", epilog=EXIT_CODES)
+    _add_model_and_data(p)
+    _add_evoapprox_option(p, argparse.SUPPRESS)
+    p.set_defaults(out="results/explore", samples=1000)
+    for action in p._actions:  # the shared options' help, as explore reads them
+        if action.dest in ("samples", "out", "split"):
+            action.help = {"samples": "held-out validation images the search scores on (default: 1000)",
+                           "out": "results folder (default: results/explore)",
+                           "split": "explore searches on validation images and re-scores on the test split: leave "
+                                    "it"}[action.dest]
+    p.add_argument("--designs", dest="candidates", nargs="+", required=True, metavar="DESIGN",
+                   help="the designs a layer may get besides exact, e.g. mbm mitchell mbm-int8 evoapprox:mul8s_1L2J")
+    p.add_argument("--max-loss", type=float, default=1.0, help="top-1 points a point may lose against exact and "
+                                                                "stay feasible (default: 1.0)")
+    p.add_argument("--evaluations", type=int, default=300, help="distinct assignments to score, the uniform and "
+                                                                "one-layer ones included (default: 300)")
+    p.add_argument("--population", type=int, default=30, help="NSGA-II population size (default: 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (default: 0)")
+    p.add_argument("--cost", action="append", default=[], metavar="NAME=RELATIVE_POWER",
+                   help="a relative power for a design without a published one (recorded as user-given); repeatable")
+    p.add_argument("--cost-file", action="append", default=[], metavar="FILE.csv",
+                   help="user-given costs as a CSV with columns design,relative_power")
+    p.add_argument("--test-samples", type=int, default=None, help="test images the front's points are re-scored "
+                                                                  "on (default: all)")
+    p.add_argument("--finetune", type=int, default=0, metavar="E", help="fine-tune each front point within the loss "
+                                                                        "for E epochs before its test score (default: 0)")
+    p.add_argument("--finetune-samples", type=int, default=None, help="training images for --finetune (default: all)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam learning rate of --finetune (default: 1e-4)")
+    p.set_defaults(func=_run_explore)
+
+
+def _run_explore(args) -> int:
+    from .explore import design_costs, explore_paths, parse_costs, run_explore, save_explore
+
+    _check_weights(args)
+    if args.split != "test":
+        raise ValueError("explore searches on the validation split and re-scores on the test split; drop --split")
+    costs = parse_costs(args.cost, args.cost_file)
+    design_costs(args.candidates, costs)  # a design without a cost is refused before anything is claimed or loaded
+    claim_result_files(explore_paths(args.model, args.dataset, args.out, args.figures, args.name).values(),
+                       args.overwrite)
+    report = run_explore(args.model, args.dataset, args.candidates, args.checkpoint, args.pretrained, args.data_dir,
+                         args.samples, args.test_samples, args.max_loss, args.evaluations, args.seed, args.population,
+                         costs, args.finetune, args.finetune_samples, args.finetune_lr, args.batch_size, args.device,
+                         progress=args.progress)
+    for row in report["summary"]:
+        print(f"within {row['max_loss']:g} points: best energy {row['best_energy']:.3f} (top-1 {row['best_top1']:.2f}%)"
+              f", best uniform {row['uniform']} {row['uniform_energy']:.3f} (top-1 {row['uniform_top1']:.2f}%)")
+    for kind, path in save_explore(report, args.out, args.figures, args.name).items():
         print(f"wrote {kind}: {path}")
     return 0
 

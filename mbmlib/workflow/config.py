@@ -19,10 +19,11 @@ from typing import Any, Optional
 from .. import kernels
 from ..functional import BACKWARD_MODES, check_backward
 from ..multipliers import MAX_TRUNCATION, as_multiplier
+from ..nn import read_multiplier_map
 from .models import check_input, check_model_name
 from .runtime import resolve_device
 
-__all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "check_run_name", "safe_stem",
+__all__ = ["TrainConfig", "PRESETS", "multiplier_of", "multiplier_key", "config_with_preset", "default_run_name", "check_run_name", "safe_stem",
            "identity_differences", "add_config_arguments", "config_from_args", "describe_fields"]
 
 OPTIMIZERS = ("adam", "sgd")
@@ -57,6 +58,9 @@ class TrainConfig:
                 "torchvision.models classifier (resnet18, mobilenet_v2, ...)"))
     multiplier: str = field(default="mbm", metadata=_opt(
         _ARITH, f"exact, mitchell, mbm, or with truncation mbm-t16 / mitchell-t8 (t = 0..{MAX_TRUNCATION})"))
+    multiplier_map: Optional[str] = field(default=None, metadata=_opt(
+        _ARITH, "an assignment file (JSON: a \"multipliers\" object of layer patterns to multipliers, as explore "
+                "writes them) used instead of --multiplier; a layer no pattern matches stays exact"))
     backward: str = field(default="exact", metadata=_opt(
         _ARITH, "gradient products exact (straight-through) or approximate too", choices=BACKWARD_MODES))
     approx_linear: bool = field(default=True, metadata=_opt(
@@ -119,6 +123,8 @@ class TrainConfig:
         """Check every value before any data is loaded; ValueError saying what to change."""
         check_model_name(self.model)
         as_multiplier(self.multiplier)
+        if self.multiplier_map is not None:
+            self._check_map()
         self._check_data()
         check_backward(self.backward)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -148,6 +154,17 @@ class TrainConfig:
             check_run_name(self.run_name)
         return self
 
+
+    def _check_map(self) -> None:
+        """The assignment file reads, names known multipliers, and is not combined with options it replaces."""
+        for mult in read_multiplier_map(self.multiplier_map).values():
+            as_multiplier(mult)
+        if self.multiplier != "mbm":
+            raise ValueError(f"multiplier {self.multiplier!r} and multiplier_map exclude each other: the assignment "
+                             "file names every layer's multiplier; drop one of them")
+        if not self.approx_linear:
+            raise ValueError("--exact-linear and multiplier_map exclude each other: the assignment file says which "
+                             "layers are exact")
 
     def _check_data(self) -> None:
         """The dataset exists by name, fits the model, and is not combined with a CSV."""
@@ -220,13 +237,28 @@ def default_run_name(cfg: TrainConfig, runtime_label: str) -> str:
     base = TrainConfig(**_preset_values(cfg.preset))
     tokens = []
     for key, (value, _) in identity_differences(cfg, base).items():
-        if key in ("model", "multiplier", "backward", "batch_size"):
+        if key in ("model", "multiplier", "multiplier_map", "backward", "batch_size"):
             continue
         token = f"{_ABBREV.get(key, key)}{value}"
         tokens.append(token if len(token) <= 16 else _ABBREV.get(key, key) + _digest(value))
-    name = "-".join([cfg.model, as_multiplier(cfg.multiplier).name, cfg.backward, f"b{cfg.batch_size}", *tokens,
+    products = "map" + _digest(multiplier_key(cfg)) if cfg.multiplier_map else as_multiplier(cfg.multiplier).name
+    name = "-".join([cfg.model, products, cfg.backward, f"b{cfg.batch_size}", *tokens,
                      runtime_label])
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
+
+
+def multiplier_of(cfg: TrainConfig):
+    """What ``convert`` makes of the run's layers: the multiplier name, or the assignment file's dict."""
+    return read_multiplier_map(cfg.multiplier_map) if cfg.multiplier_map else cfg.multiplier
+
+
+def multiplier_key(cfg: TrainConfig) -> str:
+    """What the products are, kept in checkpoints for ``--resume``: the multiplier's key (a table's digest), or
+    every pattern's with an assignment file, so a changed file is seen."""
+    if cfg.multiplier_map:
+        return "map:" + ";".join(f"{pattern}={as_multiplier(m).key}"
+                                 for pattern, m in read_multiplier_map(cfg.multiplier_map).items())
+    return as_multiplier(cfg.multiplier).key
 
 
 def _digest(value: Any) -> str:

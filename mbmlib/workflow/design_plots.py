@@ -134,17 +134,18 @@ def explore_figure(report: dict, path: str | Path) -> Path:
     uniform = [p for p in points if p["origin"] == "uniform"]
     ax.scatter([p["relative_energy"] for p in uniform], [p["top1_drop"] for p in uniform], marker="D", s=40,
                color="#1f78b4", label="uniform assignments", zorder=4)
-    for p in uniform:
+    for rank, p in enumerate(sorted(uniform, key=lambda p: p["relative_energy"])):  # neighbours' labels alternate
         ax.annotate(p["label"].replace(_EVOAPPROX, ""), (p["relative_energy"], p["top1_drop"]), fontsize=7,
-                    rotation=30, xytext=(3, 4), textcoords="offset points")
+                    rotation=30, xytext=(3, (4, -14, 16)[rank % 3]), textcoords="offset points")
     ax.axhline(report["max_loss"], color="#4d4d4d", ls="--", lw=1,
                label=f"loss budget {report['max_loss']:g} points (exact: {report['exact_top1']:.2f}%)")
+    ax.axhline(0, color="#4d4d4d", lw=0.6)
     ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_ylim(bottom=-0.02)
+    ax.set_ylim(bottom=min([-0.02] + [1.5 * p["top1_drop"] for p in points]))  # negative drops: above exact
     ax.set_xlabel("relative multiplier energy of the model (MAC-weighted, each design against its source's exact)")
     ax.set_ylabel("top-1 drop on the search split, points (lower is better)")
     ax.set_title(f"Design-space exploration: {report['model']} on {report['dataset']}, one design per layer",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: no point hidden
     return save_figure(fig, path)

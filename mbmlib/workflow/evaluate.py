@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import calibrate, convert
 from ..energy import model_energy
 from ..multipliers import as_multiplier
+from ..nn import MBMConv2d, MBMLinear, is_multiplier_map_path, read_multiplier_map
 from .config import check_run_name, safe_stem
 from .models import check_input, load_model, model_channels
 from .runtime import describe, resolve_device
@@ -95,11 +96,31 @@ def accuracy(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], progres
 
 
 def approximate(base: nn.Module, multiplier, calibration: Batches, backend: Optional[str] = None) -> nn.Module:
-    """A copy of ``base`` with ``multiplier`` (one name, or a dict of layer patterns); integer layers calibrated."""
+    """A copy of ``base`` with ``multiplier`` (one name, a dict of layer patterns or an assignment file); integer
+    layers calibrated on the float model (:func:`calibrate_on_float`)."""
+    if is_multiplier_map_path(multiplier):
+        multiplier = read_multiplier_map(multiplier)
     model = convert(base, multiplier=multiplier, backend=backend)
     names = multiplier.values() if isinstance(multiplier, dict) else [multiplier]
     if any(as_multiplier(m).is_integer for m in names):
+        calibrate_on_float(model, calibration)
+    return model
+
+
+def calibrate_on_float(model: nn.Module, calibration: Batches) -> nn.Module:
+    """Calibrate the integer layers with every other layer exact: quantised layers already run float while they
+    are calibrated, so each layer's scales then depend on its own design only, whatever the other layers use
+    (``explore`` calibrates once per design and gets the very same scales)."""
+    floats = [m for m in model.modules() if isinstance(m, (MBMConv2d, MBMLinear)) and m.quantiser is None
+              and not m.multiplier.is_exact]
+    saved = [m.multiplier for m in floats]
+    try:
+        for layer in floats:
+            layer.multiplier = as_multiplier("exact")
         calibrate(model, calibration)
+    finally:
+        for layer, mult in zip(floats, saved):
+            layer.multiplier = mult
     return model
 
 
@@ -123,17 +144,32 @@ def load_model_and_data(model: str, dataset: str, checkpoint, pretrained: bool, 
     return base, data
 
 
+def _map_rows(maps: Sequence) -> dict:
+    """``{row name: assignment dict}`` of assignment files, each row named ``map:<file stem>``; files read first."""
+    rows = {}
+    for path in maps:
+        name = f"map:{Path(path).stem}"
+        if name in rows:
+            raise ValueError(f"two assignment files are named {Path(path).stem}; rename one so their rows differ")
+        rows[name] = read_multiplier_map(path)
+        for mult in rows[name].values():
+            as_multiplier(mult)
+    return rows
+
+
 def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], checkpoint=None,
                          pretrained: bool = False, root=None, split: str = "test", samples: Optional[int] = None,
                          batch_size: int = 128, device: str = "auto", backend: Optional[str] = None,
-                         progress: bool = True) -> dict:
-    """Evaluate one model's weights under each multiplier (exact first); returns the JSON-ready report."""
+                         progress: bool = True, multiplier_maps: Sequence = ()) -> dict:
+    """Evaluate one model's weights under each multiplier (exact first), then under each assignment file of
+    ``multiplier_maps`` (rows ``map:<stem>``); returns the JSON-ready report."""
+    maps = _map_rows(multiplier_maps)
     dev = resolve_device(device)
     base, data = load_model_and_data(model, dataset, checkpoint, pretrained, root, split, samples, batch_size, dev)
     rows = []
     shape = (1, *data.batches[0][0].shape[1:])
-    for name in _ordered(multipliers):
-        approx_model = approximate(base, name, data.calibration, backend)
+    for name in _ordered(multipliers) + list(maps):
+        approx_model = approximate(base, maps.get(name, name), data.calibration, backend)
         result = accuracy(approx_model, data.batches, progress, name)
         rows.append({"multiplier": name, **result, **energy_columns(approx_model, shape)})
         energy = rows[-1]["relative_energy"]
@@ -143,7 +179,9 @@ def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], c
     for row in rows:
         row["top1_drop"] = rows[0]["top1"] - row["top1"]
     return {"model": model, "dataset": dataset, "split": split, "checkpoint": str(checkpoint) if checkpoint else None,
-            "pretrained": pretrained, "runtime": describe(dev), "results": rows}
+            "pretrained": pretrained, "runtime": describe(dev), "results": rows,
+            "multiplier_maps": {name: {"file": str(path), "multipliers": maps[name]}
+                                for name, path in zip(maps, multiplier_maps)}}
 
 
 def energy_columns(model: nn.Module, shape: tuple) -> dict:

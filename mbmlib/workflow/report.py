@@ -43,6 +43,8 @@ __all__ = [
     "bench_markdown",
     "write_summary",
     "read_run",
+    "load_explore",
+    "explore_markdown",
 ]
 
 # Columns of the run summary: (CSV name, markdown header, number format or None)
@@ -84,6 +86,7 @@ class Results:
     history: pd.DataFrame  # one row per training step: run, step, epoch, loss, lr, elapsed
     bench: pd.DataFrame  # one row per timed case
     problems: list = field(default_factory=list)  # (path, reason) of every skipped file
+    explore: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per explore result and loss limit
 
 
 def _problem(problems: list, path: Path, reason: str) -> None:
@@ -128,7 +131,7 @@ def _run_row(run_dir: Path, metrics: dict) -> dict:
         "status": metrics.get("status", "unknown"),
         "model": cfg.get("model"),
         "dataset": cfg.get("dataset"),
-        "multiplier": cfg.get("multiplier"),
+        "multiplier": f"map:{Path(cfg['multiplier_map']).stem}" if cfg.get("multiplier_map") else cfg.get("multiplier"),
         "backward": cfg.get("backward"),
         "backend": cfg.get("backend") or "auto",
         "seed": _num(cfg.get("seed")),
@@ -286,7 +289,44 @@ def load_results(results_dir: str | Path = "results") -> Results:
     problems: list = []
     runs, history = load_runs(results_dir, problems)
     bench = load_bench(results_dir, problems)
-    return Results(runs, history, bench, problems)
+    return Results(runs, history, bench, problems, load_explore(results_dir, problems))
+
+
+EXPLORE_COLUMNS = {"explore": "explore", "model": "model", "dataset": "dataset", "designs": "designs",
+                   "evaluations": "evaluations", "search_samples": "search images", "max_loss": "max loss (points)",
+                   "best_energy": "best energy", "best_top1": "its top-1 (%)", "best_test_top1": "its test top-1 (%)",
+                   "uniform": "best uniform", "uniform_energy": "its energy", "uniform_top1": "its top-1 (%) "}
+
+
+def _explore_rows(path: Path) -> list[dict]:
+    """One row per loss limit of an ``explore.json``: the best point and the best uniform assignment within it."""
+    report = json.loads(path.read_text())
+    tested = {p["id"]: p.get("test_top1") for p in report["front"]}
+    common = {"explore": path.parent.name, "model": report["model"], "dataset": report["dataset"],
+              "designs": len(report["designs"]), "evaluations": report["evaluations"],
+              "search_samples": report["search_samples"]}
+    return [{**common, **{k: row[k] for k in EXPLORE_COLUMNS if k in row}, "best_test_top1": tested.get(row["best_id"])}
+            for row in report["summary"]]
+
+
+def load_explore(results_dir: str | Path = "results", problems: Optional[list] = None) -> pd.DataFrame:
+    """The summaries of every ``<results>/explore/*/explore.json`` (``python -m mbmlib explore``)."""
+    problems = [] if problems is None else problems
+    rows = []
+    for path in sorted(Path(results_dir).glob("explore/*/explore.json")):
+        try:
+            rows += _explore_rows(path)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            warnings.warn(f"skipping {path}: {err}", ReportWarning, stacklevel=2)
+            _problem(problems, path, f"unreadable explore result ({err})")
+    return pd.DataFrame(rows, columns=list(EXPLORE_COLUMNS))
+
+
+def explore_markdown(table: pd.DataFrame) -> str:
+    """A :func:`load_explore` table as markdown."""
+    return to_markdown(table, EXPLORE_COLUMNS, {"max_loss": "{:g}", "best_energy": "{:.3f}", "best_top1": "{:.2f}",
+                                                "best_test_top1": "{:.2f}", "uniform_energy": "{:.3f}",
+                                                "uniform_top1": "{:.2f}"})
 
 
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -429,5 +469,14 @@ def write_summary(results_dir: str | Path = "results", csv_path: str | Path | No
     write_text(bench_md, "# Benchmarks\n\nThroughput in G MAC/s (elementwise: G products/s); ratio to exact is "
                          "time relative to the exact op timed in the same run (lower is better).\n\n"
                          + bench_markdown(bench))
-    return {"csv": csv_path, "markdown": md_path, "bench_csv": bench_csv, "bench_markdown": bench_md,
-            "table": table, "groups": groups, "bench": bench, "problems": results.problems}
+    out = {"csv": csv_path, "markdown": md_path, "bench_csv": bench_csv, "bench_markdown": bench_md,
+           "table": table, "groups": groups, "bench": bench, "problems": results.problems}
+    if not results.explore.empty:
+        out["explore_csv"] = write_text(csv_path.with_name("explore_summary.csv"), results.explore.to_csv(index=False))
+        out["explore_markdown"] = write_text(csv_path.with_name("explore_summary.md"), "# Design-space "
+                                             "explorations\n\nPer result of `python -m mbmlib explore` and loss "
+                                             "limit: the lowest relative multiplier energy found within it (top-1 on "
+                                             "the held-out validation images, and on the test split), against the "
+                                             "best uniform assignment within the same loss.\n\n"
+                                             + explore_markdown(results.explore))
+    return out

@@ -34,7 +34,8 @@ from ..nn import MBMConv2d, MBMLinear, convert
 from . import data as mdata
 from . import plugins, runtime
 from .evaluate import accuracy
-from .config import PRESETS, TrainConfig, config_with_preset, default_run_name, identity_differences
+from .config import (PRESETS, TrainConfig, config_with_preset, default_run_name, identity_differences,
+                     multiplier_key, multiplier_of)
 from .models import model_channels, new_model
 from .store import (CHECKPOINT, atomic_write, holds_run, lock_run, move_run_aside, read_json, remove_stale_temporaries,
                     write_json, write_text)
@@ -303,7 +304,7 @@ def _setup(cfg: TrainConfig) -> Session:
         claim_run_folder(cfg, writer.dir)
     torch.manual_seed(cfg.seed)
     data = _load_data(cfg, device)
-    model = new_model(cfg.model, data.num_classes, data.channels, multiplier=cfg.multiplier, backward=cfg.backward,
+    model = new_model(cfg.model, data.num_classes, data.channels, multiplier=multiplier_of(cfg), backward=cfg.backward,
                       approx_linear=cfg.approx_linear, backend=cfg.backend).to(device)
     optimizer = _make_optimizer(cfg, model.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
@@ -324,11 +325,12 @@ def _restore(s: Session, state: dict) -> None:
     Refused when what the config cannot show has changed: the table a ``table:<csv>`` names (its digest) or
     the number of processes (the effective batch).
     """
-    key, world = as_multiplier(s.cfg.multiplier).key, s.dist.world_size
+    key, world = multiplier_key(s.cfg), s.dist.world_size
     if state.get("multiplier_key", key) != key:
-        raise RunFolderError(f"--resume: the multiplier {s.cfg.multiplier} is not the one the run started with "
-                             f"({state['multiplier_key']}, now {key}): the table file has changed; restore it, or "
-                             "start a new run")
+        what = "assignment" if s.cfg.multiplier_map else "table"
+        raise RunFolderError(f"--resume: the multiplier {s.cfg.multiplier_map or s.cfg.multiplier} is not the one the "
+                             f"run started with ({state['multiplier_key']}, now {key}): the {what} file has changed; "
+                             "restore it, or start a new run")
     if state.get("world_size", world) != world:
         raise RunFolderError(f"--resume: the run started with {state['world_size']} process(es), this is {world} "
                              f"(the effective batch would change); resume with torchrun --nproc-per-node "
@@ -347,7 +349,7 @@ def _save_checkpoint(s: Session, epoch: int, elapsed: float) -> None:
     s.writer.checkpoint({"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
                          "scheduler": s.scheduler.state_dict(), "epoch": epoch, "global_step": s.global_step,
                          "history": s.history, "epochs": s.epochs, "elapsed": elapsed,
-                         "multiplier_key": as_multiplier(s.cfg.multiplier).key, "world_size": s.dist.world_size,
+                         "multiplier_key": multiplier_key(s.cfg), "world_size": s.dist.world_size,
                          "rng_cpu": torch.get_rng_state(),
                          "rng_cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None})
 
@@ -441,7 +443,8 @@ def train(cfg: TrainConfig) -> dict:
     n_train = s.data.sizes()["train"]
     metrics = {"run_name": s.writer.dir.name, "status": "running", "config": dataclasses.asdict(cfg),
                "runtime": s.info, "world_size": s.dist.world_size, "data": s.data.sizes(), "epochs": s.epochs}
-    _log(f"run {s.writer.dir.name}: {cfg.model} with multiplier {as_multiplier(cfg.multiplier).name} "
+    products = f"the assignment {cfg.multiplier_map}" if cfg.multiplier_map else as_multiplier(cfg.multiplier).name
+    _log(f"run {s.writer.dir.name}: {cfg.model} with multiplier {products} "
          f"(backward {cfg.backward}) on {s.info['device_name']} ({s.info['device']}), {n_train} training samples, "
          f"{s.data.steps_per_epoch(cfg.batch_size, s.dist.world_size)} steps/epoch", s.dist)
     _warm_up(s.model, *s.data.first_batch(max(cfg.batch_size, EVAL_BATCH)), cfg.batch_size)
