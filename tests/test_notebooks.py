@@ -112,7 +112,8 @@ def test_01_error_table_and_figures(pipeline):
     assert_png(results / "figures" / "error_hist.png")
     ints = pd.read_csv(results / "tables" / "integer_multiplier_error.csv").set_index("multiplier")
     assert list(ints.index) == ["mitchell-int8", "mbm-int8", "table:results/tables/mbm_int8_products.csv"]
-    assert ints.loc["mbm-int8", "n"] == 255 * 255 and ints.loc["mbm-int8", "max"] == pytest.approx(7.8125)
+    assert ints.loc["mbm-int8", "n"] == 256 * 256 and ints.loc["mbm-int8", "max"] == pytest.approx(7.8125)
+    assert ints.loc["mbm-int8", "wce"] == 2816 and 0 < ints.loc["mbm-int8", "ep"] < 100  # the hardware figures
     assert ints.iloc[2].tolist() == ints.loc["mbm-int8"].tolist()  # the table read from CSV is mbm-int8
     assert_png(results / "figures" / "error_map_int.png")
 
