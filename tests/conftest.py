@@ -16,6 +16,14 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture
+def backend(request, monkeypatch):
+    """A backend name (parametrize with ``indirect=True``); "triton" runs on CUDA, else in the interpreter."""
+    if request.param == "triton" and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

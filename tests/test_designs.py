@@ -21,7 +21,7 @@ from mbmlib import kernels, quant
 from mbmlib.kernels import GenericPathWarning
 from scalar_model import (approx_mul_bits, b2f, design_mul_bits, drum_model, f2b, int_products_model, lmul_mul_bits,
                           same_float)
-from triton_backend import triton_backend
+from triton_backend import every_backend
 
 
 def trunc2(a, b):
@@ -58,17 +58,7 @@ INT_NAMES = [n for d in DESIGNS if d.kind == "int" for n in examples(d)]
 LAYER_INT_NAMES = INT_NAMES + [f"drum{k}-int{n}" for n in (4, 8, 12, 16) for k in sorted({2, 4, 6, n})
                                if k <= n and f"drum{k}-int{n}" not in INT_NAMES]
 LAYER_FLOAT_NAMES = FLOAT_NAMES + [f"lmul-m{m}" for m in (1, 4, 7, 23) if f"lmul-m{m}" not in FLOAT_NAMES]
-TK, TRITON_SKIP = triton_backend()
-BACKENDS = ["reference", "compiled", pytest.param("triton", marks=pytest.mark.skipif(TK is None,
-                                                                                      reason=TRITON_SKIP or ""))]
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    """A backend name; "triton" runs on CUDA, else in the interpreter TRITON_INTERPRET=1 selects."""
-    if request.param == "triton" and not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return request.param
+BACKENDS = every_backend()
 
 
 def quiet(fn, *args, **kw):

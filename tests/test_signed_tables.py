@@ -10,18 +10,9 @@ import torch.nn.functional as F
 import mbmlib
 from mbmlib import Multiplier, quant
 from mbmlib.functional import conv2d_int, linear_int
-from triton_backend import triton_backend
+from triton_backend import every_backend
 
-TK, TRITON_SKIP = triton_backend()
-BACKENDS = ["reference", "compiled", pytest.param("triton", marks=pytest.mark.skipif(TK is None,
-                                                                                      reason=TRITON_SKIP or ""))]
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    if request.param == "triton" and not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return request.param
+BACKENDS = every_backend()
 
 
 def signed_table(bits: int = 8, seed: int = 0) -> torch.Tensor:

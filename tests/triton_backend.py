@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 
+import pytest
 import torch
 
 
@@ -50,3 +51,8 @@ def triton_backend():
             os.environ["TRITON_INTERPRET"] = old
 
 
+def every_backend() -> list:
+    """The backends a conformance test runs on: reference, compiled, and triton (on CUDA, else in the
+    interpreter; skipped with the reason where it cannot run), for the ``backend`` fixture of conftest.py."""
+    module, why = triton_backend()
+    return ["reference", "compiled", pytest.param("triton", marks=pytest.mark.skipif(module is None, reason=why or ""))]
