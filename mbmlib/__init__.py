@@ -2,7 +2,7 @@
 
 The Minimally Biased Multiplier (MBM, Saadat et al., TCAD 2018) and Mitchell's
 logarithmic multiplier as vectorised PyTorch ops, approximate Conv2d/Linear
-layers on fused CPU and GPU kernels, and an MNIST training pipeline.
+layers and attention on fused CPU and GPU kernels, and an MNIST training pipeline.
 
 Two layers: the core (``multipliers`` -> ``kernels`` -> ``functional`` -> ``nn``)
 imports torch only; ``mbmlib.workflow`` (data, models, training, benchmarks,
@@ -46,9 +46,21 @@ __all__ = [
 ]
 
 from . import functional, kernels, nn, quant  # noqa: E402  (layers build on the multipliers above)
-from .nn import MBMConv2d, MBMLinear, NotConvertedWarning, convert  # noqa: E402
-from .quant import QuantSpec, calibrate  # noqa: E402
+from .nn import (  # noqa: E402
+    ApproxMatmul,
+    ApproxMultiheadAttention,
+    MBMConv2d,
+    MBMLinear,
+    NotConvertedWarning,
+    approximable_layers,
+    convert,
+)
+from .quant import MatmulQuantSpec, QuantSpec, calibrate  # noqa: E402
 from .energy import layer_macs, model_energy  # noqa: E402
 
-__all__ += ["functional", "kernels", "nn", "quant", "MBMConv2d", "MBMLinear", "NotConvertedWarning", "convert",
-            "QuantSpec", "calibrate", "layer_macs", "model_energy"]
+__all__ += ["functional", "kernels", "nn", "quant", "MBMConv2d", "MBMLinear", "ApproxMatmul",
+            "ApproxMultiheadAttention", "NotConvertedWarning", "approximable_layers", "convert", "QuantSpec",
+            "MatmulQuantSpec", "calibrate", "layer_macs", "model_energy"]
+from .approximate import approximate  # noqa: E402  (a torch function mode over the functional ops)
+
+__all__ += ["approximate"]

@@ -1,9 +1,11 @@
-"""Approximate conv2d / linear / matmul with autograd, registered as torch custom ops.
+"""Approximate conv2d / linear / matmul / bmm / attention with autograd, registered as torch custom ops.
 
 Every product is ``approx_mul(x, w)`` accumulated in float32; a bias is added
 exactly.  ``backward="exact"`` differentiates the exact map (straight-through:
 the fast cuDNN/MKL gradients); ``backward="approx"`` computes the two gradient
 products with the approximate multiplier too, as approximate hardware would.
+Attention (:func:`scaled_dot_product_attention`) runs Q K^T and P V through the
+same matmul; its scale, masks and softmax stay exact (:mod:`mbmlib.attention`).
 
 The ops are defined with ``torch.library.custom_op`` + ``register_fake`` +
 ``register_autograd`` so that models using them also work under
@@ -11,6 +13,7 @@ The ops are defined with ``torch.library.custom_op`` + ``register_fake`` +
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Union
 
@@ -18,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from . import attention, kernels
 from .multipliers.floating import check_float_tensors
 from .multipliers.integer import check_int_tensor
 from .multipliers.specs import MultiplierLike, as_multiplier
 
 BACKWARD_MODES = ("exact", "approx")
 
-__all__ = ["conv2d", "linear", "matmul", "linear_int", "conv2d_int", "BACKWARD_MODES", "check_backward", "conv2d_args", "linear_args",
+__all__ = ["conv2d", "linear", "matmul", "bmm", "scaled_dot_product_attention", "attention_with_weights", "linear_int",
+           "conv2d_int", "BACKWARD_MODES", "check_backward", "conv2d_args", "linear_args", "matmul_args",
            "conv2d_exact_grads", "bmm_nt_exact_grads"]
 
 
@@ -223,7 +227,8 @@ def _resolve(multiplier: MultiplierLike, backward: str, backend: Optional[str], 
     mult = as_multiplier(multiplier)
     if mult.is_integer:
         raise ValueError(f"the integer multiplier {mult.name!r} multiplies quantised values and needs scales: use "
-                         "mbmlib.quant.conv2d / linear, or MBMConv2d / MBMLinear(multiplier=...)")
+                         "mbmlib.quant.conv2d / linear / matmul, or the layers (MBMConv2d, MBMLinear, ApproxMatmul, "
+                         "ApproxMultiheadAttention) with multiplier=...")
     check_backward(backward)
     way = kernels.route(mult, kernels.resolve(backend, device))
     return way.key, backward, way.backend
@@ -296,20 +301,78 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, mult
     return out if bias is None else out + bias
 
 
-def matmul(a: Tensor, b: Tensor, *, multiplier: MultiplierLike = "mbm", backward: str = "exact",
-           backend: Optional[str] = None) -> Tensor:
-    """``torch.matmul`` with every product approximate (1-D, 2-D and broadcast batched operands)."""
-    _check_layer_inputs({"a": a, "b": b})
-    out_shape = torch.matmul(a.to("meta"), b.to("meta")).shape
-    mult, backward, backend = _resolve(multiplier, backward, backend, a.device)
+def _nt_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, list]:
+    """``a @ b`` (torch.matmul's broadcasting) as ``a3 @ b3.T``: ``(a3 (G, M, K), b3 (G, N, K), output shape)``."""
     a2 = a.unsqueeze(0) if a.dim() == 1 else a  # (..., M, K)
     b2 = b.unsqueeze(-1) if b.dim() == 1 else b  # (..., K, N)
     batch = torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
     M, K, N = a2.shape[-2], a2.shape[-1], b2.shape[-1]
     G = math.prod(batch)
-    a3 = a2.expand(*batch, M, K).reshape(G, M, K)  # (G, M, K)
-    b3 = b2.expand(*batch, K, N).transpose(-1, -2).reshape(G, N, K)  # (G, N, K)
-    return _bmm_nt(a3, b3, mult, backward, backend).reshape(out_shape)
+    a3 = a2.expand(*batch, M, K).reshape(G, M, K)
+    b3 = b2.expand(*batch, K, N).transpose(-1, -2).reshape(G, N, K)
+    return a3, b3, [*batch, *([M] if a.dim() > 1 else []), *([N] if b.dim() > 1 else [])]
+
+
+def matmul_args(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, list]:
+    """Check a matmul as torch.matmul would; return ``(a (G, M, K), b transposed (G, N, K), output shape)``."""
+    _check_layer_inputs({"a": a, "b": b})
+    torch.matmul(a.to("meta"), b.to("meta"))
+    return _nt_operands(a, b)
+
+
+def _matmul(a: Tensor, b: Tensor, multiplier: str, backward: str, backend: str) -> Tensor:
+    """The approximate ``a @ b`` of checked operands and a resolved multiplier, backward mode and backend; the
+    exact design is ``torch.matmul`` itself (its kernels for each rank, so exact attention is torch's math)."""
+    if as_multiplier(multiplier).is_exact:
+        return torch.matmul(a, b)
+    a3, b3, out_shape = _nt_operands(a, b)
+    return _bmm_nt(a3, b3, multiplier, backward, backend).reshape(out_shape)
+
+
+def matmul(a: Tensor, b: Tensor, *, multiplier: MultiplierLike = "mbm", backward: str = "exact",
+           backend: Optional[str] = None) -> Tensor:
+    """``torch.matmul`` with every product approximate (1-D, 2-D and broadcast batched operands)."""
+    matmul_args(a, b)
+    return _matmul(a, b, *_resolve(multiplier, backward, backend, a.device))
+
+
+def bmm(a: Tensor, b: Tensor, *, multiplier: MultiplierLike = "mbm", backward: str = "exact",
+        backend: Optional[str] = None) -> Tensor:
+    """``torch.bmm`` with every product approximate: (B, M, K) @ (B, K, N) -> (B, M, N), no broadcasting."""
+    _check_layer_inputs({"a": a, "b": b})
+    torch.bmm(a.to("meta"), b.to("meta"))  # torch.bmm's rules and errors
+    return _bmm_nt(a, b.transpose(1, 2), *_resolve(multiplier, backward, backend, a.device))
+
+
+def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                           dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                           enable_gqa: bool = False, *, multiplier: MultiplierLike = "mbm", backward: str = "exact",
+                           backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """:func:`scaled_dot_product_attention` that also returns the attention weights (..., L, S) it multiplied V
+    by (after dropout)."""
+    _check_layer_inputs({"query": query, "key": key, "value": value})
+    attention.check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    opts = _resolve(multiplier, backward, backend, query.device)
+    key, value = (attention.repeat_kv_heads(query, t, enable_gqa) for t in (key, value))
+    mask = attention.additive_mask(attn_mask, is_causal, query.shape[-2], key.shape[-2], query.dtype, query.device)
+    approx = functools.partial(_matmul, multiplier=opts[0], backward=opts[1], backend=opts[2])
+    return attention.attend(query, key, value, mask, dropout_p, attention.default_scale(query, scale), approx, approx)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, multiplier: MultiplierLike = "mbm",
+                                 backward: str = "exact", backend: Optional[str] = None) -> Tensor:
+    """``F.scaled_dot_product_attention`` with Q K^T and P V approximate: same arguments, rules and errors.
+
+    query (..., L, E), key (..., S, E), value (..., S, Ev), batch dims broadcast; ``attn_mask`` bool (True =
+    takes part) or float (added), broadcast to (..., L, S); ``is_causal`` (not with a mask); dropout on the
+    weights; ``scale`` default ``1/sqrt(E)``, applied exactly to the approximate scores
+    (``softmax(approx(Q K^T) * scale + mask)``, :mod:`mbmlib.attention`); grouped-query attention with
+    ``enable_gqa``.  Softmax is exact; a row no key takes part in gives zeros, as torch's does.
+    """
+    return attention_with_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                  multiplier=multiplier, backward=backward, backend=backend)[0]
 
 
 # ----------------------------------------------------------------------------- integers in, exact integer sums out

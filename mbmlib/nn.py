@@ -1,11 +1,13 @@
-"""Drop-in approximate layers: MBMConv2d, MBMLinear, and ``convert(model)``.
+"""Approximate layers and ``convert(model)``: a model's multiplying layers, approximate.
 
-They subclass ``nn.Conv2d`` / ``nn.Linear`` -- same constructor arguments,
-parameter names and initialisation, so state dicts load both ways -- and only
-replace the forward computation with :mod:`mbmlib.functional`.  With an integer
-multiplier they are quantised layers (:mod:`mbmlib.quant`): their state dicts add
-``quantiser.*`` scale entries, which a float layer loads with ``strict=False``, and
-they load a float layer's state dict as it is.
+The layers are :class:`MBMConv2d` / :class:`MBMLinear` (:mod:`mbmlib.layers`: ``nn.Conv2d`` /
+``nn.Linear`` with the same constructor, parameters and initialisation, so state dicts load both
+ways) and :class:`ApproxMultiheadAttention` with its ops ``in_proj``, ``qk``, ``pv`` (an
+:class:`ApproxMatmul`) and ``out_proj`` (:mod:`mbmlib.attention_layers`).  With an integer
+multiplier they are quantised layers (:mod:`mbmlib.quant`): their state dicts add ``quantiser.*``
+scale entries, which a float layer loads with ``strict=False``, and they load a float layer's state
+dict as it is.  :func:`convert` turns a model's Conv2d, Linear and MultiheadAttention layers into
+them in place.
 """
 from __future__ import annotations
 
@@ -17,112 +19,29 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch import nn
 
 from . import functional as AF
-from .multipliers import MultiplierLike, as_multiplier
-from .quant import QuantSpec, quantiser_for
+from .attention_layers import ATTENTION_OPS, ApproxMatmul, ApproxMultiheadAttention, InProjection, op_name
+from .layers import ApproxLayer, MBMConv2d, MBMLinear, make_approx
+from .multipliers import as_multiplier
+from .quant import split_quant
 
-__all__ = ["MBMConv2d", "MBMLinear", "convert", "NotConvertedWarning", "UNCONVERTIBLE", "read_multiplier_map",
-           "is_multiplier_map_path"]
-
-
-class _ApproxMixin:
-    """Holds the multiplier, backward mode, backend and (integer multipliers) the quantiser of a layer."""
-
-    def _init_approx(self, multiplier: MultiplierLike, backward: str, backend: Optional[str],
-                     quant: Optional[QuantSpec] = None) -> None:
-        self.multiplier = as_multiplier(multiplier)
-        self.backward = AF.check_backward(backward)
-        self.backend = backend
-        self.quantiser = quantiser_for(self, self.multiplier, backward, quant)
-
-    def _approx_repr(self) -> str:
-        extra = f"multiplier={self.multiplier.name}, backward={self.backward}"
-        return extra + (f", backend={self.backend}" if self.backend else "")
-
-
-class MBMConv2d(_ApproxMixin, nn.Conv2d):
-    """``nn.Conv2d`` whose every product uses ``multiplier`` (default MBM).
-
-    An integer multiplier (``"mbm-int8"``, a table) makes it a quantised layer
-    (:mod:`mbmlib.quant`): ``quant`` may fix its scales, else they are observed.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 multiplier: MultiplierLike = "mbm", backward: str = "exact", backend: Optional[str] = None,
-                 quant: Optional[QuantSpec] = None):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device, dtype)
-        self._init_approx(multiplier, backward, backend, quant)
-
-    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros":  # pad explicitly as nn.Conv2d does, then convolve unpadded
-            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0, 0)
-        args = (input, weight, bias, self.stride, padding, self.dilation, self.groups)
-        if self.quantiser is not None:
-            return self.quantiser.conv2d(*args, multiplier=self.multiplier, backend=self.backend)
-        return AF.conv2d(*args, multiplier=self.multiplier, backward=self.backward, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", " + self._approx_repr()
-
-
-class MBMLinear(_ApproxMixin, nn.Linear):
-    """``nn.Linear`` whose every product uses ``multiplier`` (default MBM); quantised as MBMConv2d is."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 multiplier: MultiplierLike = "mbm", backward: str = "exact", backend: Optional[str] = None,
-                 quant: Optional[QuantSpec] = None):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self._init_approx(multiplier, backward, backend, quant)
-
-    def forward(self, input: Tensor) -> Tensor:
-        if self.quantiser is not None:
-            return self.quantiser.linear(input, self.weight, self.bias, multiplier=self.multiplier,
-                                         backend=self.backend)
-        return AF.linear(input, self.weight, self.bias, multiplier=self.multiplier, backward=self.backward,
-                         backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + ", " + self._approx_repr()
-
+__all__ = ["MBMConv2d", "MBMLinear", "ApproxMatmul", "ApproxMultiheadAttention", "InProjection", "ApproxLayer",
+           "convert", "approximable_layers", "NotConvertedWarning", "UNCONVERTIBLE", "DEFAULT_LAYERS",
+           "read_multiplier_map", "is_multiplier_map_path"]
 
 # Layers that multiply but have no approximate twin: convert() leaves them exact and says so.
 UNCONVERTIBLE = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
-                 nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)
+                 nn.RNNBase, nn.RNNCellBase)
+
+# What convert() makes approximate unless told otherwise.
+DEFAULT_LAYERS = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+_KINDS = (nn.Conv2d, nn.Linear, nn.MultiheadAttention, MBMConv2d, MBMLinear, ApproxMultiheadAttention)
 
 
 class NotConvertedWarning(UserWarning):
     """``convert()`` met layers it has no approximate version of; they stay exact."""
-
-
-def _walk(module: nn.Module, prefix: str = ""):
-    """(name, module) of ``module`` and everything below it, not entering MultiheadAttention.
-
-    MultiheadAttention computes with its ``out_proj`` weights directly
-    (``F.multi_head_attention_forward``), so swapping that submodule would change nothing.
-    """
-    yield prefix, module
-    if isinstance(module, nn.MultiheadAttention):
-        return
-    for attr, child in module.named_children():
-        yield from _walk(child, f"{prefix}.{attr}" if prefix else attr)
-
-
-def _make_approx(layer: nn.Module, opts: dict) -> None:
-    """Turn one Conv2d/Linear into its approximate twin in place: same object, parameters, hooks, mode."""
-    if parametrize.is_parametrized(layer):
-        raise TypeError(f"convert() cannot convert a parametrized {type(layer).__name__}; call "
-                        "torch.nn.utils.parametrize.remove_parametrizations on it first")
-    twin = MBMConv2d if isinstance(layer, nn.Conv2d) else MBMLinear
-    if not isinstance(layer, twin):
-        layer.__class__ = twin  # the twins add no parameters, only the attributes _init_approx sets
-    layer._init_approx(**opts)
 
 
 def _chooser(multiplier, names: list[str]):
@@ -182,52 +101,122 @@ def _warn_not_converted(skipped: list[tuple[str, nn.Module]]) -> None:
             stacklevel=3)
 
 
-def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=(nn.Conv2d, nn.Linear),
-            inplace: bool = False, backend: Optional[str] = None, quant: Optional[QuantSpec] = None) -> nn.Module:
+def _walk(module: nn.Module, prefix: str = ""):
+    """(name, module) of ``module`` and everything below it, not entering MultiheadAttention.
+
+    An attention computes with its weights directly, so its submodules are reached as its ops
+    (:func:`_targets`), never as layers of their own.
+    """
+    yield prefix, module
+    if isinstance(module, nn.MultiheadAttention):
+        return
+    for attr, child in module.named_children():
+        yield from _walk(child, f"{prefix}.{attr}" if prefix else attr)
+
+
+def _check_layers(layers) -> tuple:
+    layers = tuple(layers)
+    for kind in layers:
+        if kind not in _KINDS:
+            raise TypeError(f"convert() can replace nn.Conv2d, nn.Linear and nn.MultiheadAttention layers, not "
+                            f"{getattr(kind, '__name__', kind)}")
+    return layers
+
+
+def _targets(model: nn.Module, layers: tuple) -> list[tuple[str, nn.Module, Optional[str]]]:
+    """``(name, module, op)`` of what convert() can make approximate, in order: each Conv2d/Linear outside attention
+    ``(name, layer, None)``, each op of a MultiheadAttention ``("<name>.<op>", attention, op)``."""
+    found = []
+    for name, module in _walk(model):
+        if isinstance(module, nn.MultiheadAttention) and isinstance(module, layers):
+            found += [(op_name(name, op), module, op) for op in ATTENTION_OPS]
+        elif isinstance(module, layers):
+            found.append((name, module, None))
+    return found
+
+
+def approximable_layers(model: nn.Module, layers=DEFAULT_LAYERS) -> list[str]:
+    """The names :func:`convert`'s multiplier patterns choose among, in order: every Conv2d and Linear outside
+    attention and, for each MultiheadAttention ``<a>``, ``<a>.in_proj``, ``<a>.qk``, ``<a>.pv``, ``<a>.out_proj``
+    (plain or converted alike; a layer shared under two names is listed under both)."""
+    return [name for name, _, _ in _targets(model, _check_layers(layers))]
+
+
+def _no_fast_paths(model: nn.Module) -> None:
+    """Keep torch's fused transformer paths, which never call submodules, from skipping approximate layers.
+
+    A TransformerEncoderLayer holding an approximate layer never takes ``torch._transformer_encoder_layer_fwd``
+    (its eval-mode fast path needs ``activation_relu_or_gelu``, a flag nothing else reads after construction),
+    and a TransformerEncoder holding one never packs padded batches into nested tensors (``use_nested_tensor``).
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)) and \
+                any(isinstance(m, ApproxLayer) for m in module.modules()):
+            if isinstance(module, nn.TransformerEncoderLayer):
+                module.activation_relu_or_gelu = 0
+            else:
+                module.use_nested_tensor = False
+
+
+def _approximate(module: nn.Module, op: Optional[str], opts: dict, quant) -> None:
+    """Make one layer (``op`` None) or one op of an attention approximate with ``opts``, in place."""
+    if op is None:
+        make_approx(module, dict(opts, quant=split_quant(quant)[0]))
+        return
+    if not isinstance(module, ApproxMultiheadAttention):
+        module.__class__ = ApproxMultiheadAttention  # same parameters; the ops come next
+        module.attach_ops()
+    module.set_op(op, quant=quant, **opts)
+
+
+def convert(model: nn.Module, multiplier="mbm", backward: str = "exact", layers=DEFAULT_LAYERS,
+            inplace: bool = False, backend: Optional[str] = None, quant=None) -> nn.Module:
     """Make every layer of the types in ``layers`` approximate, keeping its weights; return the model.
 
-    ``multiplier`` is one multiplier for all, a dict of per-layer choices keyed by
-    glob patterns (:func:`fnmatch.fnmatchcase`) on the module names of
-    ``model.named_modules()``, e.g. ``{"features.0": "exact", "*": "mbm"}``, or the path of an
-    assignment file holding such a dict (:func:`read_multiplier_map`; a ``.json`` name or a path object): the
-    first pattern that matches a layer's name, in dict order, wins; a layer no
-    pattern matches stays as it is; a pattern that matches no layer is a
-    ValueError.  A bare layer's name is ``""``.
+    The names ``multiplier`` chooses among are :func:`approximable_layers`: Conv2d/Linear layers by
+    their module names, and the four ops of each MultiheadAttention ``<a>``: ``<a>.in_proj``,
+    ``<a>.qk``, ``<a>.pv``, ``<a>.out_proj``.  ``multiplier`` is one multiplier for all, a dict of
+    choices keyed by glob patterns (:func:`fnmatch.fnmatchcase`) on those names, e.g.
+    ``{"features.0": "exact", "*": "mbm"}`` or ``{"*.qk": "mbm", "*.pv": "mbm"}`` (the attention
+    matmuls only), or the path of an assignment file holding such a dict (:func:`read_multiplier_map`;
+    a ``.json`` name or a path object): the first pattern that matches a name, in dict order, wins; a
+    layer no pattern matches stays as it is; a pattern that matches no name is a ValueError.  A bare
+    layer's name is ``""`` (a bare attention's ops are ``in_proj``, ``qk``, ...).
 
-    Layers turn into :class:`MBMConv2d` / :class:`MBMLinear` in place (their class
-    changes; parameters, hooks and train/eval mode stay), on a deep copy of
-    ``model`` unless ``inplace`` -- so ``convert(layer, inplace=True) is layer``.
-    Already-approximate layers get the new settings.  Layers that multiply but
-    have no approximate version (``UNCONVERTIBLE``: Conv1d/3d, transposed convs,
-    Bilinear, MultiheadAttention, RNNs) stay exact and are named in one
-    :class:`NotConvertedWarning` (unless every multiplier asked for is "exact"); MultiheadAttention is left whole, its
-    ``out_proj`` included, since it never calls that submodule.  Products a model
+    Layers turn into :class:`MBMConv2d` / :class:`MBMLinear` / :class:`ApproxMultiheadAttention` in
+    place (their class changes; parameters, hooks and train/eval mode stay), on a deep copy of
+    ``model`` unless ``inplace`` -- so ``convert(layer, inplace=True) is layer``.  An attention any
+    pattern matches gets all four ops, those not matched exact; one no pattern matches stays a plain
+    ``nn.MultiheadAttention``.  Already-approximate layers get the new settings.  Transformer
+    encoder layers and encoders holding approximate layers stop taking torch's fused fast paths, which
+    would skip them.  Layers that multiply but have no approximate version (``UNCONVERTIBLE``:
+    Conv1d/3d, transposed convs, Bilinear, RNNs) stay exact and are named in one
+    :class:`NotConvertedWarning` (unless every multiplier asked for is "exact").  Products a model
     computes in its own ``forward`` (``F.linear``, ``torch.matmul``) are not seen.
 
-    An integer multiplier (``"mbm-int8"``) makes quantised layers; ``quant`` (a
-    :class:`~mbmlib.QuantSpec`) fixes their scales, else they are observed -- see
-    :func:`mbmlib.calibrate`.  With a dict, ``quant`` goes to the integer layers only.
+    An integer multiplier (``"mbm-int8"``) makes quantised layers; ``quant`` fixes their scales, else
+    they are observed -- see :func:`mbmlib.calibrate`: a :class:`~mbmlib.QuantSpec` for layers with
+    weights (Conv2d, Linear, in_proj, out_proj), a :class:`~mbmlib.MatmulQuantSpec` for the attention
+    matmuls, or a tuple of one of each.  With a dict, ``quant`` goes to the integer layers only.
     """
     if is_multiplier_map_path(multiplier):
         multiplier = read_multiplier_map(multiplier)
     opts = dict(backward=AF.check_backward(backward), backend=backend)
-    layers = tuple(layers)
-    for kind in layers:
-        if kind not in (nn.Conv2d, nn.Linear, MBMConv2d, MBMLinear):
-            raise TypeError(f"convert() can replace nn.Conv2d and nn.Linear layers, not {kind.__name__}")
+    layers = _check_layers(layers)
+    split_quant(quant)  # a wrong quant is refused before anything changes
     if not inplace:
         model = copy.deepcopy(model)
-    found = list(_walk(model))
-    targets = [(name, m) for name, m in found if isinstance(m, layers)]
-    choose = _chooser(multiplier, [name for name, _ in targets])
+    targets = _targets(model, layers)
+    choose = _chooser(multiplier, [name for name, _, _ in targets])
     done = set()
-    for name, layer in targets:
+    for name, module, op in targets:
         mult = choose(name)
-        if mult is not None and id(layer) not in done:  # a shared layer takes its first name's multiplier
+        if mult is not None and (id(module), op) not in done:  # a shared layer takes its first name's multiplier
             layer_quant = quant if mult.is_integer or not isinstance(multiplier, dict) else None
-            _make_approx(layer, dict(opts, multiplier=mult, quant=layer_quant))
-            done.add(id(layer))
+            _approximate(module, op, dict(opts, multiplier=mult), layer_quant)
+            done.add((id(module), op))
+    _no_fast_paths(model)
     asked = multiplier.values() if isinstance(multiplier, dict) else [multiplier]
     if any(not as_multiplier(m).is_exact for m in asked):  # asking for exact layers leaves nothing behind
-        _warn_not_converted([(name, m) for name, m in found if isinstance(m, UNCONVERTIBLE)])
+        _warn_not_converted([(name, m) for name, m in _walk(model) if isinstance(m, UNCONVERTIBLE)])
     return model

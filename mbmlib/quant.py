@@ -1,4 +1,4 @@
-"""Quantised conv2d / linear on integer and table multipliers (SPEC section 4).
+"""Quantised conv2d / linear / matmul on integer and table multipliers (SPEC sections 4 and 8).
 
 Real tensors go onto an n-bit sign-magnitude multiplier: ``q = clamp(round(x / s),
 -(2^n - 1), 2^n - 1)``, or ``[-2^(n-1), 2^(n-1) - 1]`` for a signed table (two's-complement
@@ -10,15 +10,18 @@ layer with the float weights (quantisation-aware training).  The integer sums
 come from the backend's ``bmm_nt_int`` / ``conv2d_int`` (C++ on the CPU, Triton on CUDA),
 which :func:`mbmlib.kernels.route` picks per design.
 
-Scales are given (:class:`QuantSpec`), calibrated (:func:`calibrate`, with
-PyTorch's own observers) or, when neither, follow the observed ranges while the
-layer trains and stay frozen in eval mode (:class:`Quantiser`).
+A matmul of two activations (attention's Q K^T and P V, :func:`matmul`) quantises both
+operands per tensor, with straight-through gradients to both.
+
+Scales are given (:class:`QuantSpec`, :class:`MatmulQuantSpec`), calibrated (:func:`calibrate`,
+with PyTorch's own observers) or, when neither, follow the observed ranges while the
+layer trains and stay frozen in eval mode (:class:`Quantiser`, :class:`MatmulQuantiser`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +32,8 @@ from . import functional as AF
 from . import kernels
 from .multipliers import Multiplier, MultiplierLike, as_multiplier
 
-__all__ = ["QuantSpec", "PROJECT_SCALES", "CALIBRATION_METHODS", "Quantiser", "calibrate", "conv2d", "linear",
-           "quantise", "levels_of", "weight_scale_of"]
+__all__ = ["QuantSpec", "MatmulQuantSpec", "PROJECT_SCALES", "CALIBRATION_METHODS", "Quantiser", "MatmulQuantiser",
+           "calibrate", "conv2d", "linear", "matmul", "quantise", "levels_of", "weight_scale_of", "split_quant"]
 
 CALIBRATION_METHODS = ("minmax", "histogram", "percentile")
 
@@ -46,10 +49,38 @@ class QuantSpec:
     act_scale: Optional[float] = None
 
     def __post_init__(self):
-        for name in ("weight_scale", "act_scale"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"QuantSpec.{name} must be a positive finite number or None, got {value!r}")
+        _check_fixed_scales(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulQuantSpec:
+    """Fixed per-tensor scales of a quantised ``a @ b`` of two activations; a scale left None is observed."""
+
+    a_scale: Optional[float] = None
+    b_scale: Optional[float] = None
+
+    def __post_init__(self):
+        _check_fixed_scales(self)
+
+
+def _check_fixed_scales(spec) -> None:
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{type(spec).__name__}.{field.name} must be a positive finite number or None, got "
+                             f"{value!r}")
+
+
+def split_quant(quant) -> tuple[Optional[QuantSpec], Optional[MatmulQuantSpec]]:
+    """``(layer spec, matmul spec)`` of a ``quant`` argument: a :class:`QuantSpec` (layers with weights), a
+    :class:`MatmulQuantSpec` (matmuls of two activations), a tuple of one of each, or None."""
+    specs = [s for s in (quant if isinstance(quant, (tuple, list)) else (quant,)) if s is not None]
+    layer = [s for s in specs if isinstance(s, QuantSpec)]
+    matmul_ = [s for s in specs if isinstance(s, MatmulQuantSpec)]
+    if len(layer) > 1 or len(matmul_) > 1 or len(layer) + len(matmul_) != len(specs):
+        raise TypeError(f"quant must be a mbmlib.QuantSpec (layers with weights), a mbmlib.MatmulQuantSpec (matmuls "
+                        f"of two activations), a tuple of one of each, or None; got {quant!r}")
+    return (layer[0] if layer else None), (matmul_[0] if matmul_ else None)
 
 
 # The project's own 8-bit inference: weights in steps of 1/1000, activations in steps of 1/10.
@@ -198,6 +229,25 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act_
     return out if bias is None else out + bias
 
 
+def _one_scale(value, name: str, device) -> Tensor:
+    scale = torch.as_tensor(value, dtype=torch.float32, device=device)
+    if scale.numel() != 1:
+        raise ValueError(f"{name} must be one number (a per-tensor scale), got {scale.numel()} values")
+    return scale.reshape(())
+
+
+def matmul(a: Tensor, b: Tensor, *, a_scale, b_scale, multiplier: MultiplierLike = "mbm-int8",
+           backend: Optional[str] = None) -> Tensor:
+    """``torch.matmul`` (its broadcasting, shapes and errors) of two activations on a quantised integer
+    multiplier, each operand with one scale; straight-through gradients to both operands, and a NaN or inf
+    operand makes every output it feeds NaN."""
+    mult = _integer(multiplier)
+    a3, b3, out_shape = AF.matmul_args(a, b)  # (G, M, K), (G, N, K)
+    s_a, s_b = _one_scale(a_scale, "a_scale", a.device), _one_scale(b_scale, "b_scale", a.device)
+    way = kernels.route(mult, kernels.resolve(backend, a.device))
+    return _bmm_nt_quant(a3, b3, s_a, s_b.expand(b3.shape[1]).contiguous(), way.key, way.backend).reshape(out_shape)
+
+
 # ----------------------------------------------------------------------------- observers and scales
 
 
@@ -250,7 +300,7 @@ def _saw_data(obs: nn.Module) -> bool:
     return bool(torch.isfinite(obs.min_val).all() and torch.isfinite(obs.max_val).all())
 
 
-def _forgive_float_state(module: "Quantiser", incompatible) -> None:
+def _forgive_float_state(module: "_Scales", incompatible) -> None:
     """Load-state-dict post hook: a state dict without quantiser entries (a float layer's) loads cleanly."""
     prefix = module._float_state_prefix
     if prefix is not None:
@@ -258,88 +308,95 @@ def _forgive_float_state(module: "Quantiser", incompatible) -> None:
         module._float_state_prefix = None
 
 
-class Quantiser(nn.Module):
-    """The scales of one quantised layer (buffers ``weight_scale`` (O,), ``act_scale`` ()) and how they are set.
+Operand = Union[Tensor, Sequence[Tensor]]
 
-    A scale fixed by the :class:`QuantSpec` never changes.  The others are
-    *observed*: after :func:`calibrate` they are frozen; before it, each
-    training-mode forward sets the weight scales from the weights' own range and
-    moves the activation scale with PyTorch's MovingAverageMinMaxObserver, and
-    eval mode uses the last ones.  The layers call :meth:`conv2d` / :meth:`linear`.
+
+def _joined(x: Operand) -> Tensor:
+    """An operand for an observer: a tensor as it is, several (an attention's query, key, value) as the values of
+    the distinct ones, so that one scale covers them all."""
+    if isinstance(x, Tensor):
+        return x.detach().float()
+    distinct = list({id(t): t for t in x}.values())
+    if len(distinct) == 1:
+        return distinct[0].detach().float()
+    return torch.cat([t.detach().float().flatten() for t in distinct])
+
+
+def _joined_device(operands: dict) -> str:
+    """The device type of the first operand (a tensor or a list of tensors)."""
+    first = next(iter(operands.values()))
+    return (first if isinstance(first, Tensor) else first[0]).device.type
+
+
+class _Scales(nn.Module):
+    """Per-tensor scales of activation operands (buffers ``<name>_scale``), each fixed or observed.
+
+    A fixed scale never changes.  Observed ones are frozen after :func:`calibrate`; before it, each
+    training-mode forward moves them with PyTorch's MovingAverageMinMaxObserver (``<name>_observer``),
+    and eval mode uses the last ones.  :class:`Quantiser` has one operand (``act``) and per-channel weight
+    scales, :class:`MatmulQuantiser` two operands (``a``, ``b``).
     """
 
-    def __init__(self, out_channels: int, multiplier: MultiplierLike, spec: Optional[QuantSpec] = None, device=None):
-        super().__init__()
-        self.spec = spec = spec or QuantSpec()
+    _fix_hint = ""  # how to fix the scales, for the error of an unready quantiser
+
+    def _init_scales(self, multiplier: MultiplierLike, fixed: dict, device) -> None:
         self.levels = _integer(multiplier).q_range
-        self.register_buffer("weight_scale", torch.full((out_channels,), spec.weight_scale or 0.0, device=device))
-        self.register_buffer("act_scale", torch.tensor(spec.act_scale or 0.0, device=device))
-        moving = None if spec.act_scale else _observer("moving", self.levels)
-        self.act_observer = None if moving is None else moving.to(self.act_scale.device)
+        self._fixed = fixed
+        for name, value in fixed.items():
+            self.register_buffer(f"{name}_scale", torch.tensor(value or 0.0, device=device))
+        for name, value in fixed.items():
+            setattr(self, f"{name}_observer", None if value else _observer("moving", self.levels).to(device))
         self.calibrated = False
-        self.ready = bool(spec.weight_scale and spec.act_scale)
-        self._calibrating: list = []  # the observer calibrate() feeds, held outside the module tree
+        self._calibrating: dict = {}  # the observers calibrate() feeds, held outside the module tree
         self._float_state_prefix = None
         self.register_load_state_dict_post_hook(_forgive_float_state)
 
     @property
     def observed(self) -> bool:
         """Whether any scale comes from observed ranges (is not fixed by the spec)."""
-        return not (self.spec.weight_scale and self.spec.act_scale)
+        return not all(self._fixed.values())
 
-    def scales(self, x: Tensor, w: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-        """(act_scale, weight_scale) for this forward, observing first as the mode says; None while calibrating."""
+    def _observe(self, operands: dict) -> bool:
+        """Feed each operand to the observer the mode asks for; True while calibrating (the caller then
+        computes in float), else the scales are checked to be ready."""
         if self._calibrating:
-            self._calibrating[0](x.detach().float())
-            self._set_weight_scale(w)
-            return None
+            for name, x in operands.items():
+                self._calibrating[name](_joined(x))
+            return True
         if self.training and not self.calibrated:
-            self._track(x, w)
-        elif not self.ready and x.device.type != "meta":
+            self._track(operands)
+        elif not self.ready and _joined_device(operands) != "meta":
             raise RuntimeError("this quantised layer has no scales yet: run mbmlib.calibrate(model, batches), "
                                "train it (scales follow the observed ranges in train mode), or fix them with "
-                               "quant=mbmlib.QuantSpec(weight_scale=..., act_scale=...)")
-        return self.act_scale, self.weight_scale
+                               f"{self._fix_hint}")
+        return False
 
     @torch.no_grad()
-    def _set_weight_scale(self, w: Tensor) -> None:
-        if not self.spec.weight_scale:
-            self.weight_scale.copy_(weight_scale_of(w, self.levels))
-
-    @torch.no_grad()
-    def _track(self, x: Tensor, w: Tensor) -> None:
-        self._set_weight_scale(w)
-        if self.act_observer is not None:
-            self.act_observer(x.detach().float())
-            self.act_scale.copy_(self.act_observer.calculate_qparams()[0].reshape(()))
+    def _track(self, operands: dict) -> None:
+        for name, x in operands.items():
+            observer = getattr(self, f"{name}_observer")
+            if observer is not None:
+                observer(_joined(x))
+                getattr(self, f"{name}_scale").copy_(observer.calculate_qparams()[0].reshape(()))
         self.ready = True
 
     def start_calibration(self, method: str, percentile: float) -> None:
-        """Observe the activations with a fresh observer of ``method`` until :meth:`finish_calibration`."""
-        self._calibrating = [_observer(method, self.levels, percentile).to(self.act_scale.device)]
+        """Observe the operands with fresh observers of ``method`` until :meth:`finish_calibration`."""
+        self._calibrating = {name: _observer(method, self.levels, percentile).to(getattr(self, f"{name}_scale").device)
+                             for name in self._fixed}
 
     def calibration_saw_data(self) -> bool:
-        return _saw_data(self._calibrating[0])
+        return all(_saw_data(obs) for obs in self._calibrating.values())
 
     def finish_calibration(self) -> None:
-        """Freeze the scales calibration observed (the weight scales are set on every calibration forward)."""
-        if not self.spec.act_scale:
-            self.act_scale.copy_(self._calibrating[0].calculate_qparams()[0].reshape(()))
+        """Freeze the scales calibration observed."""
+        for name, obs in self._calibrating.items():
+            if not self._fixed[name]:
+                getattr(self, f"{name}_scale").copy_(obs.calculate_qparams()[0].reshape(()))
         self.calibrated = self.ready = True
 
-    def conv2d(self, input, weight, bias, stride, padding, dilation, groups, *, multiplier, backend) -> Tensor:
-        scales = self.scales(input, weight)
-        if scales is None:  # calibrating: the float layer's output
-            return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        return conv2d(input, weight, bias, stride, padding, dilation, groups, act_scale=scales[0],
-                      weight_scale=scales[1], multiplier=multiplier, backend=backend)
-
-    def linear(self, input, weight, bias, *, multiplier, backend) -> Tensor:
-        scales = self.scales(input, weight)
-        if scales is None:
-            return F.linear(input, weight, bias)
-        return linear(input, weight, bias, act_scale=scales[0], weight_scale=scales[1], multiplier=multiplier,
-                      backend=backend)
+    def stop_calibration(self) -> None:
+        self._calibrating = {}
 
     def get_extra_state(self) -> dict:
         return {"calibrated": self.calibrated, "ready": self.ready}
@@ -357,9 +414,96 @@ class Quantiser(nn.Module):
         return f"levels={self.levels[0]}..{self.levels[1]}, scales={mode}, spec={self.spec}"
 
 
-def quantiser_for(layer: nn.Module, multiplier: Multiplier, backward: str,
-                  spec: Optional[QuantSpec]) -> Optional[Quantiser]:
-    """The quantiser an approximate layer needs for ``multiplier``: None for float multipliers.
+def _spec(spec, kind: type):
+    if spec is not None and not isinstance(spec, kind):
+        raise TypeError(f"quant must be a mbmlib.{kind.__name__} or None, got {type(spec).__name__}")
+    return spec or kind()
+
+
+class Quantiser(_Scales):
+    """The scales of one quantised layer (buffers ``weight_scale`` (O,), ``act_scale`` ()) and how they are set.
+
+    A scale fixed by the :class:`QuantSpec` never changes.  The others are
+    *observed*: after :func:`calibrate` they are frozen; before it, each
+    training-mode forward sets the weight scales from the weights' own range and
+    moves the activation scale with PyTorch's MovingAverageMinMaxObserver, and
+    eval mode uses the last ones.  The layers call :meth:`conv2d` / :meth:`linear`
+    (:meth:`linears`: several inputs and weights sharing the channels, an attention's in-projection).
+    """
+
+    _fix_hint = "quant=mbmlib.QuantSpec(weight_scale=..., act_scale=...)"
+
+    def __init__(self, out_channels: int, multiplier: MultiplierLike, spec: Optional[QuantSpec] = None, device=None):
+        super().__init__()
+        self.spec = spec = _spec(spec, QuantSpec)
+        self.register_buffer("weight_scale", torch.full((out_channels,), spec.weight_scale or 0.0, device=device))
+        self._init_scales(multiplier, {"act": spec.act_scale}, device)
+        self.ready = bool(spec.weight_scale and spec.act_scale)
+
+    @property
+    def observed(self) -> bool:
+        """Whether any scale comes from observed ranges (is not fixed by the spec)."""
+        return not (self.spec.weight_scale and self.spec.act_scale)
+
+    def scales(self, x: Operand, w: Operand) -> Optional[tuple[Tensor, Tensor]]:
+        """(act_scale, weight_scale) for this forward, observing first as the mode says; None while calibrating.
+
+        ``x`` and ``w`` may be lists (inputs sharing the one activation scale, weights whose rows are the channels
+        in order)."""
+        tracking = self.training and not self.calibrated
+        calibrating = self._observe({"act": x})
+        if calibrating or tracking:
+            self._set_weight_scale(w)
+        return None if calibrating else (self.act_scale, self.weight_scale)
+
+    @torch.no_grad()
+    def _set_weight_scale(self, w: Operand) -> None:
+        if not self.spec.weight_scale:
+            weights = [w] if isinstance(w, Tensor) else w
+            self.weight_scale.copy_(torch.cat([weight_scale_of(t, self.levels) for t in weights]))
+
+    def conv2d(self, input, weight, bias, stride, padding, dilation, groups, *, multiplier, backend) -> Tensor:
+        scales = self.scales(input, weight)
+        if scales is None:  # calibrating: the float layer's output
+            return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return conv2d(input, weight, bias, stride, padding, dilation, groups, act_scale=scales[0],
+                      weight_scale=scales[1], multiplier=multiplier, backend=backend)
+
+    def linears(self, jobs: Sequence[tuple], *, multiplier, backend) -> list[Tensor]:
+        """``F.linear(input, weight, bias)`` of each job, quantised with one activation scale over the inputs and
+        the weights' rows taking this quantiser's channels in order."""
+        scales = self.scales([x for x, _, _ in jobs], [w for _, w, _ in jobs])
+        if scales is None:  # calibrating: the float layer's outputs
+            return [F.linear(x, w, b) for x, w, b in jobs]
+        channel_scales = scales[1].split([w.shape[0] for _, w, _ in jobs])
+        return [linear(x, w, b, act_scale=scales[0], weight_scale=s_w, multiplier=multiplier, backend=backend)
+                for (x, w, b), s_w in zip(jobs, channel_scales)]
+
+    def linear(self, input, weight, bias, *, multiplier, backend) -> Tensor:
+        return self.linears([(input, weight, bias)], multiplier=multiplier, backend=backend)[0]
+
+
+class MatmulQuantiser(_Scales):
+    """The per-tensor scales of a quantised ``a @ b`` of two activations (buffers ``a_scale``, ``b_scale``), fixed
+    by a :class:`MatmulQuantSpec` or observed as :class:`Quantiser`'s activation scale is."""
+
+    _fix_hint = "quant=mbmlib.MatmulQuantSpec(a_scale=..., b_scale=...)"
+
+    def __init__(self, multiplier: MultiplierLike, spec: Optional[MatmulQuantSpec] = None, device=None):
+        super().__init__()
+        self.spec = spec = _spec(spec, MatmulQuantSpec)
+        self._init_scales(multiplier, {"a": spec.a_scale, "b": spec.b_scale}, device)
+        self.ready = bool(spec.a_scale and spec.b_scale)
+
+    def matmul(self, a: Tensor, b: Tensor, *, multiplier, backend) -> Tensor:
+        if self._observe({"a": a, "b": b}):  # calibrating: the float matmul
+            return torch.matmul(a, b)
+        return matmul(a, b, a_scale=self.a_scale, b_scale=self.b_scale, multiplier=multiplier, backend=backend)
+
+
+def quantiser_for(layer: nn.Module, multiplier: Multiplier, backward: str, spec) -> Optional[_Scales]:
+    """The quantiser an approximate layer needs for ``multiplier``: None for float multipliers, else
+    ``layer.new_quantiser(multiplier, spec)``.
 
     Reconverting a quantised layer to a multiplier with the same integer range without a
     new ``spec`` keeps its quantiser (and so its calibrated scales).
@@ -372,12 +516,10 @@ def quantiser_for(layer: nn.Module, multiplier: Multiplier, backward: str,
     if backward != "exact":
         raise ValueError(f"backward={backward!r} is not supported with the integer multiplier {multiplier.name!r}: "
                          "quantised layers train with straight-through gradients, use backward='exact'")
-    if spec is not None and not isinstance(spec, QuantSpec):
-        raise TypeError(f"quant must be a mbmlib.QuantSpec or None, got {type(spec).__name__}")
     old = getattr(layer, "quantiser", None)
     if spec is None and old is not None and old.levels == multiplier.q_range:
         return old
-    return Quantiser(layer.weight.shape[0], multiplier, spec, device=layer.weight.device)
+    return layer.new_quantiser(multiplier, spec)
 
 
 def _inputs(batches: Iterable) -> Iterable[Tensor]:
@@ -401,7 +543,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "minmax", perce
         raise ValueError(f"unknown calibration method {method!r}; valid methods are {', '.join(CALIBRATION_METHODS)}")
     if not 0 < percentile <= 100:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    layers = [(name, q) for name, q in model.named_modules() if isinstance(q, Quantiser) and q.observed]
+    layers = [(name, q) for name, q in model.named_modules() if isinstance(q, _Scales) and q.observed]
     if not layers:
         raise ValueError("calibrate() found no quantised layer with observed scales: build the layers with an "
                          "integer multiplier (multiplier='mbm-int8') and without fixed QuantSpec scales")
@@ -422,6 +564,6 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "minmax", perce
             q.finish_calibration()
     finally:
         for _, q in layers:
-            q._calibrating = []
+            q.stop_calibration()
         model.train(was_training)
     return model
