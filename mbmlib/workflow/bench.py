@@ -74,6 +74,15 @@ SEEDNET_LAYERS = [
     ("seednet.fc3", "linear", (64,), (10, 64), 0),
 ]
 REFERENCE_MAC_LIMIT = 1e9  # the eager reference runs at ~0.05 G MAC/s: bigger cases would take minutes
+ATTENTION = (4, 4)  # batch and heads of the attention products timed (sequence 256, head dim 64: GPT-sized)
+
+
+def attention_cases(batch: int, heads: int, sequence: int = 256, head_dim: int = 64) -> list[tuple]:
+    """The two attention products as layer cases, batch x heads matrices each: Q K^T, (B*H, L, d) @ (B*H, d, L),
+    and P V, (B*H, L, L) @ (B*H, L, d)."""
+    g = batch * heads
+    return [(f"gpt.qk@b{batch}h{heads}", "attention", (g, sequence, head_dim), (g, head_dim, sequence), 0),
+            (f"gpt.pv@b{batch}h{heads}", "attention", (g, sequence, sequence), (g, sequence, head_dim), 0)]
 
 
 def _layer_case(kind: str, x_shape, w_shape, padding: int, device: torch.device):
@@ -87,8 +96,8 @@ def _layer_case(kind: str, x_shape, w_shape, padding: int, device: torch.device)
     elif kind == "linear":
         macs = x.shape[0] * w.numel()
         exact = functools.partial(torch.nn.functional.linear, x, w)
-    else:  # gemm: x (M, K) @ w (K, N)
-        macs = x.shape[0] * x.shape[1] * w.shape[1]
+    else:  # gemm: x (M, K) @ w (K, N); attention: x (G, M, K) @ w (G, K, N), both activations
+        macs = x.numel() * w.shape[-1]
         exact = functools.partial(torch.matmul, x, w)
     return macs, exact, functools.partial(_approx_call, kind, x, w, padding)
 
@@ -97,12 +106,16 @@ def _approx_call(kind: str, x: torch.Tensor, w: torch.Tensor, padding: int, mult
     """The approximate twin of a case's exact op: float multipliers as they are, integer ones quantised.
 
     Integer and table multipliers run the quantised layer with scales fixed beforehand (max-abs of the
-    input, per output channel for the weights), so the timing holds what a calibrated layer does.
+    input, per output channel for the weights; attention's two activations one max-abs scale each), so the
+    timing holds what a calibrated layer does.
     """
     if not mult.is_integer:
-        op = {"conv": AF.conv2d, "linear": AF.linear, "gemm": AF.matmul}[kind]
+        op = {"conv": AF.conv2d, "linear": AF.linear, "gemm": AF.matmul, "attention": AF.matmul}[kind]
         extra = {"padding": padding} if kind == "conv" else {}
         return functools.partial(op, x, w, **extra, multiplier=mult, backend=backend)
+    if kind == "attention":
+        return functools.partial(quant.matmul, x, w, a_scale=x.abs().max() / mult.q_range[1],
+                                 b_scale=w.abs().max() / mult.q_range[1], multiplier=mult, backend=backend)
     w_rows = w.t() if kind == "gemm" else w  # (out, ...): one weight scale per output
     scales = dict(act_scale=x.abs().max() / mult.q_range[1],
                   weight_scale=quant.weight_scale_of(w_rows, mult), multiplier=mult, backend=backend)
@@ -132,9 +145,14 @@ def available_backends(device: torch.device) -> dict[str, str | None]:
     return status
 
 
-def check_layer_options(batches, gemm_size: int, multipliers, backends, rounds: int) -> tuple[Multiplier, ...]:
+def check_layer_options(batches, gemm_size: int, multipliers, backends, rounds: int,
+                        attention=ATTENTION) -> tuple[Multiplier, ...]:
     """The layer benchmark's options checked (ValueError naming the bad one) before anything is timed."""
     _check_counts(batches=list(batches), rounds=rounds)
+    if attention is not None:
+        if not isinstance(attention, (tuple, list)) or len(attention) != 2:
+            raise ValueError(f"attention must be (batch, heads) or None (no attention rows), got {attention!r}")
+        _check_counts(attention=list(attention))
     if gemm_size < 0:
         raise ValueError(f"gemm_size must be >= 0 (0 skips the GEMM), got {gemm_size}")
     unknown = sorted(set(backends or ()) - set(kernels.BACKENDS))
@@ -145,9 +163,10 @@ def check_layer_options(batches, gemm_size: int, multipliers, backends, rounds: 
 
 def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
                  multipliers=("mitchell", "mbm", "mbm-int8"), backends=None, rounds: int = 5,
-                 progress: bool = True) -> dict:
-    """Time exact vs every backend x multiplier on the SeedNet layers and one square GEMM."""
-    multipliers = check_layer_options(batches, gemm_size, multipliers, backends, rounds)
+                 progress: bool = True, attention=ATTENTION) -> dict:
+    """Time exact vs every backend x multiplier on the SeedNet layers, one square GEMM and the two attention
+    products (``attention``: batch and heads; None skips them), each against torch's op in the same run."""
+    multipliers = check_layer_options(batches, gemm_size, multipliers, backends, rounds, attention)
     dev = runtime.resolve_device(device)
     status = available_backends(dev)
     if backends is not None:
@@ -155,6 +174,7 @@ def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
     cases = [(f"{n}@b{b}", kind, (b, *xs), ws, pad) for b in batches for n, kind, xs, ws, pad in SEEDNET_LAYERS]
     if gemm_size:
         cases.append((f"gemm{gemm_size}", "gemm", (gemm_size, gemm_size), (gemm_size, gemm_size), 0))
+    cases += attention_cases(*attention) if attention is not None else []
     rows = []
     for case, kind, x_shape, w_shape, pad in cases:
         macs, exact, approx = _layer_case(kind, x_shape, w_shape, pad, dev)
@@ -177,4 +197,5 @@ def bench_layers(device: str = "auto", batches=(16, 128), gemm_size: int = 2048,
                 print(f"{case:>20} {name:>9} {backend:>9}: {rows[-1]['G_MAC_per_s']:8.3f} G MAC/s "
                       f"({r['ratio_to_exact']:5.1f}x exact)", flush=True)
     return {"benchmark": "layers", "backends": None if backends is None else list(backends),
-            "batches": list(batches), "gemm_size": gemm_size, "rounds": rounds, "results": rows}
+            "batches": list(batches), "gemm_size": gemm_size,
+            "attention": None if attention is None else list(attention), "rounds": rounds, "results": rows}

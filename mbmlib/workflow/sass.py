@@ -5,7 +5,9 @@ MBM and Mitchell; the integer GEMM and convolution for mbm-int8 and mitchell-int
 host may pick, is compiled as a launch of its benchmark shape would compile it: the launcher runs on
 CPU tensors of that shape with its launches recorded (:func:`mbmlib.kernels.triton.launch.recorded_launches`),
 and Triton's own binder specialises the recorded arguments (an integer 1 becomes a constant, multiples of
-16 get alignment hints) for a ``GPUTarget`` (sm_75, sm_80, sm_90).  Read per build:
+16 get alignment hints) for a ``GPUTarget`` (sm_75, sm_80, sm_90).  The GEMMs are also compiled, at the
+host's tile, for a batched attention shape (``BATCHED_BUILDS``: 16 matrices in one launch, one a program
+along the grid's third axis).  Read per build:
 
 * registers, stack frame and spill bytes from the ``ptxas -v`` log of the very ptxas run that made the
   cubin, and where the spill loads and stores sit (K loop, another loop, outside loops) from the SASS;
@@ -33,8 +35,9 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["CHIPS", "KERNELS", "SHAPES", "multipliers_of", "compile_launch", "ptxas_resources", "k_loop_stats",
-           "ceilings", "analyse", "tile_choice", "write_reports", "format_table"]
+__all__ = ["CHIPS", "KERNELS", "SHAPES", "BATCHED_BUILDS", "multipliers_of", "compile_launch", "ptxas_resources",
+           "k_loop_stats", "ceilings", "analyse", "host_tile", "batched_builds", "tile_choice", "write_reports",
+           "format_table"]
 
 
 class Chip(NamedTuple):
@@ -81,10 +84,13 @@ class Shape(NamedTuple):
 
 
 # The shapes the report compiles (first of each kind) and models tiles for.  Attention: BERT-base's scores
-# Q K^T (12 heads of 64, sequence 512) at batch 8.
+# Q K^T (12 heads of 64, sequence 512) at batch 8, and GPT-sized attention at batch 4 with 4 heads (sequence
+# 256, head dim 64): Q K^T and P V, the products ``bench layers`` times.
 SHAPES = {
     "gemm4096": Shape("gemm", (1, 4096, 4096, 4096)),
     "attention-b8": Shape("gemm", (96, 512, 512, 64)),
+    "gpt.qk@b4h4": Shape("gemm", (16, 256, 256, 64)),
+    "gpt.pv@b4h4": Shape("gemm", (16, 256, 64, 256)),
     "seednet.fc1@b16": Shape("gemm", (1, 16, 128, 6272)),
     "seednet.conv2@b16": Shape("conv", (16, 32, 28, 28), (64, 32, 3, 3), 1),
     "seednet.conv1@b16": Shape("conv", (16, 1, 28, 28), (32, 1, 3, 3), 1),
@@ -103,6 +109,11 @@ KERNELS = {
     "gemm_int": ("gemm", INT_MULTIPLIERS, "gemm"),
     "conv2d_int": ("conv2d", INT_MULTIPLIERS, "conv"),
 }
+
+
+# Kernel -> a batched shape it is also compiled for (the host's tile), beside its first shape: the K loop of a
+# launch over G > 1 matrices (the grid's third axis), as attention runs it.
+BATCHED_BUILDS = {"gemm": "gpt.qk@b4h4", "gemm_int": "gpt.qk@b4h4"}
 
 
 def multipliers_of(kernel: str) -> tuple[str, ...]:
@@ -414,6 +425,20 @@ def _gemm_mnk(shape: Shape, kernel: str) -> tuple[int, int, int, int]:
     return 1, b * ho * wo, o, c * kh * kw
 
 
+def host_tile(kernel: str, shape: str):
+    """The tile the kernel's launcher picks for a benchmark shape."""
+    from ..kernels.triton import pick_tile
+
+    _, m, n, _ = _gemm_mnk(SHAPES[shape], kernel)
+    return pick_tile(m, n, tiles_of(kernel))
+
+
+def batched_builds(arch: str) -> list[dict]:
+    """Report entries of the batched GEMM builds (``BATCHED_BUILDS``): each multiplier, the host's tile."""
+    return [analyse(kernel, mult, host_tile(kernel, shape), arch, shape)[0]
+            for kernel, shape in BATCHED_BUILDS.items() for mult in multipliers_of(kernel)]
+
+
 def tile_choice(kernel: str, multiplier: str, entries: list[dict], chip: Chip) -> list[dict]:
     """Per benchmark shape: each tile's modelled time and the host's pick.
 
@@ -421,9 +446,6 @@ def tile_choice(kernel: str, multiplier: str, entries: list[dict], chip: Chip) -
     schedulers the grid can give a warp (a scheduler without one issues nothing).  The tile's bound is its
     build's for the kernel's first benchmark shape.
     """
-    from ..kernels.triton import pick_tile
-
-    tiles = tiles_of(kernel)
     rows = []
     for name in shapes_of(kernel):
         g, m, n, k = _gemm_mnk(SHAPES[name], kernel)
@@ -435,7 +457,7 @@ def tile_choice(kernel: str, multiplier: str, entries: list[dict], chip: Chip) -
             padded = programs * t["block_m"] * t["block_n"] * k
             modelled[f"{t['tm']}x{t['tn']}/{t['num_warps']}w"] = round(
                 padded / (e["ceiling_tmac_per_s"] * 1e12 * fill) * 1e6, 2)
-        host = pick_tile(m, n, tiles)
+        host = host_tile(kernel, name)
         rows.append({"shape": name, "m": m, "n": n, "k": k, "groups": g, "modelled_us": modelled,
                      "host_pick": f"{host.tm}x{host.tn}/{host.num_warps}w",
                      "model_best": min(modelled, key=modelled.get)})
@@ -457,6 +479,7 @@ def _report(arch: str) -> tuple[dict, str]:
                     default_sass = sass
             entries += mine
             choices.append({"kernel": kernel, "multiplier": mult, "shapes": tile_choice(kernel, mult, mine, chip)})
+    entries += batched_builds(arch)
     report = {
         "arch": arch, "triton": triton.__version__,
         "chip": {**chip._asdict(), "issue_lanes_per_sm_clock": ISSUE_LANES, "alu_lanes": ALU_LANES,
@@ -464,7 +487,8 @@ def _report(arch: str) -> tuple[dict, str]:
         "ceiling": "per pipe: SMs x lanes x clock / the pipe's K-loop operations per MAC; L2: bandwidth / bytes "
                    "per MAC; the least is the bound (ceilings read from the code, not timings)",
         "compiled_as": "a launch of each kernel's first benchmark shape (Triton's binder: 1 -> constant, "
-                       "multiples of 16 -> alignment hints)",
+                       "multiples of 16 -> alignment hints), and of the batched GEMM shapes at the host's tile "
+                       "(the entries whose shape is another)",
         "shapes": {k: v._asdict() for k, v in SHAPES.items()},
         "kernels": entries, "tile_choice": choices,
     }
@@ -487,18 +511,19 @@ def write_reports(out_dir: str | Path = "results/bench", archs=("sm_75", "sm_80"
 
 
 def format_table(report: dict) -> str:
-    """One line per kernel / multiplier / tile: instructions per MAC, registers, spills, ceilings and the bound."""
+    """One line per kernel / shape compiled for / multiplier / tile: instructions per MAC, registers, spills,
+    ceilings and the bound."""
     chip = report["chip"]
     lines = [f"{report['arch']} ({chip['name']}, {chip['sms']} SMs, {chip['ghz']} GHz)",
-             f"{'kernel':19} {'mult':13} {'tile':7} {'instr/MAC':>9} {'regs':>4} {'spill B':>7} {'issue':>6} "
-             f"{'fma':>6} {'alu':>6} {'xu':>6} {'L2':>6} {'B/MAC':>5}  bound"]
+             f"{'kernel':19} {'shape':17} {'mult':13} {'tile':7} {'instr/MAC':>9} {'regs':>4} {'spill B':>7} "
+             f"{'issue':>6} {'fma':>6} {'alu':>6} {'xu':>6} {'L2':>6} {'B/MAC':>5}  bound"]
 
     def cell(x):
         return f"{x:>6.2f}" if x else f"{'-':>6}"
 
     for e in report["kernels"]:
         t, c = e["tile"], e["ceilings_tmac_per_s"]
-        lines.append(f"{e['kernel']:19} {e['multiplier']:13} {t['tm']}x{t['tn']}/{t['num_warps']}w "
+        lines.append(f"{e['kernel']:19} {e['shape']:17} {e['multiplier']:13} {t['tm']}x{t['tn']}/{t['num_warps']}w "
                      f"{e['instructions_per_mac']:>9.2f} {e['registers']:>4} {e['spill_bytes']:>7} "
                      + " ".join(cell(c[k]) for k in ("issue", "fma", "alu", "xu", "l2"))
                      + f" {e['l2_bytes_per_mac']:>5.2f}  {e['bound']}")
