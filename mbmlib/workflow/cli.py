@@ -72,8 +72,10 @@ def _run_bench(args) -> int:
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a model on MNIST with an approximate multiplier",
-        description="Train / validate / test a small CNN on MNIST with every multiplication approximate. "
+        "train", help="train a model (MNIST by default) with an approximate multiplier",
+        description="Train / validate / test a model with every multiplication approximate: an image classifier "
+                    "(SeedNet on MNIST by default, vit-tiny, ...) or the character-level language model gpt-char "
+                    "on --dataset stdlib-chars (scored in bits per character; an epoch is --epoch-steps steps). "
                     "Writes results/runs/<run-name>/ (config.json, metrics.json, history.csv, checkpoint.pt). "
                     "Under `torchrun --nproc-per-node N` it trains with DistributedDataParallel.",
         epilog=EXIT_CODES)
@@ -289,16 +291,19 @@ def _failure(err: Exception) -> tuple[int, str]:
 
 def _add_model_and_data(p) -> None:
     """Options shared by ``evaluate`` and ``sensitivity``: which weights, which data, where results go."""
-    p.add_argument("--model", default="seednet", help="seednet, lenet5, example, resnet20, resnet8 or a "
-                                                      "torchvision.models name (resnet18, mobilenet_v2, ...)")
+    p.add_argument("--model", default="seednet", help="seednet, lenet5, example, vit-tiny, resnet20, resnet8, a "
+                                                      "torchvision.models name (resnet18, mobilenet_v2, ...) or "
+                                                      "gpt-char (on stdlib-chars)")
     p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, kmnist, cifar10, cifar100, svhn, "
-                                                      "imagefolder:<path> or fake (default: mnist)")
+                                                      "imagefolder:<path>, fake or stdlib-chars (a text corpus, "
+                                                      "for gpt-char) (default: mnist)")
     p.add_argument("--checkpoint", default=None, help="state dict to load: a file from torch.save(model.state_dict()) "
                                                       "or a run's checkpoint.pt")
     p.add_argument("--pretrained", action="store_true", help="torchvision's default pretrained weights")
     p.add_argument("--data-dir", default=None, help="data root (default: $MBMLIB_DATA, else ./data)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="which split to score (default: test)")
-    p.add_argument("--samples", type=int, default=None, help="a stratified subset of the split (default: all)")
+    p.add_argument("--samples", type=int, default=None, help="a stratified subset of the split (default: all; a "
+                                                             "text corpus: that many windows, default 256)")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size (default: 128)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--out", default="results/eval", help="JSON/CSV folder (default: results/eval)")
@@ -358,8 +363,9 @@ def _add_sensitivity(sub) -> None:
     _add_model_and_data(p)
     _add_evoapprox_option(p, argparse.SUPPRESS)
     p.add_argument("--multiplier", default="mbm", help="the approximate multiplier (default: mbm)")
-    p.add_argument("--layers", nargs="+", default=None, help="glob patterns of the layers to try (default: all "
-                                                             "Conv2d/Linear layers)")
+    p.add_argument("--layers", nargs="+", default=None, help="glob patterns of the layers to try (default: every "
+                                                             "layer convert can make approximate: Conv2d/Linear "
+                                                             "and each attention's in_proj, qk, pv, out_proj)")
     p.add_argument("--top", type=int, default=3, help="how many of the most tolerant layers to combine (default: 3)")
     p.set_defaults(func=_run_sensitivity)
 

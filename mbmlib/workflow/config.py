@@ -20,8 +20,10 @@ from .. import kernels
 from ..functional import BACKWARD_MODES, check_backward
 from ..multipliers import MAX_TRUNCATION, as_multiplier
 from ..nn import read_multiplier_map
-from .models import check_input, check_model_name
+from .models import check_model_name, is_language_model
 from .runtime import resolve_device
+from .text import EPOCH_STEPS, is_text_dataset
+from .train_data import check_model_dataset
 
 __all__ = ["TrainConfig", "PRESETS", "multiplier_of", "multiplier_key", "config_with_preset", "default_run_name", "check_run_name", "safe_stem",
            "identity_differences", "add_config_arguments", "config_from_args", "describe_fields"]
@@ -54,8 +56,9 @@ class TrainConfig:
     """Everything that defines a run; saved as ``config.json``."""
 
     model: str = field(default="seednet", metadata=_opt(
-        _ARITH, "model: seednet, lenet5, example (28x28 grey images), resnet20, resnet8 (CIFAR-style) or a "
-                "torchvision.models classifier (resnet18, mobilenet_v2, ...)"))
+        _ARITH, "model: seednet, lenet5, example, vit-tiny (28x28 grey images), resnet20, resnet8 (CIFAR-style), a "
+                "torchvision.models classifier (resnet18, mobilenet_v2, ...) or gpt-char (a character-level language "
+                "model, on stdlib-chars)"))
     multiplier: str = field(default="mbm", metadata=_opt(
         _ARITH, f"exact, mitchell, mbm, or with truncation mbm-t16 / mitchell-t8 (t = 0..{MAX_TRUNCATION})"))
     multiplier_map: Optional[str] = field(default=None, metadata=_opt(
@@ -78,9 +81,13 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_opt(_OPTIM, "seed for initialisation, shuffling, dropout", type=int))
     max_steps: Optional[int] = field(default=None, metadata=_opt(
         _OPTIM, "stop after this many optimiser steps in total (None: full epochs)", type=int))
+    epoch_steps: Optional[int] = field(default=None, metadata=_opt(
+        _OPTIM, f"text corpora: optimiser steps per epoch, each on batch-size random windows (None: {EPOCH_STEPS}); "
+                "an image epoch is every training sample once", type=int))
     dataset: str = field(default="mnist", metadata=_opt(
-        _DATA, "mnist (in memory), fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder:<path> or fake "
-               "(torchvision's FakeData, for dry runs)"))
+        _DATA, "mnist (in memory), fashion-mnist, kmnist, cifar10, cifar100, svhn, imagefolder:<path>, fake "
+               "(torchvision's FakeData, for dry runs) or stdlib-chars (the characters of Python's standard library "
+               "sources, for gpt-char)"))
     workers: int = field(default=2, metadata=_opt(
         _DATA, "DataLoader processes reading datasets from files (the in-memory MNIST needs none)", type=int))
     split_seed: int = field(default=123, metadata=_opt(_DATA, "seed of the stratified split", type=int))
@@ -93,9 +100,9 @@ class TrainConfig:
     train_samples: Optional[int] = field(default=None, metadata=_opt(
         _DATA, "stratified subset of this many training samples (None: the whole training split, 48000 for MNIST)", type=int))
     val_samples: Optional[int] = field(default=None, metadata=_opt(
-        _DATA, "stratified subset of the validation split (None: all)", type=int))
+        _DATA, "stratified subset of the validation split (None: all; a text corpus: windows, None: 256)", type=int))
     test_samples: Optional[int] = field(default=None, metadata=_opt(
-        _DATA, "stratified subset of the test set (None: all of it)", type=int))
+        _DATA, "stratified subset of the test set (None: all of it; a text corpus: windows, None: 256)", type=int))
     device: str = field(default="auto", metadata=_opt(_RUN, "cpu, cuda, cuda:N or auto"))
     run_name: Optional[str] = field(default=None, metadata=_opt(
         _RUN, "folder name under the results folder (None: <model>-<multiplier>-<backward>-b<batch>-<runtime>, "
@@ -134,7 +141,7 @@ class TrainConfig:
         _check_int("workers", self.workers, low=0)
         for name in ("epochs", "batch_size", "log_interval", "step_size"):
             _check_int(name, getattr(self, name), low=1)
-        for name in ("train_samples", "val_samples", "test_samples", "max_steps"):
+        for name in ("train_samples", "val_samples", "test_samples", "max_steps", "epoch_steps"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=1, what="a positive number (or omitted)")
         _check_int("speed_ratio_steps", self.speed_ratio_steps, low=0)
@@ -167,16 +174,23 @@ class TrainConfig:
                              "layers are exact")
 
     def _check_data(self) -> None:
-        """The dataset exists by name, fits the model, and is not combined with a CSV."""
-        from .datasets import dataset_info
-
-        if self.data_csv:
-            if self.dataset != "mnist":
-                raise ValueError(f"data_csv and dataset {self.dataset!r} exclude each other: a CSV holds MNIST-style "
-                                 "images; drop one of them")
-            return
-        info = dataset_info(self.dataset)
-        check_input(self.model, info.channels, info.image_size, self.dataset)
+        """The dataset exists by name, fits the model, and is not combined with a CSV; an epoch of steps and a
+        subset of training samples each belong to their kind of data."""
+        if self.data_csv and self.dataset != "mnist":
+            raise ValueError(f"data_csv and dataset {self.dataset!r} exclude each other: a CSV holds MNIST-style "
+                             "images; drop one of them")
+        if self.data_csv and is_language_model(self.model):
+            raise ValueError(f"{self.model} is a language model and a CSV holds MNIST-style images; train it with "
+                             "--dataset stdlib-chars instead")
+        if not self.data_csv:
+            check_model_dataset(self.model, self.dataset)
+        text = is_text_dataset(self.dataset) and not self.data_csv
+        if text and self.train_samples is not None:
+            raise ValueError(f"train_samples: the text corpus {self.dataset} has no fixed training samples; an epoch "
+                             "is --epoch-steps optimiser steps")
+        if not text and self.epoch_steps is not None:
+            raise ValueError(f"epoch_steps: an epoch of {self.dataset} images is every training sample once; use "
+                             "--train-samples (or --max-steps) to shorten it")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -224,7 +238,7 @@ def identity_differences(a: TrainConfig | dict, b: TrainConfig | dict) -> dict:
 
 _ABBREV = {"lr": "lr", "seed": "s", "split_seed": "ss", "train_samples": "n", "val_samples": "nv",
            "test_samples": "nt", "max_steps": "steps", "optimizer": "", "step_size": "step", "gamma": "g",
-           "val_fraction": "vf", "approx_linear": "linear", "data_csv": "csv", "dataset": ""}
+           "val_fraction": "vf", "approx_linear": "linear", "data_csv": "csv", "dataset": "", "epoch_steps": "es"}
 
 
 def default_run_name(cfg: TrainConfig, runtime_label: str) -> str:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .data import DOWNLOAD_TIMEOUT_S, data_root, stratified_split, stratified_subset
+from .text import TEXT_DATASETS
 
 __all__ = ["DATASETS", "DatasetInfo", "DatasetNotFoundError", "ImageSplits", "dataset_info", "load_splits",
            "loader", "targets_of"]
@@ -82,8 +83,8 @@ def dataset_info(name: str, image_size: int = 224) -> DatasetInfo:
     try:
         return DATASETS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; valid choices are {', '.join(DATASETS)} or "
-                         "imagefolder:<path>") from None
+        raise ValueError(f"unknown dataset {name!r}; valid choices are {', '.join(DATASETS)}, imagefolder:<path> or "
+                         f"the text corpus {', '.join(TEXT_DATASETS)} (for a language model)") from None
 
 
 def _folder_root(path: Path, train: bool = True) -> Optional[Path]:

@@ -2,7 +2,9 @@
 
 The model's weights are loaded once; for each multiplier (exact first, the baseline) a copy is
 made approximate with :func:`mbmlib.convert` and run over one split of a dataset, giving top-1
-and top-5 accuracy and the mean cross-entropy loss.  Integer multipliers (``mbm-int8``) make
+and top-5 accuracy and the mean cross-entropy loss.  A language model's predictions are its
+next-token predictions at every position: top-1 is next-character accuracy, and the loss is also
+given in bits per character and as perplexity.  Integer multipliers (``mbm-int8``) make
 quantised layers; their scales are calibrated first on a few training batches.  Results go to
 ``results/eval/<name>.json`` and ``.csv``, and a bar chart to ``results/figures/eval-<name>.png``.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +24,16 @@ from torch import Tensor, nn
 from .. import calibrate, convert
 from ..energy import model_energy
 from ..multipliers import as_multiplier
-from ..nn import MBMConv2d, MBMLinear, is_multiplier_map_path, read_multiplier_map
+from ..nn import is_multiplier_map_path, read_multiplier_map
 from .config import check_run_name, safe_stem
-from .models import check_input, load_model, model_channels
+from .models import load_model, model_channels, model_context
 from .runtime import describe, resolve_device
 from .store import write_json, write_text
-from .train_data import open_splits
+from .text import bits_per_char
+from .train_data import check_model_dataset, open_splits
 
-__all__ = ["EvalData", "load_eval_data", "accuracy", "evaluate_multipliers", "approximate",
-           "save_results"]
+__all__ = ["EvalData", "load_eval_data", "accuracy", "evaluate_multipliers", "approximate", "approximate_layers",
+           "score_changes", "save_results"]
 
 Batches = List[Tuple[Tensor, Tensor]]
 CALIBRATION_BATCHES = 8
@@ -42,23 +46,29 @@ class EvalData:
     batches: Batches
     calibration: Batches
     num_classes: int
-    channels: int
-    image_size: int
+    channels: Optional[int]
+    image_size: Optional[int]
+
+    @property
+    def example(self) -> Tensor:
+        """One sample of the batches (its dtype kept: token ids for a language model), for counting MACs."""
+        return self.batches[0][0][:1]
 
 
 def load_eval_data(dataset: str, root=None, split: str = "test", samples: Optional[int] = None,
                    batch_size: int = 128, device="cpu", channels: Optional[int] = None,
-                   workers: int = 2, image_size: int = 224) -> EvalData:
+                   workers: int = 2, image_size: int = 224, context: Optional[int] = None) -> EvalData:
     """One split (``test`` or ``val``) of a dataset as batches held on ``device``, read once, and the first
     :data:`CALIBRATION_BATCHES` training batches for calibrating integer designs.
 
     Read through :func:`mbmlib.workflow.train_data.open_splits`, as training reads it: ``mnist`` in memory
-    (pixels in [0, 1], no normalisation), every other dataset normalised.  ``samples`` keeps a stratified subset.
+    (pixels in [0, 1], no normalisation), every other image dataset normalised, a text corpus as windows of
+    ``context`` tokens.  ``samples`` keeps a stratified subset (a text corpus: that many windows).
     """
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     data = open_splits(dataset, root, channels, torch.device(device), workers=workers, image_size=image_size,
-                       **{f"{split}_samples": samples})
+                       context=context, **{f"{split}_samples": samples})
     calibration = data.first_batch(CALIBRATION_BATCHES * batch_size)
     calibration = list(zip(calibration[0].split(batch_size), calibration[1].split(batch_size)))
     return EvalData(list(data.eval_batches(split, batch_size)), calibration, data.num_classes, data.channels,
@@ -70,7 +80,8 @@ def accuracy(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], progres
     """Top-1 and top-5 accuracy (%) and mean cross-entropy of ``model`` (eval mode) over ``batches``.
 
     The one evaluation loop: ``evaluate``, ``sensitivity`` and the trainer's validation and test use it.
-    The model's training mode is restored afterwards.
+    A language model's every position is a prediction (``samples`` counts them), and the loss is also given as
+    ``bits_per_char`` (loss / ln 2) and ``perplexity`` (e^loss).  The model's training mode is restored afterwards.
     """
     from tqdm.auto import tqdm
 
@@ -79,10 +90,13 @@ def accuracy(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], progres
     correct1 = correct5 = 0
     loss = 0.0
     n = 0
+    per_token = False
     start = time.perf_counter()
     with torch.no_grad():
         for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            logits = model(x)  # (B, classes)
+            logits = model(x)  # (B, classes), or (B, T, vocab)
+            per_token = logits.dim() == 3
+            logits, y = logits.flatten(0, -2), y.flatten()
             loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
             correct1 += int((logits.argmax(1) == y).sum())  # argmax: the first of tied logits, as torch picks it
@@ -91,8 +105,23 @@ def accuracy(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]], progres
     model.train(was_training)
     if n == 0:
         raise ValueError("nothing to evaluate: the split is empty")
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n, "samples": n,
+    text = {"bits_per_char": bits_per_char(loss / n), "perplexity": math.exp(loss / n)} if per_token else {}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n, **text, "samples": n,
             "seconds": time.perf_counter() - start}
+
+
+def score_changes(row: dict, baseline: dict) -> dict:
+    """How far ``row`` fell behind ``baseline``: ``top1_drop`` (points) and, for a language model,
+    ``bits_per_char_rise`` (bits per character more than the baseline)."""
+    changes = {"top1_drop": baseline["top1"] - row["top1"]}
+    if "bits_per_char" in row:
+        changes["bits_per_char_rise"] = row["bits_per_char"] - baseline["bits_per_char"]
+    return changes
+
+
+def approximate_layers(model: nn.Module) -> list:
+    """The modules of ``model`` that carry a multiplier (approximate layers and attention ops, exact or not)."""
+    return [m for m in model.modules() if hasattr(m, "multiplier") and hasattr(m, "quantiser")]
 
 
 def approximate(base: nn.Module, multiplier, calibration: Batches, backend: Optional[str] = None) -> nn.Module:
@@ -111,8 +140,7 @@ def calibrate_on_float(model: nn.Module, calibration: Batches) -> nn.Module:
     """Calibrate the integer layers with every other layer exact: quantised layers already run float while they
     are calibrated, so each layer's scales then depend on its own design only, whatever the other layers use
     (``explore`` calibrates once per design and gets the very same scales)."""
-    floats = [m for m in model.modules() if isinstance(m, (MBMConv2d, MBMLinear)) and m.quantiser is None
-              and not m.multiplier.is_exact]
+    floats = [m for m in approximate_layers(model) if m.quantiser is None and not m.multiplier.is_exact]
     saved = [m.multiplier for m in floats]
     try:
         for layer in floats:
@@ -134,11 +162,9 @@ def load_model_and_data(model: str, dataset: str, checkpoint, pretrained: bool, 
                         samples: Optional[int], batch_size: int, device: torch.device) -> tuple[nn.Module, EvalData]:
     """The model (exact, its weights loaded, on ``device``) and one split's batches; the model is checked
     against the dataset's images before anything loads."""
-    from .datasets import dataset_info
-
-    info = dataset_info(dataset)
-    check_input(model, info.channels, info.image_size, dataset)
-    data = load_eval_data(dataset, root, split, samples, batch_size, device, channels=model_channels(model))
+    check_model_dataset(model, dataset)
+    data = load_eval_data(dataset, root, split, samples, batch_size, device, channels=model_channels(model),
+                          context=model_context(model))
     base = load_model(model, num_classes=data.num_classes, in_channels=data.channels, pretrained=pretrained,
                       checkpoint=checkpoint).to(device)
     return base, data
@@ -167,26 +193,27 @@ def evaluate_multipliers(model: str, dataset: str, multipliers: Sequence[str], c
     dev = resolve_device(device)
     base, data = load_model_and_data(model, dataset, checkpoint, pretrained, root, split, samples, batch_size, dev)
     rows = []
-    shape = (1, *data.batches[0][0].shape[1:])
     for name in _ordered(multipliers) + list(maps):
         approx_model = approximate(base, maps.get(name, name), data.calibration, backend)
         result = accuracy(approx_model, data.batches, progress, name)
-        rows.append({"multiplier": name, **result, **energy_columns(approx_model, shape)})
+        rows.append({"multiplier": name, **result, **energy_columns(approx_model, data.example)})
         energy = rows[-1]["relative_energy"]
+        bits = f"  {result['bits_per_char']:.4f} bits/char" if "bits_per_char" in result else ""
         print(f"{name:>12}: top-1 {result['top1']:6.2f}%  top-5 {result['top5']:6.2f}%  loss {result['loss']:.4f}"
-              f"  energy {'unknown' if energy is None else f'{energy:.3f}'}"
-              f"  ({result['samples']} images, {result['seconds']:.1f} s)")
+              f"{bits}  energy {'unknown' if energy is None else f'{energy:.3f}'}"
+              f"  ({result['samples']} {'characters' if bits else 'images'}, {result['seconds']:.1f} s)")
     for row in rows:
-        row["top1_drop"] = rows[0]["top1"] - row["top1"]
+        row.update(score_changes(row, rows[0]))
     return {"model": model, "dataset": dataset, "split": split, "checkpoint": str(checkpoint) if checkpoint else None,
             "pretrained": pretrained, "runtime": describe(dev), "results": rows,
             "multiplier_maps": {name: {"file": str(path), "multipliers": maps[name]}
                                 for name, path in zip(maps, multiplier_maps)}}
 
 
-def energy_columns(model: nn.Module, shape: tuple) -> dict:
-    """The model's relative multiplier energy (None where a cost is unpublished) and its sources, for a row."""
-    energy = model_energy(model, shape)
+def energy_columns(model: nn.Module, example) -> dict:
+    """The model's relative multiplier energy (None where a cost is unpublished) and its sources, for a row;
+    ``example`` is a sample batch or its shape."""
+    energy = model_energy(model, example)
     return {"relative_energy": energy["relative_energy"], "energy_sources": "; ".join(energy["sources"])}
 
 

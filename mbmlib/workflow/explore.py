@@ -32,10 +32,12 @@ from ..energy import layer_macs
 from ..multipliers import as_multiplier
 from ..multipliers.cost import cost
 from .config import check_run_name, safe_stem
+from .models import model_context
 from .evaluate import EvalData, accuracy, approximate, load_eval_data, load_model_and_data
 from .runtime import describe, resolve_device
 from .sensitivity import layer_names
 from .store import write_json, write_text
+from .train import prediction_loss
 from .train_data import open_splits
 
 __all__ = ["DesignCost", "parse_costs", "design_costs", "Scorer", "explore", "run_explore", "explore_paths",
@@ -297,7 +299,7 @@ def explore(base: nn.Module, data: EvalData, designs: Sequence[str], costs: dict
     from tqdm.auto import tqdm
 
     names = layer_names(base, layers)
-    macs = layer_macs(base, (1, *data.batches[0][0].shape[1:]))
+    macs = layer_macs(base, data.example)
     approx = [d for d in dict.fromkeys(as_multiplier(d).name for d in designs) if d != EXACT]
     if not approx:
         raise ValueError("--designs names no approximate design; give at least one, e.g. --designs mbm mitchell")
@@ -342,7 +344,7 @@ def finetune(model: nn.Module, batches: Callable[[int], object], epochs: int, lr
     for epoch in range(epochs):
         for x, y in batches(epoch):
             optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
+            prediction_loss(model(x), y).backward()
             optimizer.step()
     return model.eval()
 
@@ -387,10 +389,12 @@ def run_explore(model: str, dataset: str, designs: Sequence[str], checkpoint=Non
                                             batch_size, dev)
     result = explore(base, search_data, designs, prices, max_loss, evaluations, seed, population, None, backend,
                      progress)
-    test = load_eval_data(dataset, root, "test", test_samples, batch_size, dev, channels=search_data.channels)
+    context = model_context(model)
+    test = load_eval_data(dataset, root, "test", test_samples, batch_size, dev, channels=search_data.channels,
+                          context=context)
     train_batches = None
     if finetune_epochs:
-        splits = open_splits(dataset, root, search_data.channels, dev, train_samples=finetune_samples)
+        splits = open_splits(dataset, root, search_data.channels, dev, train_samples=finetune_samples, context=context)
         train_batches = lambda epoch: splits.train_batches(batch_size, seed + epoch, 0, 1)  # noqa: E731
     result["test"] = score_on_test(result, base, test, train_batches, finetune_epochs, finetune_lr, seed, progress)
     return {"model": model, "dataset": dataset, "checkpoint": str(checkpoint) if checkpoint else None,

@@ -1,13 +1,16 @@
-"""Models: SeedNet, LeNet-5, the PyTorch-example net, CIFAR ResNet-20/8 and any ``torchvision.models``
-classifier, each a plain ``nn.Module`` of ``nn.Conv2d`` / ``nn.Linear`` layers.
+"""Models: SeedNet, LeNet-5, the PyTorch-example net, CIFAR ResNet-20/8, a small vision transformer for MNIST
+(``vit-tiny``), a character-level GPT (``gpt-char``) and any ``torchvision.models`` classifier, each a plain
+``nn.Module`` of ``nn.Conv2d`` / ``nn.Linear`` / ``nn.MultiheadAttention`` layers.
 
 They are made approximate one way only, by :func:`mbmlib.convert` (:func:`new_model` and
 :func:`load_model` do it: ``multiplier``, ``backward``, ``approx_linear`` -- whether the fully
-connected layers are approximate too -- and ``backend``).  Models return logits; train them with
-cross-entropy.
+connected layers (and attention) are approximate too -- and ``backend``); attention is approximate where
+``convert`` can make it so.  Models return logits -- a language model one row per position, ``(B, T, vocab)``
+-- and train with cross-entropy.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -17,9 +20,10 @@ from torch import Tensor, nn
 from ..energy import layer_macs
 from ..multipliers import MultiplierLike
 
-__all__ = ["SeedNet", "LeNet5", "ExampleNet", "CifarResNet", "resnet20", "resnet8", "MODELS", "build_model",
-           "model_factory", "count_macs", "layer_macs", "load_model", "load_checkpoint", "WeightsUnavailableError",
-           "FIXED_INPUT", "model_channels", "check_input", "new_model", "check_model_name"]
+__all__ = ["SeedNet", "LeNet5", "ExampleNet", "CifarResNet", "resnet20", "resnet8", "vit_tiny", "CharGPT", "gpt_char",
+           "MODELS", "LANGUAGE_MODELS", "build_model", "model_factory", "count_macs", "layer_macs", "load_model",
+           "load_checkpoint", "WeightsUnavailableError", "FIXED_INPUT", "model_channels", "model_context",
+           "is_language_model", "check_input", "new_model", "check_model_name"]
 
 
 class SeedNet(nn.Module):
@@ -160,8 +164,94 @@ def resnet8(**kwargs) -> CifarResNet:
     return CifarResNet(8, **kwargs)
 
 
+def vit_tiny(num_classes: int = 10, in_channels: int = 1):
+    """torchvision's ``VisionTransformer`` for 28x28 images: 7x7 patches (16 and a class token), 4 layers of 4 heads,
+    hidden size 64, MLP 128; its patch embedding takes ``in_channels`` (139,018 parameters for MNIST, about 2.4 M
+    multiply-accumulates per image)."""
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=28, patch_size=7, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
+                              num_classes=num_classes)
+    model.conv_proj = nn.Conv2d(in_channels, 64, kernel_size=7, stride=7)
+    fan_in = in_channels * 7 * 7  # initialised as torchvision initialises its own patch embedding
+    nn.init.trunc_normal_(model.conv_proj.weight, std=math.sqrt(1 / fan_in))
+    nn.init.zeros_(model.conv_proj.bias)
+    return model
+
+
+GPT_CONTEXT = 64  # gpt-char's context length in tokens (bytes)
+
+
+class _Block(nn.Module):
+    """A pre-norm transformer block: causal self-attention, then a GELU MLP, each added to its input."""
+
+    def __init__(self, d_model: int, heads: int, mlp: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp), nn.GELU(), nn.Linear(mlp, d_model), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """(B, T, d_model) -> (B, T, d_model); ``mask`` (T, T) is True where a position may not look."""
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    """A character-level GPT (nanoGPT's layout, smaller): token and position embeddings, ``layers`` pre-norm blocks
+    of ``nn.MultiheadAttention`` (causal) and a GELU MLP, a final LayerNorm and an untied linear head.
+
+    The default (vocabulary 256 bytes, context 64, 4 layers, 4 heads, d_model 128, MLP 512) has 867,328 parameters.
+    Weights start as nanoGPT's: normal(0, 0.02), biases zero.
+    """
+
+    def __init__(self, vocab_size: int = 256, context: int = GPT_CONTEXT, layers: int = 4, heads: int = 4, d_model: int = 128,
+                 mlp: int = 512, dropout: float = 0.0):
+        super().__init__()
+        self.context = context
+        self.tokens, self.positions = nn.Embedding(vocab_size, d_model), nn.Embedding(context, d_model)
+        self.blocks = nn.ModuleList(_Block(d_model, heads, mlp, dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        self.register_buffer("causal", torch.ones(context, context, dtype=torch.bool).triu(1), persistent=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """(B, T) int64 token ids, T <= context -> (B, T, vocab_size) logits of the next token at every position."""
+        if idx.dim() != 2 or idx.shape[1] > self.context or idx.is_floating_point():
+            raise ValueError(f"CharGPT takes (batch, T) integer token ids with T <= {self.context}, got a "
+                             f"{idx.dtype} tensor of shape {tuple(idx.shape)}")
+        t = idx.shape[1]
+        x = self.tokens(idx) + self.positions.weight[:t]  # (B, T, d_model)
+        for block in self.blocks:
+            x = block(x, self.causal[:t, :t])
+        return self.head(self.ln(x))
+
+
+def gpt_char(num_classes: int = 256, **kwargs) -> CharGPT:
+    """The character-level GPT with a vocabulary of ``num_classes`` tokens (the data's classes are its tokens)."""
+    return CharGPT(vocab_size=num_classes, **kwargs)
+
+
 MODELS: Dict[str, Callable[..., nn.Module]] = {"seednet": SeedNet, "lenet5": LeNet5, "example": ExampleNet,
-                                               "resnet20": resnet20, "resnet8": resnet8}
+                                               "resnet20": resnet20, "resnet8": resnet8, "vit-tiny": vit_tiny,
+                                               "gpt-char": gpt_char}
+LANGUAGE_MODELS = ("gpt-char",)  # models of token sequences: they train on text corpora, not on images
+
+
+def is_language_model(name: str) -> bool:
+    """Whether ``name`` is a language model (token ids in, next-token logits out)."""
+    return name.lower() in LANGUAGE_MODELS
+
+
+def model_context(name: str) -> Optional[int]:
+    """The context length (tokens) of a language model by name; None for image models."""
+    return GPT_CONTEXT if is_language_model(name) else None
 
 
 def model_factory(name: str) -> Callable[..., nn.Module]:
@@ -169,8 +259,10 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
     try:
         return MODELS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid choices are {', '.join(sorted(MODELS))} "
-                         "or a torchvision.models classifier (resnet18, mobilenet_v2, ...)") from None
+        images = sorted(set(MODELS) - set(LANGUAGE_MODELS))
+        raise ValueError(f"unknown model {name!r}; valid choices are {', '.join(images)}, a torchvision.models "
+                         f"classifier (resnet18, mobilenet_v2, ...) or the language model {', '.join(LANGUAGE_MODELS)}"
+                         ) from None
 
 
 def check_model_name(name: str) -> str:
@@ -188,16 +280,24 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return model_factory(name)(**kwargs)
 
 
-def count_macs(model: nn.Module, input_shape: Tuple[int, ...] = (1, 1, 28, 28)) -> Dict[str, int]:
-    """Forward multiply-accumulates per sample of the conv and linear layers: ``{conv, linear, total}``.
+ATTENTION_MATMULS = (".qk", ".pv")  # the names :func:`layer_macs` gives an attention's two activation matmuls
+
+
+def count_macs(model: nn.Module, example_input=(1, 1, 28, 28)) -> Dict[str, int]:
+    """Forward multiply-accumulates per sample of the conv and linear layers: ``{conv, linear, total}``, and
+    ``attention`` (the Q K^T and P V matmuls) where :func:`layer_macs` counts any; ``example_input`` is a batch
+    or its shape (a language model takes a batch of token ids).
 
     Bias additions, norms and activations are not counted (see :func:`layer_macs`).
     """
-    kinds = {name: isinstance(m, nn.Conv2d) for name, m in model.named_modules()}
-    per_layer = layer_macs(model, tuple(input_shape))
-    macs = {"conv": sum(v for k, v in per_layer.items() if kinds[k]),
-            "linear": sum(v for k, v in per_layer.items() if not kinds[k])}
-    macs["total"] = macs["conv"] + macs["linear"]
+    modules = dict(model.named_modules())
+    per_layer = layer_macs(model, example_input if isinstance(example_input, Tensor) else tuple(example_input))
+    conv = sum(v for k, v in per_layer.items() if isinstance(modules.get(k), nn.Conv2d))
+    attention = sum(v for k, v in per_layer.items() if k.endswith(ATTENTION_MATMULS))
+    macs = {"conv": conv, "linear": sum(per_layer.values()) - conv - attention}
+    if attention:
+        macs["attention"] = attention
+    macs["total"] = sum(per_layer.values())
     return macs
 
 
@@ -260,7 +360,7 @@ def load_checkpoint(model: nn.Module, path) -> nn.Module:
 
 
 # The (channels, image size) the MNIST-era nets are built for; the CIFAR ResNets take any channel count.
-FIXED_INPUT = {"seednet": (1, 28), "lenet5": (1, 28), "example": (1, 28)}
+FIXED_INPUT = {"seednet": (1, 28), "lenet5": (1, 28), "example": (1, 28), "vit-tiny": (1, 28)}
 
 
 def model_channels(name: str) -> Optional[int]:
@@ -299,18 +399,20 @@ def new_model(name: str, num_classes: int = 10, in_channels: int = 1, multiplier
               backward: str = "exact", approx_linear: bool = True, backend: Optional[str] = None,
               pretrained: bool = False) -> nn.Module:
     """A model by name, freshly initialised (or torchvision's pretrained weights), made approximate by
-    :func:`mbmlib.convert`: ``multiplier`` in its convolutions and, if ``approx_linear``, its linear layers."""
+    :func:`mbmlib.convert`: ``multiplier`` in its convolutions and, if ``approx_linear``, in every other layer
+    ``convert`` can make approximate (linear layers, and attention where it can).  A language model takes
+    ``num_classes`` as its vocabulary and no channels."""
     from .. import convert
 
     if name.lower() in MODELS:
         if pretrained:
             raise ValueError(f"{name} has no pretrained weights; use --checkpoint with a trained run's checkpoint.pt")
-        channels = {} if name.lower() in FIXED_INPUT else dict(in_channels=in_channels)
-        model = build_model(name, num_classes=num_classes, **channels)
+        fixed = name.lower() in FIXED_INPUT or is_language_model(name)
+        model = build_model(name, num_classes=num_classes, **({} if fixed else dict(in_channels=in_channels)))
     else:
         model = _torchvision_model(name, pretrained, num_classes)
-    layers = (nn.Conv2d, nn.Linear) if approx_linear else (nn.Conv2d,)
-    return convert(model, multiplier=multiplier, backward=backward, layers=layers, backend=backend, inplace=True)
+    layers = {} if approx_linear else dict(layers=(nn.Conv2d,))  # convert's default: every layer it can convert
+    return convert(model, multiplier=multiplier, backward=backward, backend=backend, inplace=True, **layers)
 
 
 def load_model(name: str, multiplier="exact", backward: str = "exact", num_classes: int = 10,

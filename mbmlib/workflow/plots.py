@@ -23,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from ..multipliers import as_multiplier, error_map
 from .report import runtime_name, seed_groups
 from .store import atomic_write
+from .text import is_text_dataset
 
 __all__ = [
     "new_figure",
@@ -154,14 +155,25 @@ def loss_groups(history: pd.DataFrame, runs: pd.DataFrame) -> dict[tuple[str, in
     return {key: groups[key] for key in sorted(groups, key=lambda k: (k[0], -k[1]))}
 
 
+def _panels(history: pd.DataFrame, runs: pd.DataFrame) -> dict[tuple[str, str, int], list[str]]:
+    """``{(dataset, runtime, samples per epoch): runs}``: :func:`loss_groups` within each dataset, so runs on
+    different data (images, a text corpus) never share a loss axis."""
+    if history.empty or runs.empty:
+        return {}
+    datasets = runs["dataset"].fillna("").astype(str) if "dataset" in runs else pd.Series("", index=runs.index)
+    return {(dataset, *key): names for dataset in sorted(set(datasets))
+            for key, names in loss_groups(history, runs[datasets == dataset]).items()}
+
+
 def loss_panels(history: pd.DataFrame, runs: pd.DataFrame, path: str | Path, smooth: Optional[int] = None,
                 title: str = "Training loss of every run") -> Path:
-    """The loss of many runs, one panel per runtime and epoch size, one colour per multiplier.
+    """The loss of many runs, one panel per dataset, runtime and epoch size, one colour per multiplier.
 
     Runs that differ only in the seed share their multiplier's colour and one legend entry; the
     raw loss per step is drawn faintly behind the smoothed lines (EMA span as in :func:`loss_curves`).
+    A text corpus' loss is in nats per character.
     """
-    groups = loss_groups(history, runs) if not (history.empty or runs.empty) else {}
+    groups = _panels(history, runs)
     if not groups:
         fig = new_figure()
         _empty(fig, "no training history found")
@@ -172,7 +184,7 @@ def loss_panels(history: pd.DataFrame, runs: pd.DataFrame, path: str | Path, smo
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     multiplier = runs.drop_duplicates("run").set_index("run")["multiplier"].astype(str)
     colors = _mult_colors(multiplier[sorted(multiplier.index)])
-    for ax, ((runtime, samples), names) in zip(axes, groups.items()):
+    for ax, ((dataset, runtime, samples), names) in zip(axes, groups.items()):
         curves = [history[history["run"] == run].sort_values("step") for run in names]
         span = smooth if smooth is not None else min(100, max(3, max(len(h) for h in curves) // 15))
         labelled = set()
@@ -182,11 +194,13 @@ def loss_panels(history: pd.DataFrame, runs: pd.DataFrame, path: str | Path, smo
             ax.plot(steps, _smooth(loss, span), color=colors[mult], linewidth=1.6,
                     label=None if mult in labelled else mult)
             labelled.add(mult)
-        size = f"{samples:,} samples/epoch" if samples else "epoch size unknown"
-        ax.set_title(f"{runtime}, {size}: {len(names)} run(s), EMA over {span} steps", fontsize=10)
+        text = is_text_dataset(dataset)
+        size = f"{samples:,} {'windows' if text else 'samples'}/epoch" if samples else "epoch size unknown"
+        ax.set_title(f"{dataset + ', ' if dataset else ''}{runtime}, {size}: {len(names)} run(s), EMA over {span} "
+                     "steps", fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("training step (mini-batches)")
-        ax.set_ylabel("cross-entropy loss (nats)")
+        ax.set_ylabel("cross-entropy loss (nats per character)" if text else "cross-entropy loss (nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right", title="multiplier", title_fontsize=8)
     for ax in axes[len(groups):]:
@@ -195,8 +209,31 @@ def loss_panels(history: pd.DataFrame, runs: pd.DataFrame, path: str | Path, smo
     return save_figure(fig, path)
 
 
+def _epoch_scores(ax, x: list, epochs: list, final: dict) -> None:
+    """The per-epoch validation score: accuracy (%), or a language model's bits per character, with the test line."""
+    bits = "val_bits_per_char" in epochs[0]
+    key, unit, label = ("bits_per_char", "", "bits per character") if bits else ("accuracy", "%", "accuracy (%)")
+    values = [e[f"val_{key}"] for e in epochs]
+    ax.plot(x, values, "o-", color="C2", label="validation")
+    test = final.get(f"test_{key}")
+    if test is not None:
+        ax.axhline(test, color="C3", linestyle="--", label=f"test, final model: {test:.{3 if bits else 2}f}{unit}")
+    for xi, v in zip(x, values):
+        ax.annotate(f"{v:.{3 if bits else 2}f}{unit}", (xi, v), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(label)
+    if bits:
+        ax.set_ylim(0, max(values + [test or 0]) * 1.15)
+    else:
+        ax.set_ylim(0, 105)
+    ax.set_title(f"Validation {label.split(' (')[0]} per epoch")
+    ax.legend(fontsize=8, loc="best")
+
+
 def run_epochs(metrics: dict, path: str | Path) -> Path:
-    """One run's per-epoch train/validation loss and validation accuracy (from its ``metrics.json``)."""
+    """One run's per-epoch train/validation loss and validation accuracy -- a language model's bits per character
+    -- (from its ``metrics.json``)."""
     epochs = [e for e in metrics.get("epochs") or [] if isinstance(e, dict)]
     fig = new_figure(10, 4.2)
     name = metrics.get("run_name", "run")
@@ -212,18 +249,7 @@ def run_epochs(metrics: dict, path: str | Path) -> Path:
     ax1.set_title("Loss per epoch")
     ax1.legend(fontsize=8, loc="best")
     ax1.margins(x=0.15, y=0.3)
-    acc = [e["val_accuracy"] for e in epochs]
-    ax2.plot(x, acc, "o-", color="C2", label="validation")
-    test = (metrics.get("final") or {}).get("test_accuracy")
-    if test is not None:
-        ax2.axhline(test, color="C3", linestyle="--", label=f"test, final model: {test:.2f}%")
-    for xi, a in zip(x, acc):
-        ax2.annotate(f"{a:.2f}%", (xi, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy (%)")
-    ax2.set_ylim(0, 105)
-    ax2.set_title("Validation accuracy per epoch")
-    ax2.legend(fontsize=8, loc="best")
+    _epoch_scores(ax2, x, epochs, metrics.get("final") or {})
     for ax in (ax1, ax2):
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
@@ -330,6 +356,8 @@ def _interval_panel(ax, groups: pd.DataFrame, runs: pd.DataFrame, col: str, ylab
     """One panel of :func:`seed_intervals`: every seed's value as a dot, the mean with its 95% CI as a bar."""
     colors = _mult_colors(groups["multiplier"])
     for x, (_, g) in enumerate(groups.iterrows()):
+        if math.isnan(g[f"{col}_mean"]):  # e.g. bits per character of an image classifier
+            continue
         color = colors[str(g["multiplier"])]
         members = runs[runs["experiment"] == g["experiment"]][col].to_numpy(float)
         ax.scatter(np.full(len(members), x + 0.15), members, s=14, color=color, alpha=0.5, linewidths=0)
@@ -349,24 +377,28 @@ def _interval_panel(ax, groups: pd.DataFrame, runs: pd.DataFrame, col: str, ylab
 
 
 def seed_intervals(runs: pd.DataFrame, path: str | Path) -> Path:
-    """Final test accuracy and epoch time per multiplier over repeated seeds: mean and 95% Student-t CI.
+    """Final test accuracy (of language models also bits per character) and epoch time per multiplier over
+    repeated seeds: mean and 95% Student-t CI.
 
     Only experiments run with at least two seeds are shown (:func:`mbmlib.workflow.report.seed_groups`);
     dots are the single runs, the error bar the confidence interval of the mean.
     """
     groups = seed_groups(runs) if not runs.empty else pd.DataFrame()
     groups = groups[groups["seeds"] > 1] if not groups.empty else groups
-    fig = new_figure(max(8.0, 2.6 * len(groups) + 2), 5.2)
+    panels = [("test_accuracy", "final test accuracy (%)", "Test accuracy (higher is better)"),
+              ("test_bits_per_char", "final test bits per character", "Test bits per character (lower is better)"),
+              ("epoch_time_s", "epoch time (s)", "Epoch time (lower is better)")]
+    panels = [p for p in panels if p[0] != "test_bits_per_char" or (not groups.empty
+                                                                   and groups[f"{p[0]}_mean"].notna().any())]
+    fig = new_figure(max(8.0, 2.6 * len(groups) + 2) * len(panels) / 2, 5.2)
     if groups.empty:
         _empty(fig, "no experiment was run with more than one seed")
         return save_figure(fig, path)
     experiment = {r: e for r, e in zip(runs["run"], runs["experiment"])}
     groups = groups.assign(experiment=[experiment[g.split(", ")[0]] for g in groups["runs"]])
-    ax1, ax2 = fig.subplots(1, 2)
-    _interval_panel(ax1, groups, runs, "test_accuracy", "final test accuracy (%)")
-    ax1.set_title("Test accuracy (higher is better)")
-    _interval_panel(ax2, groups, runs, "epoch_time_s", "epoch time (s)")
-    ax2.set_title("Epoch time (lower is better)")
+    for ax, (col, ylabel, title) in zip(fig.subplots(1, len(panels)), panels):
+        _interval_panel(ax, groups, runs, col, ylabel)
+        ax.set_title(title)
     where = f" on {groups['runtime'].iloc[0]}" if groups["runtime"].nunique() == 1 else ""
     fig.suptitle(f"Repeated seeds{where}: mean and 95% Student-t confidence interval (dots: single runs)")
     return save_figure(fig, path)
@@ -390,9 +422,35 @@ def report_title(report: dict) -> str:
             f"{runtime_name(report.get('runtime'))}")
 
 
-def multiplier_accuracy(report: dict, path: str | Path) -> Path:
-    """Top-1 and top-5 accuracy per multiplier of one :func:`mbmlib.workflow.evaluate.evaluate_multipliers` report."""
+def multiplier_bits(report: dict, path: str | Path) -> Path:
+    """Bits per character per multiplier of a language model's :func:`mbmlib.workflow.evaluate.evaluate_multipliers`
+    report, each bar with its rise against exact."""
     rows = report["results"]
+    fig = new_figure(max(6.0, 1.1 * len(rows) + 2.5), 4.8)
+    ax = fig.add_subplot()
+    names = [r["multiplier"] for r in rows]
+    colors = _mult_colors(names)
+    bars = ax.bar(np.arange(len(rows)), [r["bits_per_char"] for r in rows], 0.6, color=[colors[n] for n in names])
+    for bar, r in zip(bars, rows):
+        rise = "" if r["multiplier"] == "exact" else f"\n({r['bits_per_char_rise']:+.3f})"
+        ax.annotate(f"{r['bits_per_char']:.3f}{rise}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(np.arange(len(rows)), names)
+    ax.set_ylim(0, 1.2 * max(r["bits_per_char"] for r in rows))
+    ax.set_ylabel("bits per character (lower is better)")
+    ax.set_xlabel("multiplier (rise against exact in brackets, bits per character)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"Bits per character per multiplier\n{report_title(report)}, {rows[0]['samples']} characters",
+                 fontsize=10)
+    return save_figure(fig, path)
+
+
+def multiplier_accuracy(report: dict, path: str | Path) -> Path:
+    """Top-1 and top-5 accuracy per multiplier of one :func:`mbmlib.workflow.evaluate.evaluate_multipliers` report
+    (a language model's: bits per character, :func:`multiplier_bits`)."""
+    rows = report["results"]
+    if "bits_per_char" in rows[0]:
+        return multiplier_bits(report, path)
     fig = new_figure(max(6.0, 1.3 * len(rows) + 2.5), 4.8)
     ax = fig.add_subplot()
     names = [r["multiplier"] for r in rows]
@@ -418,25 +476,31 @@ def multiplier_accuracy(report: dict, path: str | Path) -> Path:
 
 
 def layer_sensitivity(report: dict, path: str | Path) -> Path:
-    """Top-1 drop when only one layer uses the approximate multiplier, with each layer's share of the MACs."""
+    """Top-1 drop (a language model: rise in bits per character) when only one layer uses the approximate
+    multiplier, with each layer's share of the MACs."""
     rows = report["layers"] + report["combined"]
+    bits = report.get("ranked_by") == "bits_per_char_rise"
     fig = new_figure(10, max(3.5, 0.38 * len(rows) + 1.8))
     ax1, ax2 = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
     y = np.arange(len(rows))
-    drops = [r["top1_drop"] for r in rows]
+    drops = [r["bits_per_char_rise" if bits else "top1_drop"] for r in rows]
     colors = ["#1f78b4" if r in report["layers"] else "#e66101" for r in rows]
     ax1.barh(y, drops, color=colors)
     for yi, d in zip(y, drops):
-        ax1.annotate(f"{d:+.2f}", (d, yi), xytext=(3 if d >= 0 else -3, 0), textcoords="offset points",
+        ax1.annotate(f"{d:+.{3 if bits else 2}f}", (d, yi), xytext=(3 if d >= 0 else -3, 0), textcoords="offset points",
                      ha="left" if d >= 0 else "right", va="center", fontsize=7)
     ax1.axvline(0, color="black", linewidth=0.8)
     ax1.set_yticks(y, [r["layer"] for r in rows], fontsize=8)
     ax1.invert_yaxis()
     ax1.margins(x=0.25)
     one_image = 100.0 / report["baseline"]["samples"]  # the finest step a drop can take
-    ax1.set_xlabel(f"top-1 drop against exact ({report['baseline']['top1']:.2f}%), points "
-                   f"(one image = {one_image:.2g})")
-    ax1.set_title("Accuracy drop (blue: one layer approximate; orange: together)", fontsize=9)
+    if bits:
+        ax1.set_xlabel(f"rise in bits per character against exact ({report['baseline']['bits_per_char']:.3f})")
+    else:
+        ax1.set_xlabel(f"top-1 drop against exact ({report['baseline']['top1']:.2f}%), points "
+                       f"(one image = {one_image:.2g})")
+    ax1.set_title(f"{'Bits per character rise' if bits else 'Accuracy drop'} (blue: one layer approximate; orange: "
+                  "together)", fontsize=9)
     ax2.barh(y, [100.0 * r["macs"] / report["total_macs"] for r in rows], color=colors, alpha=0.6)
     ax2.set_xlabel("share of the model's MACs (%)")
     ax2.set_title("Work moved to the approximate multiplier", fontsize=9)

@@ -60,6 +60,8 @@ SUMMARY_COLUMNS = [
     ("samples", "samples", "{:.0f}"),
     ("val_accuracy", "val acc (%)", "{:.2f}"),
     ("test_accuracy", "test acc (%)", "{:.2f}"),
+    ("val_bits_per_char", "val bits/char", "{:.3f}"),
+    ("test_bits_per_char", "test bits/char", "{:.3f}"),
     ("epoch_time_s", "epoch time (s)", "{:.1f}"),
     ("samples_per_s", "samples/s", "{:.1f}"),
     ("approx_to_exact", "approx/exact time", "{:.2f}"),
@@ -153,6 +155,8 @@ def _run_row(run_dir: Path, metrics: dict) -> dict:
         "val_accuracy": _num(final.get("val_accuracy", last.get("val_accuracy"))),
         "test_accuracy": _num(final.get("test_accuracy")),
         "val_loss": _num(final.get("val_loss", last.get("val_loss"))),
+        "val_bits_per_char": _num(final.get("val_bits_per_char", last.get("val_bits_per_char"))),
+        "test_bits_per_char": _num(final.get("test_bits_per_char")),
         "epoch_time_s": (sum(epoch_times) / len(epoch_times)) if epoch_times else math.nan,
         "train_time_s": _num(train_time),
         "samples_per_s": _num(sps),
@@ -355,7 +359,9 @@ def t_interval(values) -> tuple[float, float, float]:
 
 
 GROUP_KEYS = ["model", "dataset", "multiplier", "backward", "runtime", "train_samples", "epochs"]
-GROUP_STATS = {"test_accuracy": "test acc (%)", "val_accuracy": "val acc (%)", "epoch_time_s": "epoch time (s)"}
+GROUP_STATS = {"test_accuracy": "test acc (%)", "val_accuracy": "val acc (%)", "test_bits_per_char": "test bits/char",
+               "epoch_time_s": "epoch time (s)"}
+_DIGITS = {"epoch_time_s": 1, "test_bits_per_char": 3}  # decimals shown per statistic (else 2)
 
 
 def seed_groups(runs: pd.DataFrame) -> pd.DataFrame:
@@ -393,12 +399,12 @@ def groups_markdown(groups: pd.DataFrame) -> str:
     """A :func:`seed_groups` table as markdown: mean ± 95% CI half-width and std of each statistic."""
     shown = groups[GROUP_KEYS + ["seeds"]].copy()
     for col, header in GROUP_STATS.items():
-        digits = 1 if col == "epoch_time_s" else 2
+        digits = _DIGITS.get(col, 2)
         shown[header] = [_mean_ci(m, c, digits) for m, c in zip(groups[f"{col}_mean"], groups[f"{col}_ci95"])]
         shown[f"{header} std"] = groups[f"{col}_std"]
     return to_markdown(shown, {"train_samples": "train samples", "runtime": "runtime / device"},
-                       {"train_samples": "{:.0f}", "epochs": "{:.0f}", **{f"{h} std": "{:.2f}"
-                                                                         for h in GROUP_STATS.values()}})
+                       {"train_samples": "{:.0f}", "epochs": "{:.0f}",
+                        **{f"{h} std": f"{{:.{_DIGITS.get(c, 2)}f}}" for c, h in GROUP_STATS.items()}})
 
 
 def bench_summary(bench: pd.DataFrame) -> pd.DataFrame:
@@ -451,7 +457,8 @@ def write_summary(results_dir: str | Path = "results", csv_path: str | Path | No
     md_path = Path(md_path) if md_path else csv_path.with_suffix(".md")
     table = summary_table(results.runs)
     write_text(csv_path, table.to_csv(index=False))
-    md = ["# Runs", "", f"{len(table)} run(s) under `{results_dir / 'runs'}`. Accuracy in %, epoch time is the mean "
+    md = ["# Runs", "", f"{len(table)} run(s) under `{results_dir / 'runs'}`. Accuracy in % (of a language model: "
+          "next-character accuracy; its loss is also given in bits per character), epoch time is the mean "
           "over the run's epochs, approx/exact time is the time per training step relative to the exact twin "
           "of the model, measured in the same run.", "", summary_markdown(table)]
     groups = seed_groups(results.runs)

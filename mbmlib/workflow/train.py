@@ -1,7 +1,8 @@
 """Training loop: train / validate / test a model with any multiplier on any dataset, and record the run.
 
 A run writes ``<runs_dir>/<run_name>/`` with ``config.json``, ``metrics.json``
-(per-epoch and final figures plus the runtime description) and ``history.csv``
+(per-epoch and final figures plus the runtime description; a language model's
+also in bits per character and perplexity) and ``history.csv``
 (step, epoch, loss, lr, elapsed), all written atomically, and a checkpoint
 after every epoch that ``resume=True`` continues from.  A run folder belongs to
 one config: a rerun into it is refused unless it resumes that very config or
@@ -30,22 +31,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..multipliers import as_multiplier
-from ..nn import MBMConv2d, MBMLinear, convert
+from ..nn import convert
 from . import data as mdata
 from . import plugins, runtime
-from .evaluate import accuracy
+from .evaluate import accuracy, approximate_layers
 from .config import (PRESETS, TrainConfig, config_with_preset, default_run_name, identity_differences,
                      multiplier_key, multiplier_of)
-from .models import model_channels, new_model
+from .models import model_channels, model_context, new_model
 from .store import (CHECKPOINT, atomic_write, holds_run, lock_run, move_run_aside, read_json, remove_stale_temporaries,
                     write_json, write_text)
 from .timing import compare
-from .train_data import EVAL_BATCH, LoaderTrainData, TensorTrainData, open_splits
+from .text import EPOCH_STEPS, TextTrainData
+from .train_data import LoaderTrainData, TensorTrainData, open_splits
 
-__all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "train", "evaluate",
+__all__ = ["TrainConfig", "PRESETS", "config_with_preset", "default_run_name", "train", "evaluate", "prediction_loss",
            "TrainingDiverged", "RunFolderError", "CHECKPOINT"]
 
-TrainData = Union[TensorTrainData, LoaderTrainData]
+TrainData = Union[TensorTrainData, LoaderTrainData, TextTrainData]
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,11 +98,26 @@ def _all_mean(value: float, dist_info: Dist, device: torch.device) -> float:
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
+def prediction_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean cross-entropy of classifier logits ``(B, classes)`` against ``(B,)`` labels, or of a
+    language model's ``(B, T, vocab)`` against ``(B, T)`` next tokens (every position one prediction)."""
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten())
+
+
+TEXT_SCORES = ("bits_per_char", "perplexity")  # what a language model's evaluation adds to loss and accuracy
+
+
 def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """Mean cross-entropy loss and top-1 accuracy (%) of ``model`` over ``(x, y)`` batches, in eval mode
-    (:func:`mbmlib.workflow.evaluate.accuracy`, the one evaluation loop)."""
+    (:func:`mbmlib.workflow.evaluate.accuracy`, the one evaluation loop); a language model's also in bits per
+    character and perplexity."""
     scores = accuracy(model, batches)
-    return {"loss": scores["loss"], "accuracy": scores["top1"]}
+    return {"loss": scores["loss"], "accuracy": scores["top1"], **{k: scores[k] for k in TEXT_SCORES if k in scores}}
+
+
+def _prefixed(prefix: str, scores: dict) -> dict:
+    """``{prefix_loss, prefix_accuracy, ...}`` of an :func:`evaluate` result."""
+    return {f"{prefix}_{k}": v for k, v in scores.items()}
 
 
 def _make_optimizer(cfg: TrainConfig, params):
@@ -109,13 +126,16 @@ def _make_optimizer(cfg: TrainConfig, params):
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
 
 
-def _load_data(cfg: TrainConfig, device: torch.device) -> TrainData:
-    """The run's splits: a CSV in memory, else :func:`open_splits` (MNIST in memory, the rest by DataLoaders)."""
+def _load_data(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> TrainData:
+    """The run's splits: a CSV in memory, else :func:`open_splits` (MNIST in memory, the rest by DataLoaders, a text
+    corpus as windows: an epoch is ``epoch_steps`` batches on every process)."""
     if cfg.data_csv:
         return TensorTrainData(_load_csv(cfg, device))
+    windows = (cfg.epoch_steps or EPOCH_STEPS) * cfg.batch_size * world_size
     return open_splits(cfg.dataset, cfg.data_dir, model_channels(cfg.model), device, val_fraction=cfg.val_fraction,
                        split_seed=cfg.split_seed, train_samples=cfg.train_samples, val_samples=cfg.val_samples,
-                       test_samples=cfg.test_samples, workers=cfg.workers)
+                       test_samples=cfg.test_samples, workers=cfg.workers, context=model_context(cfg.model),
+                       epoch_windows=windows)
 
 
 def _load_csv(cfg: TrainConfig, device: torch.device) -> mdata.MNISTData:
@@ -131,7 +151,7 @@ def _load_csv(cfg: TrainConfig, device: torch.device) -> mdata.MNISTData:
     return data.to(device)
 
 
-def _warm_up(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+def _warm_up(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, eval_batch: int) -> None:
     """One forward/backward on a copy, so kernel compilation is not counted in the first epoch's time.
 
     Runs on a deep copy with the RNG state restored afterwards: training (and a
@@ -142,10 +162,10 @@ def _warm_up(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         return
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         twin = copy.deepcopy(model).train()
-        F.cross_entropy(twin(xb), yb).backward()
+        prediction_loss(twin(xb), yb).backward()
         twin.eval()
         with torch.no_grad():
-            twin(x[:EVAL_BATCH])  # evaluation batch shape
+            twin(x[:eval_batch])  # evaluation batch shape
 
 
 def _step_time_ratio(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, steps: int,
@@ -156,15 +176,15 @@ def _step_time_ratio(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, steps
     carry an approx-vs-exact ratio that both sides of which saw the same machine.
     """
     approx = copy.deepcopy(model).train()
-    if not any(isinstance(m, (MBMConv2d, MBMLinear)) and not m.multiplier.is_exact for m in approx.modules()):
+    if not any(not m.multiplier.is_exact for m in approximate_layers(approx)):
         return None
-    exact = convert(approx, multiplier="exact", layers=(MBMConv2d, MBMLinear))
+    exact = convert(approx, multiplier="exact")  # every layer convert can reach, the approximate ones included
     if len(yb) < 2:  # BatchNorm needs two samples
         return None
 
     def step(m, opt):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(m(xb), yb).backward()
+        prediction_loss(m(xb), yb).backward()
         opt.step()
 
     opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.0) for m in (approx, exact)}
@@ -303,7 +323,7 @@ def _setup(cfg: TrainConfig) -> Session:
     if dist_info.is_main:
         claim_run_folder(cfg, writer.dir)
     torch.manual_seed(cfg.seed)
-    data = _load_data(cfg, device)
+    data = _load_data(cfg, device, dist_info.world_size)
     model = new_model(cfg.model, data.num_classes, data.channels, multiplier=multiplier_of(cfg), backward=cfg.backward,
                       approx_linear=cfg.approx_linear, backend=cfg.backend).to(device)
     optimizer = _make_optimizer(cfg, model.parameters())
@@ -335,6 +355,10 @@ def _restore(s: Session, state: dict) -> None:
         raise RunFolderError(f"--resume: the run started with {state['world_size']} process(es), this is {world} "
                              f"(the effective batch would change); resume with torchrun --nproc-per-node "
                              f"{state['world_size']}, or start a new run")
+    if state.get("corpus_sha256", _corpus(s)) != _corpus(s):
+        raise RunFolderError("--resume: the text corpus is not the one the run started with (its SHA-256 differs: "
+                             "another Python's standard library); resume with the Python the run started with, or "
+                             "start a new run")
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     s.scheduler.load_state_dict(state["scheduler"])
@@ -345,11 +369,17 @@ def _restore(s: Session, state: dict) -> None:
     s.history, s.epochs, s.elapsed_before = state["history"], state["epochs"], state["elapsed"]
 
 
+def _corpus(s: Session) -> Optional[str]:
+    """The SHA-256 of the run's text corpus; None for images."""
+    return s.data.describe().get("corpus_sha256")
+
+
 def _save_checkpoint(s: Session, epoch: int, elapsed: float) -> None:
     s.writer.checkpoint({"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
                          "scheduler": s.scheduler.state_dict(), "epoch": epoch, "global_step": s.global_step,
                          "history": s.history, "epochs": s.epochs, "elapsed": elapsed,
                          "multiplier_key": multiplier_key(s.cfg), "world_size": s.dist.world_size,
+                         "corpus_sha256": _corpus(s),
                          "rng_cpu": torch.get_rng_state(),
                          "rng_cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None})
 
@@ -375,7 +405,7 @@ def _train_epoch(s: Session, epoch: int, metrics: dict, t_start: float) -> tuple
     shuffle_seed = cfg.seed * 1000 + epoch  # the same shuffle on every rank and on resume
     for xb, yb in s.data.train_batches(cfg.batch_size, shuffle_seed, s.dist.rank, s.dist.world_size):
         s.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(s.train_model(xb), yb)
+        loss = prediction_loss(s.train_model(xb), yb)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise _diverged(s, metrics, loss_value, epoch)
@@ -406,9 +436,10 @@ def _end_epoch(s: Session, record: dict, metrics: dict, t_start: float) -> None:
     """Step the schedule, validate, log, and write the checkpoint and the records of this epoch."""
     s.scheduler.step()
     val = evaluate(s.model, s.data.eval_batches("val"))
-    record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+    record.update(_prefixed("val", val))
     s.epochs.append(record)
-    _log(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val['loss']:.4f}, "
+    bits = f", {val['bits_per_char']:.4f} bits/char" if "bits_per_char" in val else ""
+    _log(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, val loss {val['loss']:.4f}{bits}, "
          f"val accuracy {val['accuracy']:.2f}%, {record['epoch_time_s']:.1f} s, "
          f"{record['samples_per_s']:.0f} samples/s", s.dist)
     elapsed = time.perf_counter() - t_start
@@ -430,9 +461,11 @@ def _finish(s: Session, metrics: dict, stopped_early: bool, t_start: float) -> d
                    finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     s.writer.metrics(metrics)
     s.writer.history(s.history)
+    bits = "".join(f", {split} {final[f'{split}_bits_per_char']:.4f} bits/char" for split in ("val", "test")
+                   if final.get(f"{split}_bits_per_char") is not None)
     _log(f"finished: val accuracy {final['val_accuracy']:.2f}%"
          + (f", test accuracy {final['test_accuracy']:.2f}%" if final.get("test_accuracy") is not None else "")
-         + f"; results in {s.writer.dir}", s.dist)
+         + f"{bits}; results in {s.writer.dir}", s.dist)
     return metrics
 
 
@@ -442,12 +475,13 @@ def train(cfg: TrainConfig) -> dict:
     s = _setup(cfg)
     n_train = s.data.sizes()["train"]
     metrics = {"run_name": s.writer.dir.name, "status": "running", "config": dataclasses.asdict(cfg),
-               "runtime": s.info, "world_size": s.dist.world_size, "data": s.data.sizes(), "epochs": s.epochs}
+               "runtime": s.info, "world_size": s.dist.world_size, "data": s.data.describe(), "epochs": s.epochs}
     products = f"the assignment {cfg.multiplier_map}" if cfg.multiplier_map else as_multiplier(cfg.multiplier).name
     _log(f"run {s.writer.dir.name}: {cfg.model} with multiplier {products} "
          f"(backward {cfg.backward}) on {s.info['device_name']} ({s.info['device']}), {n_train} training samples, "
          f"{s.data.steps_per_epoch(cfg.batch_size, s.dist.world_size)} steps/epoch", s.dist)
-    _warm_up(s.model, *s.data.first_batch(max(cfg.batch_size, EVAL_BATCH)), cfg.batch_size)
+    eval_batch = min(s.data.eval_batch, s.data.sizes()["val"])  # the shape validation will run
+    _warm_up(s.model, *s.data.first_batch(max(cfg.batch_size, eval_batch)), cfg.batch_size, eval_batch)
     t_start = time.perf_counter() - s.elapsed_before
     stopped_early = False
     for epoch in range(s.start_epoch, cfg.epochs + 1):
@@ -464,14 +498,14 @@ def train(cfg: TrainConfig) -> dict:
 def _final_metrics(model: nn.Module, data: TrainData, epochs: list[dict]) -> dict:
     """Validation (the last epoch's: the weights have not changed since) and test figures, and throughput."""
     last = epochs[-1] if epochs else None
-    val = ({"accuracy": last["val_accuracy"], "loss": last["val_loss"]} if last
+    val = ({k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")} if last
            else evaluate(model, data.eval_batches("val")))
-    test = evaluate(model, data.eval_batches("test")) if data.sizes()["test"] else None
+    test = evaluate(model, data.eval_batches("test")) if data.sizes()["test"] else dict.fromkeys(val)
     train_time = sum(e["epoch_time_s"] for e in epochs)
     samples = sum(e["samples"] for e in epochs)
-    return {"val_accuracy": val["accuracy"], "val_loss": val["loss"],
-            "test_accuracy": None if test is None else test["accuracy"],
-            "test_loss": None if test is None else test["loss"],
+    return {"val_accuracy": val["accuracy"], "val_loss": val["loss"], "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"], **{f"{split}_{k}": scores[k] for k in TEXT_SCORES if k in val
+                                          for split, scores in (("val", val), ("test", test))},
             "train_time_s": train_time, "samples": samples,
             "samples_per_s": samples / train_time if train_time else None,
             "time_per_sample_s": train_time / samples if samples else None}

@@ -1,10 +1,11 @@
-"""What the trainer iterates over: in-memory tensors (MNIST, a CSV) or a torchvision dataset through DataLoaders.
+"""What the trainer iterates over: in-memory tensors (MNIST, a CSV), a torchvision dataset through DataLoaders,
+or a text corpus' windows (:class:`mbmlib.workflow.text.TextTrainData`).
 
-Both sources answer the same questions -- how many samples and steps, this epoch's shuffled
+Every source answers the same questions -- how many samples and steps, this epoch's shuffled
 training batches for this rank, the validation and test batches, and a first batch for
 warm-up and timing -- so :mod:`mbmlib.workflow.train` does not care which one it holds.
 MNIST with a one-channel model keeps the fast in-memory path (pixels in [0, 1], as the
-original experiment trained); every other dataset, or MNIST for a three-channel model, goes
+original experiment trained); every other image dataset, or MNIST for a three-channel model, goes
 through :mod:`mbmlib.workflow.datasets` (normalised, augmented for training).
 """
 from __future__ import annotations
@@ -15,8 +16,11 @@ import torch
 from torch import Tensor
 
 from . import data as mdata
+from .models import check_input, is_language_model
+from .text import TEXT_DATASETS, is_text_dataset, open_text
 
-__all__ = ["TensorTrainData", "LoaderTrainData", "EVAL_BATCH", "uses_memory_path", "open_splits"]
+__all__ = ["TensorTrainData", "LoaderTrainData", "EVAL_BATCH", "uses_memory_path", "open_splits",
+           "check_model_dataset"]
 
 EVAL_BATCH = 500  # validation/test batch size: large batches, no gradients
 Batch = Tuple[Tensor, Tensor]
@@ -30,7 +34,7 @@ def uses_memory_path(dataset: str, channels: Optional[int]) -> bool:
 class TensorTrainData:
     """The splits as tensors on the training device (:class:`mbmlib.workflow.data.MNISTData`)."""
 
-    num_classes, channels, image_size = 10, 1, 28
+    num_classes, channels, image_size, eval_batch = 10, 1, 28, EVAL_BATCH
 
     def __init__(self, data: mdata.MNISTData):
         self.data = data
@@ -38,6 +42,10 @@ class TensorTrainData:
     def sizes(self) -> dict:
         """Samples per split."""
         return self.data.sizes()
+
+    def describe(self) -> dict:
+        """What a run records of its data: the samples per split."""
+        return self.sizes()
 
     def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
         """Optimiser steps per epoch on each rank."""
@@ -66,6 +74,8 @@ class LoaderTrainData:
     processes decode and augment in the background.
     """
 
+    eval_batch = EVAL_BATCH
+
     def __init__(self, splits, device: torch.device, workers: int):
         self.splits, self.device, self.workers = splits, device, workers
         self.num_classes, self.image_size = splits.info.num_classes, splits.info.image_size
@@ -74,6 +84,10 @@ class LoaderTrainData:
     def sizes(self) -> dict:
         """Samples per split."""
         return self.splits.sizes()
+
+    def describe(self) -> dict:
+        """What a run records of its data: the samples per split."""
+        return self.sizes()
 
     def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
         """Optimiser steps per epoch on each rank (DistributedSampler pads every rank to the same count)."""
@@ -105,14 +119,38 @@ class LoaderTrainData:
         return next(iter(self._batches(self.splits.train, n)))
 
 
+def check_model_dataset(model: str, dataset: str) -> None:
+    """ValueError when ``model`` cannot learn from ``dataset``, checked before any data loads: a language model
+    needs a text corpus and an image model images (of the size it takes, :func:`check_input`)."""
+    if is_language_model(model) and not is_text_dataset(dataset):
+        raise ValueError(f"{model} is a language model: it trains on a text corpus ({', '.join(TEXT_DATASETS)}), "
+                         f"not on {dataset}; pass --dataset {TEXT_DATASETS[0]}")
+    if is_text_dataset(dataset):
+        if not is_language_model(model):
+            raise ValueError(f"{dataset} is a text corpus: train a language model on it (gpt-char), not {model}")
+        return
+    from .datasets import dataset_info
+
+    info = dataset_info(dataset)
+    check_input(model, info.channels, info.image_size, dataset)
+
+
 def open_splits(dataset: str, root, channels: Optional[int], device: torch.device, *, val_fraction: float = 0.2,
                 split_seed: int = 123, train_samples: Optional[int] = None, val_samples: Optional[int] = None,
-                test_samples: Optional[int] = None, workers: int = 2, image_size: int = 224):
+                test_samples: Optional[int] = None, workers: int = 2, image_size: int = 224,
+                context: Optional[int] = None, epoch_windows: Optional[int] = None):
     """A dataset's splits behind the one interface: MNIST for a one-channel model in memory
-    (:class:`TensorTrainData`), any other through DataLoaders (:class:`LoaderTrainData`).
+    (:class:`TensorTrainData`), a text corpus as windows of ``context`` tokens, ``epoch_windows`` an epoch
+    (:class:`mbmlib.workflow.text.TextTrainData`), any other through DataLoaders (:class:`LoaderTrainData`).
 
     The one place the in-memory path is chosen; training and evaluation both read their data here.
     """
+    if is_text_dataset(dataset):
+        if context is None:
+            raise ValueError(f"{dataset} is a text corpus: give the context length of the language model")
+        return open_text(dataset, device, context, split_seed=split_seed, val_fraction=val_fraction,
+                         train_samples=train_samples, val_samples=val_samples, test_samples=test_samples,
+                         **({} if epoch_windows is None else dict(epoch_windows=epoch_windows)))
     if uses_memory_path(dataset, channels):
         return TensorTrainData(mdata.load_mnist(root, split_seed=split_seed, val_fraction=val_fraction,
                                                 train_samples=train_samples, val_samples=val_samples,
