@@ -30,6 +30,7 @@ from torch.ao.quantization import observer as tq
 
 from . import functional as AF
 from . import kernels
+from .kernels.prepared import prepared
 from .multipliers import Multiplier, MultiplierLike, as_multiplier
 
 __all__ = ["QuantSpec", "MatmulQuantSpec", "PROJECT_SCALES", "CALIBRATION_METHODS", "Quantiser", "MatmulQuantiser",
@@ -122,6 +123,20 @@ def _integer(multiplier: MultiplierLike) -> Multiplier:
 # ----------------------------------------------------------------------------- custom ops
 
 
+def _quantise_rows(w: Tensor, scale: Tensor, mult: Multiplier) -> tuple[Tensor, Tensor]:
+    """(quantised ``w`` contiguous, which rows of dim 1 (a matmul's B: dim 0 of a conv weight) hold a NaN/inf)."""
+    if w.dim() == 4:  # a conv weight (O, C/groups, kh, kw): one scale per output channel
+        return quantise(w, scale.view(-1, 1, 1, 1), mult).contiguous(), ~torch.isfinite(w).flatten(1).all(1)
+    return quantise(w, scale.view(1, -1, 1), mult).contiguous(), ~torch.isfinite(w).all(-1)  # (G, N, K)
+
+
+def _quantised_weight(w: Tensor, scale: Tensor, mult: Multiplier) -> tuple[Tensor, Tensor]:
+    """:func:`_quantise_rows` once per version of the weight and its scales (:mod:`mbmlib.kernels.prepared`):
+    the same quantised tensor each call, so the kernels' packing of it is kept too."""
+    return prepared((w, scale), ("quantised", mult), lambda: _quantise_rows(w, scale, mult))
+
+
+
 @torch.library.custom_op("mbmlib::conv2d_quant", mutates_args=())
 def _conv2d_quant(x: Tensor, w: Tensor, bias: Optional[Tensor], x_scale: Tensor, w_scale: Tensor,
                   stride: List[int], padding: List[int], dilation: List[int], groups: int, multiplier: str,
@@ -129,13 +144,13 @@ def _conv2d_quant(x: Tensor, w: Tensor, bias: Optional[Tensor], x_scale: Tensor,
     """Quantised convolution: integer sums (B, O, Ho, Wo) from the backend, scaled, plus the exact bias."""
     mult = as_multiplier(multiplier)
     qx = quantise(x, x_scale, mult)  # (B, C, H, W)
-    qw = quantise(w, w_scale.view(-1, 1, 1, 1), mult)  # (O, C/groups, kh, kw)
-    sums = kernels.conv2d_int(backend, qx.contiguous(), qw.contiguous(), stride, padding, dilation, groups, mult,
+    qw, bad_w = _quantised_weight(w, w_scale, mult)  # (O, C/groups, kh, kw), (O,)
+    sums = kernels.conv2d_int(backend, qx.contiguous(), qw, stride, padding, dilation, groups, mult,
                               ranged=True)  # (B, O, Ho, Wo) float64
     out = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).to(x.dtype)
     bad_x = (~torch.isfinite(x)).to(x.dtype)  # (B, C, H, W): which outputs a NaN/inf input reaches, exactly
     reached = F.conv2d(bad_x, torch.ones_like(w), None, stride, padding, dilation, groups) > 0
-    reached = reached | ~torch.isfinite(w).flatten(1).all(1).view(1, -1, 1, 1)  # a non-finite weight: its channel
+    reached = reached | bad_w.view(1, -1, 1, 1)  # a non-finite weight: its channel
     out = _nan_where(out, reached)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
@@ -167,10 +182,10 @@ def _bmm_nt_quant(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, multip
     if a.shape[2] == 0:  # empty sums
         return a.new_zeros(a.shape[0], a.shape[1], b.shape[1])
     qa = quantise(a, a_scale, mult)  # (G, M, K)
-    qb = quantise(b, b_scale.view(1, -1, 1), mult)  # (G, N, K)
-    sums = kernels.load(backend).bmm_nt_int(qa.contiguous(), qb.contiguous(), mult, ranged=True)  # (G, M, N) float64
+    qb, bad_b = _quantised_weight(b, b_scale, mult)  # (G, N, K), (G, N)
+    sums = kernels.load(backend).bmm_nt_int(qa.contiguous(), qb, mult, ranged=True)  # (G, M, N) float64
     out = (sums * (a_scale.double() * b_scale.double())).to(a.dtype)
-    return _nan_where(out, ~torch.isfinite(a).all(-1)[:, :, None] | ~torch.isfinite(b).all(-1)[:, None, :])
+    return _nan_where(out, ~torch.isfinite(a).all(-1)[:, :, None] | bad_b[:, None, :])
 
 
 @_bmm_nt_quant.register_fake

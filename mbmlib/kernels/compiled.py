@@ -101,7 +101,11 @@ def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch
 
 
 def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier) -> torch.Tensor:
-    """Batched approximate ``a @ b.T``: a (G, M, K), b (G, N, K) -> (G, M, N), float32 sums."""
+    """Batched approximate ``a @ b.T``: a (G, M, K), b (G, N, K) -> (G, M, N), float32 sums.
+
+    On the C++ kernel ``b`` (a layer's weight) is split and packed once per version of it."""
+    if _native_available(a.device):
+        return cpu_native.bmm_nt(a, b, multiplier)
     return bmm_nt_split(*split_operand(a, multiplier), *split_operand(b, multiplier), multiplier)
 
 

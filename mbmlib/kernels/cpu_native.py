@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Hashable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,11 @@ from ..multipliers.floating import split_operand
 from ..multipliers.integer import int_fields
 from ..multipliers.specs import Multiplier
 from .lowering import output_size, weight_rows
+from .prepared import prepared
 
-__all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt_split", "conv2d", "BuildError",
-           "supports_int", "drum_split", "int_block", "bmm_nt_int", "conv2d_int", "GemmArgs", "MACS", "specialised_mac"]
+__all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt", "bmm_nt_split", "conv2d",
+           "BuildError", "supports_int", "drum_split", "int_block", "bmm_nt_int", "conv2d_int", "GemmArgs", "MACS",
+           "specialised_mac", "PackedB"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {
@@ -155,16 +158,43 @@ def _panels(x: torch.Tensor, cols: int, nr: int) -> torch.Tensor:
     return _padded_rows(x, cols).view(G, cols // nr, nr, K).transpose(2, 3).contiguous()
 
 
-def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b_fields, out: torch.Tensor, mac: int,
-         multiplier: Multiplier, capability: str | None, kblock: int = 0) -> torch.Tensor:
+class PackedB(NamedTuple):
+    """B of a GEMM as the kernel reads it, prepared once per weight version (:mod:`.prepared`): ``panels``, its
+    fields in (G, Np / NR, K, NR) K-major column panels (zero columns appended) for the MAC ``mac``; ``N``, its
+    rows; ``words``, float Mitchell's bit-domain words in panels and their exponent range (else None)."""
+
+    panels: tuple
+    N: int
+    mac: int
+    words: Optional[tuple] = None
+
+
+def _pack(fields, nr: int) -> tuple:
+    """(G, N, K) fields -> K-major panels of ``nr`` columns, N rounded up to a multiple of ``nr``."""
+    cols = -(-fields[0].shape[1] // nr) * nr
+    return tuple(_panels(f, cols, nr) for f in fields)
+
+
+def _prepared_b(w: torch.Tensor, layout: Hashable, rows: Callable, pack: Callable, multiplier: Multiplier,
+                capability: str | None) -> PackedB:
+    """``pack(rows(w), multiplier, lib)``, computed once per version of the weight ``w`` (:mod:`.prepared`);
+    ``layout`` names what ``rows`` does (a GEMM's B as it is, a convolution's weight rows per group)."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    return prepared((w,), (layout, multiplier, capability), lambda: pack(rows(w), multiplier, library(capability)))
+
+
+def _same(b: torch.Tensor) -> torch.Tensor:
+    return b
+
+
+def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panels: tuple, N: int,
+         out: torch.Tensor, mac: int, multiplier: Multiplier, capability: str | None, kblock: int = 0) -> torch.Tensor:
     """Run the GEMM on (G, M, Np) ``out`` with the MAC ``mac``: A's fields gathered (see :class:`GemmArgs`), B's
-    (G, N, K) fields packed into K-major panels here; tiles on OpenMP threads, or Python ones (ctypes releases
-    the GIL) where the build has no OpenMP.  Returns ``out`` without its padded columns."""
+    ``panels`` packed (:class:`PackedB`); tiles on OpenMP threads, or Python ones (ctypes releases the GIL) where
+    the build has no OpenMP.  Returns ``out`` without its padded columns."""
     lib = library(capability)
-    nr = lib.mbm_tile_cols()
     G, M, Np = out.shape
-    N, K = b_fields[0].shape[1:]
-    panels = [_panels(f, Np, nr) for f in b_fields]  # (G, Np/nr, K, nr); alive until the kernel returns
+    K = panels[0].shape[2]
     c0, c1 = _mac_constants(multiplier)
     table = _kernel_table(multiplier) if multiplier.kind == "table" else None
     args = GemmArgs((ctypes.c_void_p * 3)(*(f.data_ptr() for f in a_fields)), a_row.data_ptr(), a_col.data_ptr(),
@@ -193,28 +223,42 @@ def _mac_constants(multiplier: Multiplier) -> tuple[int, int]:
     return multiplier.corrections
 
 
+def float_b(sb: torch.Tensor, mb: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
+    """Split (G, N, K) B fields packed for :func:`gemm`: L-Mul's cut of the mantissas (its top n bits) and,
+    where the build has the bit-domain Mitchell kernel, Mitchell's words, all in K-major panels."""
+    if multiplier.mac == "lmul":
+        mb = mb & lmul_constants(multiplier.param)[0]
+    panels = _pack((sb, mb), lib.mbm_tile_cols())
+    words = None
+    if multiplier.mac == "mitchell" and lib.mbm_has_words():  # elementwise: the panels' words are packed words
+        b_words, *range_b = mitchell_words(*panels, 0, lib)
+        words = ((b_words,), tuple(range_b))
+    return PackedB(panels, sb.shape[1], MACS["float", specialised_mac(multiplier)], words)
+
+
+def _split_float_b(b: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
+    return float_b(*split_operand(b, multiplier), multiplier, lib)
+
+
 def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col: torch.Tensor, a_group: int,
-         sb: torch.Tensor, mb: torch.Tensor, multiplier: Multiplier, capability: str | None = None) -> torch.Tensor:
+         b: PackedB, multiplier: Multiplier, capability: str | None = None) -> torch.Tensor:
     """Approximate GEMM with a gathered A: (G, M, N), out[g, m, n] = sum_k approx(A[g, m, k], b[g, n, k]).
 
     A[g, m, k] is element ``g * a_group + a_row[m] + a_col[k]`` of both flat fields ``a_fields``
-    (scale float32, mantissa int32); ``a_row``, ``a_col`` are int64.  b fields are (G, N, K).
-    Each product equals ``products(..., flush=False)`` bit for bit; sums are float32 in k order.
+    (scale float32, mantissa int32); ``a_row``, ``a_col`` are int64.  ``b`` is (G, N, K) B packed by
+    :func:`float_b`.  Each product equals ``products(..., flush=False)`` bit for bit; sums are float32 in k order.
     """
     lib = library(capability)
-    mac, b_fields = MACS["float", specialised_mac(multiplier)], (sb, mb)
+    mac, panels = b.mac, b.panels
     if multiplier.mac == "lmul":  # L-Mul's own truncation, once per operand: the top n mantissa bits
-        keep = lmul_constants(multiplier.param)[0]
-        a_fields, b_fields = (a_fields[0], a_fields[1] & keep), (sb, mb & keep)
-    if multiplier.mac == "mitchell" and lib.mbm_has_words():
+        a_fields = (a_fields[0], a_fields[1] & lmul_constants(multiplier.param)[0])
+    if b.words is not None:
         a_words, *range_a = mitchell_words(*a_fields, _ONE_BITS, lib)
-        b_words, *range_b = mitchell_words(sb, mb, 0, lib)
-        if products_stay_normal(range_a, range_b):  # Mitchell in the bit domain: words instead of fields
-            a_fields, b_fields, mac = (a_words,), (b_words,), MACS["float", "words"]
-    G, N, _ = sb.shape
-    nr = lib.mbm_tile_cols()
-    out = torch.empty(G, a_row.numel(), -(-N // nr) * nr, dtype=torch.float32)
-    return _run(a_fields, a_row, a_col, a_group, b_fields, out, mac, multiplier, capability)
+        if products_stay_normal(range_a, b.words[1]):  # Mitchell in the bit domain: words instead of fields
+            a_fields, panels, mac = (a_words,), b.words[0], MACS["float", "words"]
+    G, cols = panels[0].shape[0], panels[0].shape[1] * panels[0].shape[3]
+    out = torch.empty(G, a_row.numel(), cols, dtype=torch.float32)
+    return _run(a_fields, a_row, a_col, a_group, panels, b.N, out, mac, multiplier, capability)
 
 
 _ONE_BITS = 0x3F800000  # bits of 1.0f
@@ -244,13 +288,26 @@ def products_stay_normal(range_a: tuple[int, int], range_b: tuple[int, int]) -> 
     return lo_a + lo_b - 127 >= 1 and hi_a + hi_b - 127 + 1 <= 254  # no infinity or NaN (255) passes either
 
 
+def _rows_of(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_row, a_col) of a contiguous (G, M, K) A: row m at m * K, column k at k."""
+    _, M, K = a.shape
+    return torch.arange(M, dtype=torch.int64) * K, torch.arange(K, dtype=torch.int64)
+
+
 def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch.Tensor,
                  multiplier: Multiplier, capability: str | None = None) -> torch.Tensor:
     """Approximate ``a @ b.T`` from split CPU operands: (G, M, K), (G, N, K) -> (G, M, N) float32."""
-    G, M, K = sa.shape
-    a_row = torch.arange(M, dtype=torch.int64) * K
-    a_col = torch.arange(K, dtype=torch.int64)
-    return gemm((sa.contiguous(), ma.contiguous()), a_row, a_col, M * K, sb, mb, multiplier, capability)
+    b = float_b(sb, mb, multiplier, library(capability))
+    return gemm((sa.contiguous(), ma.contiguous()), *_rows_of(sa), sa.shape[1] * sa.shape[2], b, multiplier,
+                capability)
+
+
+def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier, capability: str | None = None) -> torch.Tensor:
+    """Approximate ``a @ b.T`` of float32 CPU operands (G, M, K), (G, N, K) -> (G, M, N); ``b`` (a layer's
+    weight) is split and packed once per version of it."""
+    packed = _prepared_b(b, "gemm", _same, _split_float_b, multiplier, capability)
+    sa, ma = (f.contiguous() for f in split_operand(a, multiplier))
+    return gemm((sa, ma), *_rows_of(a), a.shape[1] * a.shape[2], packed, multiplier, capability)
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int, multiplier: Multiplier,
@@ -260,8 +317,9 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
     (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo); same products and k order as im2col + GEMM.
     """
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, w.shape, stride, padding, dilation)
-    sw, mw = split_operand(weight_rows(w, groups), multiplier)  # (G, O/G, K)
-    res = gemm(split_operand(x_cl, multiplier), a_row, a_col, w.shape[1], sw, mw, multiplier, capability)
+    packed = _prepared_b(w, ("conv", groups), functools.partial(weight_rows, groups=groups), _split_float_b,
+                         multiplier, capability)  # (G, O/G, K) rows, once per version of w
+    res = gemm(split_operand(x_cl, multiplier), a_row, a_col, w.shape[1], packed, multiplier, capability)
     return _conv_output(res, x.shape[0], w.shape[0], groups, Ho, Wo)
 
 
@@ -353,17 +411,21 @@ def _int_operand(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor,
     return sign_mask, torch.where(q == 0, -64, exponent.abs()).to(torch.int32), mantissa
 
 
-def _gemm_int(a_fields: list, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, qb: torch.Tensor,
+def _int_b(qb: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
+    """(G, N, K) integer B as the integer MACs read it (:func:`_int_operand`), in K-major panels."""
+    panels = _pack(_int_operand(qb, multiplier), lib.mbm_tile_cols())
+    return PackedB(panels, qb.shape[1], MACS["int", specialised_mac(multiplier)])
+
+
+def _gemm_int(a_fields: list, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b: PackedB,
               multiplier: Multiplier, capability: str | None) -> torch.Tensor:
-    """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) float64 exact sums; b is (G, N, K).
+    """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) float64 exact sums; ``b`` from :func:`_int_b`.
 
     Products are summed in int32 for as many steps of k as cannot overflow it (:func:`int_block`), then in int64.
     """
-    nr = library(capability).mbm_tile_cols()
-    G, N, _ = qb.shape
-    out = torch.empty(G, a_row.numel(), -(-N // nr) * nr, dtype=torch.int64)
-    mac = MACS["int", specialised_mac(multiplier)]
-    res = _run(a_fields, a_row, a_col, a_group, _int_operand(qb, multiplier), out, mac, multiplier, capability,
+    G, cols = b.panels[0].shape[0], b.panels[0].shape[1] * b.panels[0].shape[3]
+    out = torch.empty(G, a_row.numel(), cols, dtype=torch.int64)
+    res = _run(a_fields, a_row, a_col, a_group, b.panels, b.N, out, b.mac, multiplier, capability,
                kblock=int_block(multiplier))
     return res.to(torch.float64)
 
@@ -375,10 +437,9 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
     Each term is ``sign * P(|a|, |b|)`` as :func:`mbmlib.multipliers.integer.int_products` gives it; ``multiplier``
     must pass :func:`supports_int`.
     """
-    G, M, K = qa.shape
     a = [f.contiguous() for f in _int_operand(qa, multiplier)]
-    a_row, a_col = torch.arange(M, dtype=torch.int64) * K, torch.arange(K, dtype=torch.int64)
-    return _gemm_int(a, a_row, a_col, M * K, qb, multiplier, capability)
+    packed = _prepared_b(qb, "gemm", _same, _int_b, multiplier, capability)  # once per quantised weight
+    return _gemm_int(a, *_rows_of(qa), qa.shape[1] * qa.shape[2], packed, multiplier, capability)
 
 
 def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, groups: int, multiplier: Multiplier,
@@ -390,5 +451,7 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
     """
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(qx, qw.shape, stride, padding, dilation)
     a = [f.contiguous() for f in _int_operand(x_cl, multiplier)]  # padding is 0: a zero operand
-    res = _gemm_int(a, a_row, a_col, qw.shape[1], weight_rows(qw, groups), multiplier, capability)
+    packed = _prepared_b(qw, ("conv", groups), functools.partial(weight_rows, groups=groups), _int_b, multiplier,
+                         capability)
+    res = _gemm_int(a, a_row, a_col, qw.shape[1], packed, multiplier, capability)
     return _conv_output(res, qx.shape[0], qw.shape[0], groups, Ho, Wo)
