@@ -26,6 +26,7 @@ from .store import atomic_write
 from .text import is_text_dataset
 
 __all__ = [
+    "multiplier_colors",
     "new_figure",
     "report_title",
     "save_figure",
@@ -67,7 +68,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 _EXTRA_COLORS = ("#33a02c", "#6a3d9a", "#b15928", "#e31a1c", "#a6761d", "#1b9e77", "#e7298a", "#666666")
 
 
-def _mult_colors(names: Iterable[str]) -> dict:
+def multiplier_colors(names: Iterable[str]) -> dict:
     """Fixed colours for exact / mitchell / mbm; other multipliers (e.g. mbm-t16) take distinct ones in order."""
     colors, extra = {}, 0
     for name in names:
@@ -183,7 +184,7 @@ def loss_panels(history: pd.DataFrame, runs: pd.DataFrame, path: str | Path, smo
     fig = new_figure(6.2 * cols, 3.4 * rows + 0.6)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     multiplier = runs.drop_duplicates("run").set_index("run")["multiplier"].astype(str)
-    colors = _mult_colors(multiplier[sorted(multiplier.index)])
+    colors = multiplier_colors(multiplier[sorted(multiplier.index)])
     for ax, ((dataset, runtime, samples), names) in zip(axes, groups.items()):
         curves = [history[history["run"] == run].sort_values("step") for run in names]
         span = smooth if smooth is not None else min(100, max(3, max(len(h) for h in curves) // 15))
@@ -329,7 +330,7 @@ def epoch_time_bars(runs: pd.DataFrame, path: str | Path) -> Path:
     order = runs.assign(n=per_epoch).sort_values(["runtime", "n"])["group"]
     groups = list(dict.fromkeys(order))
     ax1, ax2 = fig.subplots(1, 2)
-    colors = _mult_colors(mults)
+    colors = multiplier_colors(mults)
     grouped = runs.groupby(["group", "multiplier"])
     _grouped_bars(ax1, grouped["samples_per_s"].mean().to_dict(), groups, mults, colors, "{:.0f}")
     ax1.set_ylabel("training throughput (samples/s)")
@@ -354,7 +355,7 @@ def epoch_time_bars(runs: pd.DataFrame, path: str | Path) -> Path:
 
 def _interval_panel(ax, groups: pd.DataFrame, runs: pd.DataFrame, col: str, ylabel: str) -> None:
     """One panel of :func:`seed_intervals`: every seed's value as a dot, the mean with its 95% CI as a bar."""
-    colors = _mult_colors(groups["multiplier"])
+    colors = multiplier_colors(groups["multiplier"])
     for x, (_, g) in enumerate(groups.iterrows()):
         if math.isnan(g[f"{col}_mean"]):  # e.g. bits per character of an image classifier
             continue
@@ -368,8 +369,8 @@ def _interval_panel(ax, groups: pd.DataFrame, runs: pd.DataFrame, col: str, ylab
         ax.annotate(text, (x, g[f"{col}_mean"]), xytext=(-10, 0), textcoords="offset points", ha="right",
                     va="center", fontsize=7)
     one_runtime = groups["runtime"].nunique() == 1  # then the runtime goes in the title, not on every tick
-    labels = [f"{g.multiplier}\n{g.model}, n={g.train_samples:.0f}\n{'' if one_runtime else g.runtime + ', '}"
-              f"{g.seeds} seeds" for g in groups.itertuples()]
+    labels = [f"{g.multiplier}\n{g.model}{'' if pd.isna(g.train_samples) else f', n={g.train_samples:.0f}'}\n"
+              f"{'' if one_runtime else g.runtime + ', '}{g.seeds} seeds" for g in groups.itertuples()]
     ax.set_xticks(np.arange(len(groups)), labels, fontsize=7)
     ax.set_xlim(-0.7, len(groups) - 0.3)
     ax.set_ylabel(ylabel)
@@ -429,7 +430,7 @@ def multiplier_bits(report: dict, path: str | Path) -> Path:
     fig = new_figure(max(6.0, 1.1 * len(rows) + 2.5), 4.8)
     ax = fig.add_subplot()
     names = [r["multiplier"] for r in rows]
-    colors = _mult_colors(names)
+    colors = multiplier_colors(names)
     bars = ax.bar(np.arange(len(rows)), [r["bits_per_char"] for r in rows], 0.6, color=[colors[n] for n in names])
     for bar, r in zip(bars, rows):
         rise = "" if r["multiplier"] == "exact" else f"\n({r['bits_per_char_rise']:+.3f})"
@@ -455,7 +456,7 @@ def multiplier_accuracy(report: dict, path: str | Path) -> Path:
     ax = fig.add_subplot()
     names = [r["multiplier"] for r in rows]
     x = np.arange(len(rows))
-    colors = _mult_colors(names)
+    colors = multiplier_colors(names)
     top1 = ax.bar(x - 0.2, [r["top1"] for r in rows], 0.4, color=[colors[n] for n in names], label="top-1")
     ax.bar(x + 0.2, [r["top5"] for r in rows], 0.4, color=[colors[n] for n in names], alpha=0.45, label="top-5")
     for bar, r in zip(top1, rows):
@@ -536,7 +537,7 @@ def layer_throughput(bench: pd.DataFrame, path: str | Path, title: Optional[str]
         not m.startswith("exact"), m.split(" ")[0], backend_order.get(m.split("(")[-1].rstrip(")"), 9)))
     mult_of = dict(zip(timed["method"], timed["multiplier"].astype(str)))
     backend_of = dict(zip(timed["method"], timed["backend"].astype(str)))
-    family = _mult_colors(mult_of[m] for m in methods)
+    family = multiplier_colors(mult_of[m] for m in methods)
     palette = {m: family[mult_of[m]] for m in methods}
     hatches = {m: {"reference": "////"}.get(backend_of[m])
                for m in methods}
@@ -619,7 +620,7 @@ def _log_bars_by_runtime(ax, frame: pd.DataFrame, value: str, ylabel: str) -> No
     rts = sorted(frame["runtime"].unique())
     mults = sorted(frame["multiplier"].unique(), key=lambda m: (m != "exact", m))
     table = frame.groupby(["runtime", "multiplier"])[value].mean().to_dict()
-    _grouped_bars(ax, table, rts, mults, _mult_colors(mults), "{:,.4g}")
+    _grouped_bars(ax, table, rts, mults, multiplier_colors(mults), "{:,.4g}")
     ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.set_xlabel("runtime (device)")
@@ -699,7 +700,7 @@ def error_histograms(multipliers: Iterable[str], path: str | Path, bins: int = 5
     lo = min(v.min() for v in values.values())
     hi = max(v.max() for v in values.values())
     edges = np.linspace(lo, hi, hist_bins + 1) if hi > lo else np.linspace(lo - 1, hi + 1, hist_bins + 1)
-    colors = _mult_colors(names)
+    colors = multiplier_colors(names)
     for name, v in values.items():
         color = colors[name]
         weights = np.full(v.shape, 100.0 / v.size)
