@@ -57,3 +57,16 @@ def test_bad_attention_options_are_refused_before_timing(attention, message):
     with pytest.raises(ValueError) as caught:
         bench.bench_layers("cpu", batches=(1,), multipliers=("mbm",), attention=attention)
     assert message in str(caught.value)
+
+
+def test_the_command_line_sizes_or_leaves_out_the_attention_rows(tmp_path, capsys):
+    from mbmlib.workflow import cli
+
+    base = ["bench", "layers", "--device", "cpu", "--batches", "1", "--gemm-size", "0", "--rounds", "1",
+            "--multipliers", "mitchell", "--backends", "compiled", "--out", str(tmp_path)]
+    assert cli.main(base + ["--attention", "1", "2"]) == 0
+    assert "gpt.qk@b1h2" in capsys.readouterr().out
+    assert cli.main(base + ["--no-attention"]) == 0
+    assert "gpt." not in capsys.readouterr().out
+    assert cli.main(base + ["--attention", "0", "2"]) != 0
+    assert "attention must be integers >= 1" in capsys.readouterr().err

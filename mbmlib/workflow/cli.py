@@ -36,6 +36,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[16, 128], help="layers: batch sizes (default: 16 128)")
     p.add_argument("--gemm-size", type=int, default=2048, help="layers: size of the square GEMM, 0 to skip")
     p.add_argument("--rounds", type=int, default=5, help="layers: interleaved timing rounds; medians are kept")
+    p.add_argument("--attention", type=int, nargs=2, default=[4, 4], metavar=("BATCH", "HEADS"),
+                   help="layers: batch and heads of the attention rows (Q K^T and P V at 256 tokens x 64; default: "
+                        "4 4)")
+    p.add_argument("--no-attention", action="store_true", help="layers: leave out the attention rows")
     p.add_argument("--multipliers", nargs="+", default=["mitchell", "mbm", "mbm-int8"],
                    help="layers: multipliers to time; integer and table ones (mbm-int8, table:<file.csv>) run as "
                         "quantised layers (default: mitchell mbm mbm-int8)")
@@ -56,7 +60,8 @@ def _run_bench(args) -> int:
             print(f"wrote {path}")
         return 0
     if args.what in ("all", "layers"):  # a bad layer option fails before the elementwise run, not after it
-        bench.check_layer_options(args.batches, args.gemm_size, args.multipliers, args.backends, args.rounds)
+        bench.check_layer_options(args.batches, args.gemm_size, args.multipliers, args.backends, args.rounds,
+                                  _attention(args))
     if args.what in ("all", "elementwise"):
         report = bench.stamp(bench.bench_elementwise(args.elements, args.device, args.repeat), args.device)
         path = bench.save_report(report, args.out)
@@ -65,9 +70,14 @@ def _run_bench(args) -> int:
         print(f"wrote {path}")
     if args.what in ("all", "layers"):
         report = bench.bench_layers(args.device, tuple(args.batches), args.gemm_size, tuple(args.multipliers),
-                                    args.backends, args.rounds)
+                                    args.backends, args.rounds, attention=_attention(args))
         print(f"wrote {bench.save_report(bench.stamp(report, args.device), args.out)}")
     return 0
+
+
+def _attention(args):
+    """(batch, heads) of the bench's attention rows, or None with --no-attention."""
+    return None if args.no_attention else tuple(args.attention)
 
 
 def _add_train(sub) -> None:
