@@ -63,23 +63,23 @@ def test_one_warning_names_every_layer_left_exact():
     assert len(record) == 1
     message = str(record[0].message)
     for name, kind in [("c1", "Conv1d"), ("c3", "Conv3d"), ("t1", "ConvTranspose1d"), ("t2", "ConvTranspose2d"),
-                       ("t3", "ConvTranspose3d"), ("bil", "Bilinear"), ("block.0", "MultiheadAttention"),
-                       ("block.1", "LSTM")]:
+                       ("t3", "ConvTranspose3d"), ("bil", "Bilinear"), ("block.1", "LSTM")]:
         assert f"'{name}' ({kind})" in message
-    assert approx_layers(model) == {"conv": "mbm", "fc": "mbm"}
+    assert "MultiheadAttention" not in message  # attention converts (tests/test_attention_convert.py)
+    assert approx_layers(model) == {"conv": "mbm", "fc": "mbm", "block.0.out_proj": "mbm"}
+    assert isinstance(model.block[0], mbmlib.ApproxMultiheadAttention)
 
 
-def test_multihead_attention_is_left_whole_and_exact():
+def test_multihead_attention_converts_and_the_exact_design_keeps_it():
     torch.manual_seed(0)
     model = nn.Sequential(nn.MultiheadAttention(4, 2))
     q = torch.randn(3, 1, 4)
     want = model[0](q, q, q)[0]
-    with pytest.warns(NotConvertedWarning, match="'0' .MultiheadAttention"):
-        converted = convert(model)
-    assert type(converted[0].out_proj) is type(model[0].out_proj)  # not shown as an approximate layer
-    assert torch.equal(converted[0](q, q, q)[0], want)
-    with pytest.warns(NotConvertedWarning, match=r"'\(model\)' .MultiheadAttention"):
-        convert(model[0])
+    converted = convert(model)
+    assert isinstance(converted[0], mbmlib.ApproxMultiheadAttention) and type(model[0]) is nn.MultiheadAttention
+    assert not torch.equal(converted[0](q, q, q)[0], want)
+    torch.testing.assert_close(convert(model, "exact")[0](q, q, q)[0], want, rtol=1e-5, atol=1e-6)
+    assert type(convert(model, layers=(nn.Linear,))[0]) is nn.MultiheadAttention
 
 
 def test_no_warning_when_everything_converts_or_all_is_asked_exact():

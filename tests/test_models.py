@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+import mbmlib
 from mbmlib import Multiplier, convert
 from mbmlib.workflow.models import ExampleNet, LeNet5, SeedNet, build_model, count_macs, new_model
 from mbmlib.nn import MBMConv2d, MBMLinear
@@ -156,7 +157,10 @@ def test_every_torchvision_family_converts_and_runs(name):
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in inside_attention]
     assert layers and all(isinstance(m, (MBMConv2d, MBMLinear)) and m.multiplier == Multiplier("mitchell")
                           for m in layers)
-    assert bool(inside_attention) == any(issubclass(w.category, NotConvertedWarning) for w in caught)
+    assert not any(issubclass(w.category, NotConvertedWarning) for w in caught)
+    assert all(isinstance(a, mbmlib.ApproxMultiheadAttention) and {getattr(a, op).multiplier.name for op in
+               ("in_proj", "qk", "pv", "out_proj")} == {"mitchell"}
+               for a in model.modules() if isinstance(a, nn.MultiheadAttention))
     if FAMILIES[name] <= 75:  # the 224-pixel transformers are only converted: their forward costs minutes here
         with torch.no_grad():
             out = model(torch.rand(1, 3, FAMILIES[name], FAMILIES[name]))
