@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test bench gpu-check demo clean
+.PHONY: install test test-fast bench gpu-check demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The suite on every core (pytest-xdist: tests/conftest.py says how tests are handed out), the 15 slowest tests
+# listed at the end.  TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
+XDIST = -n $(TEST_WORKERS)
+
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) --durations=15 $(PYTEST_ARGS)
+
+# The quick loop while developing: everything but the end-to-end tests marked slow (notebooks, training runs,
+# sweeps, the SASS builds); `make test` (CI) runs those too.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m mbmlib bench

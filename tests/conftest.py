@@ -1,4 +1,4 @@
-"""Shared fixtures: the devices to run on and seeded randomness."""
+"""Shared fixtures (devices, seeded randomness, MNIST) and how pytest-xdist runs the suite (``make test``)."""
 import os
 import sys
 
@@ -7,7 +7,44 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/scalar_model.py
 
+from triton_backend import triton_backend  # noqa: E402
+
+triton_backend()  # before any test module is collected: see tests/triton_backend.py
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) each worker takes its share of the cores for torch's threads: N workers
+    of all the cores each would oversubscribe them.  (test_kernels_cpu sets its own thread counts.)"""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: pytest without it runs the suite in one process
+def pytest_xdist_make_scheduler(config, log):
+    """``-n N`` with the default ``--dist load``: one test at a time to whichever worker is free, except that a test
+    class goes whole to one worker, so that its class's shared, expensive fixture (a notebook pipeline, one
+    search) runs once.  (pytest-xdist's own ``--dist loadgroup`` does not group under pytest 9: it renames the
+    node ids through an attribute pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneTestOrOneClass(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path, *names = nodeid.split("[", 1)[0].split("::")
+            return f"{path}::{names[0]}" if len(names) > 1 else nodeid
+
+    return OneTestOrOneClass(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist the tests marked slow are handed out first (the order within each kind kept), so that a run
+    does not end with one worker busy on a long test it started last while the others idle."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(params=DEVICES)

@@ -159,7 +159,7 @@ def test_without_the_cpp_kernel_drum_sums_exactly_in_a_float64_gemm(monkeypatch)
 @pytest.mark.parametrize("name", ["drum2-int2", "drum2-int4", "drum4-int8", "drum6-int12", "drum3-int15",
                                   "drum6-int16", "drum16-int16"])
 def test_triton_drum_gemm_and_conv_equal_the_reference(name):
-    mult, qa, qb = _ints(name, (2, 5, 19), (2, 18, 19), seed=5)
+    mult, qa, qb = _ints(name, (2, 5, 5), (2, 18, 5), seed=5)  # 2 x 2 tiles with tails; K picks the same ACC as 19
     for a, b in ((qa, qb), (qb, qa)):  # lanes along the longer side either way
         assert torch.equal(TK.bmm_nt_int(a.to(DEVICE), b.to(DEVICE), mult).cpu(), reference.bmm_nt_int(a, b, mult))
     _, qx, qw = _ints(name, (2, 4, 6, 5), (6, 2, 3, 3), seed=6)
@@ -224,6 +224,7 @@ _SASS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_cuda_backend(), reason="this triton build has no CUDA backend")
 def test_the_drum_and_lmul_kernels_compile_clean_for_sm90():
     """On the default tile: no spills, shuffles or shared memory in the K loop; L-Mul no dearer than MBM (12 a MAC

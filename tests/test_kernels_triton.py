@@ -23,8 +23,11 @@ pytestmark = pytest.mark.skipif(_BACKEND is None, reason=_SKIP_REASON or "")
 
 APPROX = ["mbm", "mitchell", "mbm-t16", "mitchell-t8"]
 
-# (G, M, N, K): every pair of {1, 3, 17, 33} occurs for (M, N), (M, K) and (N, K) (a Latin square).
-_SIZES = (1, 3, 17, 33)
+# (G, M, N, K): every pair of {1, 3, 5, 17} occurs for (M, N), (M, K) and (N, K) (a Latin square).  Against the
+# interpreter's 16 x 4 tile (lanes along the longer of M and N, so N > M swaps the operands): 1 and 3 are one
+# partial tile, 5 one full N tile and a tail, 17 a full M tile and a tail (and four N tiles and a tail); K = 1 is
+# single products, G = 2 the batch axis of the grid.
+_SIZES = (1, 3, 5, 17)
 BMM_SHAPES = [(1 + (i + j) % 2, _SIZES[i], _SIZES[j], _SIZES[(i + j) % 4]) for i in range(4) for j in range(4)]
 
 FLOAT_MIN_NORMAL = 2.0**-126
@@ -92,7 +95,7 @@ def test_exact_multiplier_never_reaches_the_kernels(tk):
 @pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
 @pytest.mark.parametrize("name", ["mbm", "mitchell-t8"])
 def test_bmm_nt_non_contiguous(tk, name, layout):
-    G, M, N, K = 2, 17, 33, 33
+    G, M, N, K = 2, 5, 17, 3  # N > M: the operands swap; 2 x 2 tiles, both with tails
     if layout == "transposed":  # K-major operands: the TN layout
         a = randn(G, K, M, seed=3).transpose(1, 2)
         b = randn(G, K, N, seed=4).transpose(1, 2)
@@ -196,13 +199,16 @@ def check_conv(tk, x, w, stride, padding, dilation, groups, name, **kw):
     return out
 
 
-# (name, x shape, w shape, stride, padding, dilation, groups)
+# (name, x shape, w shape, stride, padding, dilation, groups).  Against the interpreter's 16 x 4 tile most cases have
+# B * Ho * Wo = 24..70 outputs (full M tiles and a tail; 9 and 12 one partial tile), H != W, and B = 2 where the
+# weight gradient's batch is split over two programs.  The three grouped / dilated cases are the smallest that keep
+# that (4 x 5 images, 3 depthwise channels): the weight gradient's loop runs over every output position.
 CONV_CASES = [
     ("b1-odd-3x3-pad1", (1, 3, 5, 7), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
     ("b2-stride2-pad1", (2, 3, 5, 7), (5, 3, 3, 3), (2, 2), (1, 1), (1, 1), 1),
-    ("dilation2-pad2", (2, 2, 7, 5), (3, 2, 3, 3), (1, 1), (2, 2), (2, 2), 1),
-    ("groups2", (2, 4, 5, 7), (6, 2, 3, 3), (1, 1), (1, 1), (1, 1), 2),
-    ("depthwise", (2, 5, 5, 7), (5, 1, 3, 3), (1, 1), (1, 1), (1, 1), 5),
+    ("dilation2-pad2", (2, 2, 5, 4), (3, 2, 3, 3), (1, 1), (2, 2), (2, 2), 1),
+    ("groups2", (2, 4, 4, 5), (6, 2, 3, 3), (1, 1), (1, 1), (1, 1), 2),
+    ("depthwise", (2, 3, 4, 5), (3, 1, 3, 3), (1, 1), (1, 1), (1, 1), 3),
     ("depthwise-x2-stride2", (1, 3, 7, 5), (6, 1, 3, 3), (2, 1), (1, 0), (1, 1), 3),
     ("1x1", (2, 7, 5, 7), (3, 7, 1, 1), (1, 1), (0, 0), (1, 1), 1),
     ("1x1-stride2-groups", (2, 6, 5, 7), (4, 3, 1, 1), (2, 2), (0, 0), (1, 1), 2),
@@ -252,9 +258,9 @@ def test_conv2d_errors(tk):
 @pytest.mark.parametrize("tile", [(8, 8, 1), (32, 2, 1)], ids=["8x8", "32x2"])
 def test_explicit_tiles(tk, tile):
     """Other BLOCK_M x BLOCK_N than the interpreter's default, for every kernel."""
-    t = tk.Tile(*tile)
-    check_bmm(tk, randn(2, 33, 40, seed=31), randn(2, 17, 40, seed=32), "mbm", _tile=t)
-    x, w = randn(2, 4, 5, 7, seed=33), randn(6, 2, 3, 3, seed=34)
+    t = tk.Tile(*tile)  # M = 33, N = 9: full tiles and a tail both ways on either tile
+    check_bmm(tk, randn(2, 33, 3, seed=31), randn(2, 9, 3, seed=32), "mbm", _tile=t)
+    x, w = randn(2, 4, 3, 7, seed=33), randn(6, 2, 3, 3, seed=34)  # 42 outputs / pixels: full M tiles and a tail
     check_conv(tk, x, w, (1, 1), (1, 1), (1, 1), 2, "mitchell", _tile=t)
     check_grads(tk, x, w, (2, 1), (1, 1), (1, 1), 2, "mbm-t16", _tile=t)
 
@@ -346,7 +352,7 @@ def test_functional_approx_backward_matches_reference(tk, monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # kernels.resolve accepts backend="triton" on the CPU then
 
-    x0, w0 = randn(2, 4, 6, 5, seed=65), randn(6, 2, 3, 3, seed=66)
+    x0, w0 = randn(2, 4, 4, 5, seed=65), randn(6, 2, 3, 3, seed=66)
     grads = {}
     for backend in ("triton", "reference"):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()

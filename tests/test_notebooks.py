@@ -99,68 +99,67 @@ def pipeline(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_01_error_table_and_figures(pipeline):
-    results, _ = pipeline
-    table = pd.read_csv(results / "tables" / "multiplier_error.csv")
-    assert list(table["multiplier"]) == ["mitchell", "mbm", "mbm-t16", "mbm-t18"]
-    mbm = table.set_index("multiplier").loc["mbm"]
-    assert mbm["bias reference"] == pytest.approx(-0.095)
-    assert mbm["max computed"] == pytest.approx(7.8125, abs=1e-3)  # the peak at powers of two
-    assert mbm["max difference"] == pytest.approx(mbm["max computed"] - mbm["max reference"])
-    assert re.search(r"^\| mbm +\|", (results / "tables" / "multiplier_error.md").read_text(), re.M)
-    assert_png(results / "figures" / "error_map.png")
-    assert_png(results / "figures" / "error_hist.png")
-    ints = pd.read_csv(results / "tables" / "integer_multiplier_error.csv").set_index("multiplier")
-    assert list(ints.index) == ["mitchell-int8", "mbm-int8", "table:results/tables/mbm_int8_products.csv"]
-    assert ints.loc["mbm-int8", "n"] == 256 * 256 and ints.loc["mbm-int8", "max"] == pytest.approx(7.8125)
-    assert ints.loc["mbm-int8", "wce"] == 2816 and 0 < ints.loc["mbm-int8", "ep"] < 100  # the hardware figures
-    assert ints.iloc[2].tolist() == ints.loc["mbm-int8"].tolist()  # the table read from CSV is mbm-int8
-    assert_png(results / "figures" / "error_map_int.png")
+class TestPipeline:
+    """The outputs of the one pipeline run: a class, so that pytest-xdist gives its tests to one worker (see
+    conftest.py) and the notebooks run once."""
 
+    def test_01_error_table_and_figures(self, pipeline):
+        results, _ = pipeline
+        table = pd.read_csv(results / "tables" / "multiplier_error.csv")
+        assert list(table["multiplier"]) == ["mitchell", "mbm", "mbm-t16", "mbm-t18"]
+        mbm = table.set_index("multiplier").loc["mbm"]
+        assert mbm["bias reference"] == pytest.approx(-0.095)
+        assert mbm["max computed"] == pytest.approx(7.8125, abs=1e-3)  # the peak at powers of two
+        assert mbm["max difference"] == pytest.approx(mbm["max computed"] - mbm["max reference"])
+        assert re.search(r"^\| mbm +\|", (results / "tables" / "multiplier_error.md").read_text(), re.M)
+        assert_png(results / "figures" / "error_map.png")
+        assert_png(results / "figures" / "error_hist.png")
+        ints = pd.read_csv(results / "tables" / "integer_multiplier_error.csv").set_index("multiplier")
+        assert list(ints.index) == ["mitchell-int8", "mbm-int8", "table:results/tables/mbm_int8_products.csv"]
+        assert ints.loc["mbm-int8", "n"] == 256 * 256 and ints.loc["mbm-int8", "max"] == pytest.approx(7.8125)
+        assert ints.loc["mbm-int8", "wce"] == 2816 and 0 < ints.loc["mbm-int8", "ep"] < 100  # the hardware figures
+        assert ints.iloc[2].tolist() == ints.loc["mbm-int8"].tolist()  # the table read from CSV is mbm-int8
+        assert_png(results / "figures" / "error_map_int.png")
 
-@pytest.mark.slow
-def test_02_trains_writes_the_run_folder_and_logs_per_epoch(pipeline):
-    results, nbs = pipeline
-    run = results / "runs" / "nb-mbm"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["status"] == "finished" and metrics["config"]["multiplier"] == "mbm"
-    assert metrics["config"]["progress"] is False
-    assert len(pd.read_csv(run / "history.csv")) == 4
-    assert_png(run / "loss.png")
-    assert_png(run / "accuracy.png")
-    log = stream_text(nbs["02"])
-    assert log.count("epoch 1: train loss") == 1 and "\r" not in log  # one line per epoch, no progress bar
-    assert_no_temporaries(results)
+    def test_02_trains_writes_the_run_folder_and_logs_per_epoch(self, pipeline):
+        results, nbs = pipeline
+        run = results / "runs" / "nb-mbm"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["status"] == "finished" and metrics["config"]["multiplier"] == "mbm"
+        assert metrics["config"]["progress"] is False
+        assert len(pd.read_csv(run / "history.csv")) == 4
+        assert_png(run / "loss.png")
+        assert_png(run / "accuracy.png")
+        log = stream_text(nbs["02"])
+        assert log.count("epoch 1: train loss") == 1 and "\r" not in log  # one line per epoch, no progress bar
+        assert_no_temporaries(results)
 
+    def test_03_benchmark_report_and_charts(self, pipeline):
+        results, _ = pipeline
+        # backends=["reference"]
+        layers = json.loads((results / "bench" / f"layers-reference-{LABEL}.json").read_text())
+        assert layers["benchmark"] == "layers" and layers["runtime"]["runtime"] == LABEL
+        timed = [r for r in layers["results"] if "G_MAC_per_s" in r]
+        assert {(r["multiplier"], r["backend"]) for r in timed} == {("exact", "torch"), ("mbm", "reference")}
+        elementwise = json.loads((results / "bench" / f"elementwise-{LABEL}.json").read_text())
+        assert elementwise["n"] == 10_000
+        assert_png(results / "figures" / f"layers-{LABEL}.png")
+        assert_png(results / "figures" / f"elementwise-{LABEL}.png")
 
-@pytest.mark.slow
-def test_03_benchmark_report_and_charts(pipeline):
-    results, _ = pipeline
-    layers = json.loads((results / "bench" / f"layers-reference-{LABEL}.json").read_text())  # backends=["reference"]
-    assert layers["benchmark"] == "layers" and layers["runtime"]["runtime"] == LABEL
-    timed = [r for r in layers["results"] if "G_MAC_per_s" in r]
-    assert {(r["multiplier"], r["backend"]) for r in timed} == {("exact", "torch"), ("mbm", "reference")}
-    elementwise = json.loads((results / "bench" / f"elementwise-{LABEL}.json").read_text())
-    assert elementwise["n"] == 10_000
-    assert_png(results / "figures" / f"layers-{LABEL}.png")
-    assert_png(results / "figures" / f"elementwise-{LABEL}.png")
-
-
-@pytest.mark.slow
-def test_04_summary_tables_and_comparison_figures(pipeline):
-    results, nbs = pipeline
-    summary = pd.read_csv(results / "summary.csv")
-    assert list(summary.columns) == [c for c, _, _ in report.SUMMARY_COLUMNS]
-    row = summary.set_index("run").loc["nb-mbm"]
-    assert row["multiplier"] == "mbm" and row["samples"] == 64 and 0 <= row["val_accuracy"] <= 100
-    assert "| nb-mbm |" in (results / "summary.md").read_text()
-    bench = pd.read_csv(results / "bench_summary.csv")
-    assert set(bench["benchmark"]) == {"layers", "elementwise"}
-    assert len(pd.read_csv(results / "tables" / "training_speed.csv")) == 1
-    for name in ("loss_curves", "accuracy", "training_speed", "runtime_throughput", "elementwise",
-                 f"layers-{LABEL}"):
-        assert_png(results / "figures" / f"{name}.png")
-    assert_no_temporaries(results)
+    def test_04_summary_tables_and_comparison_figures(self, pipeline):
+        results, nbs = pipeline
+        summary = pd.read_csv(results / "summary.csv")
+        assert list(summary.columns) == [c for c, _, _ in report.SUMMARY_COLUMNS]
+        row = summary.set_index("run").loc["nb-mbm"]
+        assert row["multiplier"] == "mbm" and row["samples"] == 64 and 0 <= row["val_accuracy"] <= 100
+        assert "| nb-mbm |" in (results / "summary.md").read_text()
+        bench = pd.read_csv(results / "bench_summary.csv")
+        assert set(bench["benchmark"]) == {"layers", "elementwise"}
+        assert len(pd.read_csv(results / "tables" / "training_speed.csv")) == 1
+        for name in ("loss_curves", "accuracy", "training_speed", "runtime_throughput", "elementwise",
+                     f"layers-{LABEL}"):
+            assert_png(results / "figures" / f"{name}.png")
+        assert_no_temporaries(results)
 
 
 @pytest.mark.slow

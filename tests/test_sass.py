@@ -22,16 +22,17 @@ _SCRIPT = textwrap.dedent("""
     from mbmlib.kernels.triton import TILES
     from mbmlib.workflow import sass
 
-    arch, kernels, which = sys.argv[1], sys.argv[2].split(","), sys.argv[4]
+    archs, kernels, which = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[4]
     mults = [m for m in sys.argv[3].split(",") if m]
     out = []
-    for kernel in kernels:
-        tiles = sass.tiles_of(kernel) if which == "host" else [TILES[int(i)] for i in which.split(",")]
-        for mult in mults or sass.multipliers_of(kernel):
-            for tile in tiles:
-                entry, listing = sass.analyse(kernel, mult, tile, arch)
-                entry["cvt_rz"] = "I2F" in listing and ".RZ" in listing
-                out.append(entry)
+    for arch in archs:  # one process: each launch is recorded once (sass.recorded_launch) for every architecture
+        for kernel in kernels:
+            tiles = sass.tiles_of(kernel) if which == "host" else [TILES[int(i)] for i in which.split(",")]
+            for mult in mults or sass.multipliers_of(kernel):
+                for tile in tiles:
+                    entry, listing = sass.analyse(kernel, mult, tile, arch)
+                    entry["cvt_rz"] = "I2F" in listing and ".RZ" in listing
+                    out.append(entry)
     print(json.dumps(out))
 """)
 
@@ -47,11 +48,11 @@ def _has_cuda_backend() -> bool:
 cuda_backend = pytest.mark.skipif(not _has_cuda_backend(), reason="this triton build has no CUDA backend")
 
 
-def aot(arch, kernels, mults=(), tiles="host"):
+def aot(archs, kernels, mults=(), tiles="host"):
     """Report entries of kernels x multipliers (default: the report's) x tiles ("host": every tile the host may
-    pick for the kernel, else TILES indices "0,1") on one architecture."""
+    pick for the kernel, else TILES indices "0,1") on each architecture of ``archs`` ("sm_75,sm_90")."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, arch, ",".join(kernels), ",".join(mults), tiles],
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, archs, ",".join(kernels), ",".join(mults), tiles],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -79,22 +80,7 @@ def assert_clean(entries):
             assert e["opcodes"]["FADD"] == e["macs"], f"one FADD per MAC expected: {where}"
 
 
-@cuda_backend
-def test_default_gemm_on_sm90_as_launched():
-    """The 4096^3 launch's build: the recount's 11.69 (MBM) instructions per MAC, at most; the bound is the least
-    pipe ceiling, each from the H100 SXM's 132 SMs at 1.98 GHz."""
-    mbm, mitchell = aot("sm_90", ["gemm"], tiles="0")
-    assert_clean([mbm, mitchell])
-    assert mbm["shape"] == "gemm4096" and mbm["k_steps"] >= 1
-    assert mbm["instructions_per_mac"] <= 11.69 + 1e-3, mbm
-    assert mitchell["instructions_per_mac"] <= 5.12, mitchell
-    assert mbm["cvt_rz"]  # the round-toward-zero conversion, not the interpreter's two-instruction fallback
-    c = mbm["ceilings_tmac_per_s"]
-    assert c["issue"] == pytest.approx(132 * 128 * 1.98e9 / mbm["instructions_per_mac"] / 1e12, rel=1e-3)
-    assert mbm["bound"] == min((k for k in c if c[k]), key=c.get) and mbm["ceiling_tmac_per_s"] == c[mbm["bound"]]
-    assert mitchell["l2_bytes_per_mac"] == pytest.approx(8 * (1024 + 4) / (1024 * 4), abs=1e-3)
-
-
+@pytest.mark.slow
 @cuda_backend
 def test_spills_are_what_ptxas_reports_and_located():
     """The 8 x 8 two-warp tile (no longer picked for convolutions) of the Mitchell convolution spills on sm_90: the
@@ -104,25 +90,62 @@ def test_spills_are_what_ptxas_reports_and_located():
     assert entry["spill_ops"]["outside_loops"] > 0 and entry["spill_ops"]["k_loop"] == 0
 
 
-@cuda_backend
-def test_convolution_default_tiles_spill_nothing():
-    from mbmlib.kernels.triton import CONV_TILES
+ARCHS = ("sm_75", "sm_80", "sm_90")
+KERNELS = ("gemm", "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "gemm_int", "conv2d_int")
 
-    entries = aot("sm_75", ["conv2d", "conv2d_grad_input", "conv2d_int"], tiles="0")
-    assert_clean(entries)
-    assert all(e["tile"]["tm"] * e["tile"]["tn"] <= 32 for e in entries) and CONV_TILES[0].tm * CONV_TILES[0].tn == 32
+
+@pytest.fixture(scope="module")
+def builds():
+    """Every kernel x multiplier x tile the host may pick, compiled for each architecture in one process: a launch is
+    recorded once for all three."""
+    return aot(",".join(ARCHS), KERNELS)
 
 
 @pytest.mark.slow
 @cuda_backend
-@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])
-def test_every_kernel_and_tile_the_host_picks_compiles_clean(arch):
-    entries = aot(arch, ["gemm", "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "gemm_int", "conv2d_int"])
-    assert len(entries) == 2 * (5 + 4 + 4 + 5 + 5 + 4)
-    assert_clean(entries)
-    for e in entries:
-        bound = {"mbm": 13.0, "mitchell": 6.0, "mbm-int8": 16.0, "mitchell-int8": 11.0}[e["multiplier"]]  # as measured
-        assert e["instructions_per_mac"] <= bound, e
+class TestEveryBuildTheHostMayPick:
+    """The builds' checks: a class, so that pytest-xdist gives its tests to one worker (see conftest.py)."""
+
+    @staticmethod
+    def of(builds, arch, kernels=KERNELS, tile=None):
+        """The entries of one architecture (and of a few kernels / one tile)."""
+        return [e for e in builds if e["arch"] == arch and e["kernel"] in kernels
+                and (tile is None or (e["tile"]["block_m"], e["tile"]["block_n"], e["tile"]["num_warps"]) == tile)]
+
+    @pytest.mark.parametrize("arch", ARCHS)
+    def test_every_kernel_and_tile_the_host_picks_compiles_clean(self, builds, arch):
+        entries = self.of(builds, arch)
+        assert len(entries) == 2 * (5 + 4 + 4 + 5 + 5 + 4)
+        assert_clean(entries)
+        for e in entries:
+            bound = {"mbm": 13.0, "mitchell": 6.0, "mbm-int8": 16.0, "mitchell-int8": 11.0}[e["multiplier"]]  # measured
+            assert e["instructions_per_mac"] <= bound, e
+
+    def test_default_gemm_on_sm90_as_launched(self, builds):
+        """The 4096^3 launch's build: the recount's 11.69 (MBM) instructions per MAC, at most; the bound is the least
+        pipe ceiling, each from the H100 SXM's 132 SMs at 1.98 GHz."""
+        from mbmlib.kernels.triton import TILES
+
+        mbm, mitchell = self.of(builds, "sm_90", ["gemm"], tuple(TILES[0]))
+        assert (mbm["multiplier"], mitchell["multiplier"]) == ("mbm", "mitchell")
+        assert_clean([mbm, mitchell])
+        assert mbm["shape"] == "gemm4096" and mbm["k_steps"] >= 1
+        assert mbm["instructions_per_mac"] <= 11.69 + 1e-3, mbm
+        assert mitchell["instructions_per_mac"] <= 5.12, mitchell
+        assert mbm["cvt_rz"]  # the round-toward-zero conversion, not the interpreter's two-instruction fallback
+        c = mbm["ceilings_tmac_per_s"]
+        assert c["issue"] == pytest.approx(132 * 128 * 1.98e9 / mbm["instructions_per_mac"] / 1e12, rel=1e-3)
+        assert mbm["bound"] == min((k for k in c if c[k]), key=c.get) and mbm["ceiling_tmac_per_s"] == c[mbm["bound"]]
+        assert mitchell["l2_bytes_per_mac"] == pytest.approx(8 * (1024 + 4) / (1024 * 4), abs=1e-3)
+
+    def test_convolution_default_tiles_spill_nothing(self, builds):
+        from mbmlib.kernels.triton import CONV_TILES, TILES
+
+        entries = self.of(builds, "sm_75", ["conv2d", "conv2d_grad_input", "conv2d_int"], tuple(TILES[0]))
+        assert len(entries) == 3 * 2
+        assert_clean(entries)
+        assert all(e["tile"]["tm"] * e["tile"]["tn"] <= 32 for e in entries)
+        assert CONV_TILES[0].tm * CONV_TILES[0].tn == 32
 
 
 def test_counter_step_reads_the_exit_branch():

@@ -138,8 +138,8 @@ def test_a_table_with_a_non_zero_row_0_multiplies_the_padding_as_hardware_does(b
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_integer_api_sums_exactly_above_2_to_the_24(backend):
     gen = torch.Generator().manual_seed(7)
-    qa = torch.randint(3000, 4096, (3, 600), generator=gen, dtype=torch.int16)
-    qb = torch.randint(-4095, -3000, (4, 600), generator=gen, dtype=torch.int32)
+    qa = torch.randint(3000, 4096, (3, 256), generator=gen, dtype=torch.int16)  # 256 products: every sum beyond
+    qb = torch.randint(-4095, -3000, (4, 256), generator=gen, dtype=torch.int32)  # 2**31 too (int64 accumulators)
     bias = torch.tensor([1, -2, 3, 2**40])
     got = linear_int(qa, qb, bias, multiplier="mbm-int12", backend=backend)
     want = mbmlib.approx_mul(qa.long()[:, None, :], qb.long()[None, :, :], "mbm-int12").sum(-1) + bias

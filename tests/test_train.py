@@ -165,8 +165,9 @@ def test_torchrun_two_processes_train_the_same_model_as_one(tmp_path, mnist_root
     single = subprocess.run([sys.executable, "-m", "mbmlib", "train", *common, "--batch-size", "16",
                              "--run-name", "single"], env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29533", "-m", "mbmlib", "train", *common, "--batch-size", "8",
+    # --standalone: a free port of torchrun's choosing, not a fixed one another test run may hold at the same time
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "mbmlib", "train", *common, "--batch-size", "8",
                           "--run-name", "ddp"], env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     m1 = json.loads((tmp_path / "runs" / "single" / "metrics.json").read_text())

@@ -32,6 +32,7 @@ def test_cifar_resnet_trains_on_fake_data_and_records_the_dataset(tmp_path):
     assert [e["steps"] for e in metrics["epochs"]] == [4]
 
 
+@pytest.mark.slow
 def test_loader_runs_resume_to_the_same_history(tmp_path):
     """Shuffle and augmentation come from seeded generators: a run cut after epoch 1 and resumed equals one run."""
     whole = train(small(tmp_path, epochs=2, run_name="whole", workers=2))

@@ -2,13 +2,15 @@
 
 Triton reads ``TRITON_INTERPRET`` when ``triton`` itself is first imported (its standard library is
 decorated then) and when a kernel is decorated, and once more at the first launch (a lazy import).
-Importing triton inside a fixture would come too late when the whole suite runs: the torch.compile
-tests that run earlier import triton as a side effect.  So the test modules call :func:`triton_backend`
-at collection time, which imports the backend with the flag set only for the duration of that import
-and restored right after: other test modules see an unchanged environment (``mbmlib.kernels.resolve``
-still refuses backend="triton" on the CPU), only the process-wide ``triton`` module is the interpreter
-flavour, which nothing else uses on a CPU-only machine.  If triton was imported before in a CPU-only
-process, the Triton tests are skipped with the reason.
+Importing triton inside a fixture, or even while a test module is collected, would come too late:
+importing ``torch._dynamo`` (torch.compile, transformers) imports triton as a side effect.  So
+conftest.py calls :func:`triton_backend` as it loads, before any test module is collected (in every
+pytest-xdist worker too), and the test modules call it again (cached).  It imports the backend with the
+flag set only for the duration of that import and restored right after: the tests see an unchanged
+environment (``mbmlib.kernels.resolve`` still refuses backend="triton" on the CPU), only the
+process-wide ``triton`` module is the interpreter flavour, which nothing else uses on a CPU-only
+machine.  If triton was imported before in a CPU-only process, the Triton tests are skipped with the
+reason.
 """
 import functools
 import importlib
