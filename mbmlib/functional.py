@@ -234,6 +234,22 @@ def _resolve(multiplier: MultiplierLike, backward: str, backend: Optional[str], 
     return way.key, backward, way.backend
 
 
+
+def _spec(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[tuple]:
+    return None if t is None else (tuple(t.shape), dtype or t.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _meta_call(fn, specs: tuple, args: tuple) -> None:
+    fn(*(None if s is None else torch.empty(s[0], dtype=s[1], device="meta") for s in specs), *args)
+
+
+def on_meta(fn, tensors: Sequence[Optional[Tensor]], *args, dtype: Optional[torch.dtype] = None) -> None:
+    """``fn(*tensors, *args)`` on meta tensors of the same shapes (and dtypes, or ``dtype``): torch's own shape
+    rules and errors, nothing computed.  Once per distinct call: a layer's forward does not pay meta dispatch
+    (~70 us) every time; a call that raises is not remembered, so it raises again."""
+    _meta_call(fn, tuple(_spec(t, dtype) for t in tensors), tuple(tuple(a) if isinstance(a, list) else a for a in args))
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -247,7 +263,7 @@ def conv2d_args(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, p
     stride, padding, dilation = _conv_args(stride, padding, dilation, groups)
     _check_conv_shapes(input, weight, bias, groups)
     # PyTorch's own checks (padding strings, kernel vs input size), without computing anything
-    F.conv2d(input.to("meta"), weight.to("meta"), None, stride, padding, dilation, groups)
+    on_meta(F.conv2d, (input, weight, None), stride, padding, dilation, groups)
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input  # (B, C, H, W)
     if isinstance(padding, str):
@@ -285,7 +301,7 @@ def _string_padding(x: Tensor, kernel_size, dilation, padding: str) -> tuple[Ten
 def linear_args(input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, list]:
     """Check a linear call as F.linear would; return ``(x (1, M, K), w (1, N, K), output shape)``."""
     _check_layer_inputs({"input": input, "weight": weight, "bias": bias})
-    F.linear(input.to("meta"), weight.to("meta"), None if bias is None else bias.to("meta"))
+    on_meta(F.linear, (input, weight, bias))
     K = input.shape[-1]
     x = input.reshape(1, math.prod(input.shape[:-1]), K)  # (1, M, K)
     w = weight.reshape(1, weight.shape[0] if weight.dim() == 2 else 1, K)  # (1, N, K)
@@ -316,7 +332,7 @@ def _nt_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, list]:
 def matmul_args(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, list]:
     """Check a matmul as torch.matmul would; return ``(a (G, M, K), b transposed (G, N, K), output shape)``."""
     _check_layer_inputs({"a": a, "b": b})
-    torch.matmul(a.to("meta"), b.to("meta"))
+    on_meta(torch.matmul, (a, b))
     return _nt_operands(a, b)
 
 
@@ -340,7 +356,7 @@ def bmm(a: Tensor, b: Tensor, *, multiplier: MultiplierLike = "mbm", backward: s
         backend: Optional[str] = None) -> Tensor:
     """``torch.bmm`` with every product approximate: (B, M, K) @ (B, K, N) -> (B, M, N), no broadcasting."""
     _check_layer_inputs({"a": a, "b": b})
-    torch.bmm(a.to("meta"), b.to("meta"))  # torch.bmm's rules and errors
+    on_meta(torch.bmm, (a, b))  # torch.bmm's rules and errors
     return _bmm_nt(a, b.transpose(1, 2), *_resolve(multiplier, backward, backend, a.device))
 
 
@@ -408,8 +424,7 @@ def linear_int(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, 
     input (..., in), weight (out, in), bias (out,) of any integer dtype.
     """
     mult, backend = _integer_call(multiplier, backend, {"input": input, "weight": weight, "bias": bias})
-    F.linear(input.to("meta", torch.float32), weight.to("meta", torch.float32),
-             None if bias is None else bias.to("meta", torch.float32))
+    on_meta(F.linear, (input, weight, bias), dtype=torch.float32)
     K = input.shape[-1]
     x = input.reshape(1, math.prod(input.shape[:-1]), K).contiguous()
     w = weight.reshape(1, weight.shape[0] if weight.dim() == 2 else 1, K).contiguous()
@@ -429,8 +444,7 @@ def conv2d_int(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, str
     if isinstance(padding, str):
         raise ValueError(f"conv2d_int takes numeric padding, got {padding!r}; pad the integers yourself")
     _check_conv_shapes(input, weight, bias, groups)
-    F.conv2d(input.to("meta", torch.float32), weight.to("meta", torch.float32), None, stride, padding, dilation,
-             groups)
+    on_meta(F.conv2d, (input, weight, None), stride, padding, dilation, groups, dtype=torch.float32)
     x = input.unsqueeze(0) if input.dim() == 3 else input
     sums = kernels.conv2d_int(backend, x.contiguous(), weight.contiguous(), stride, padding, dilation, groups, mult)
     out = _int_out(sums, bias, (1, -1, 1, 1))

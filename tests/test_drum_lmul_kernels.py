@@ -63,8 +63,8 @@ def test_drum_and_lmul_take_their_own_kernels_without_a_generic_path(name, backe
 
 def test_compiled_drum_layers_run_the_cpp_kernel_without_warnings(monkeypatch):
     calls = []
-    native = cpu_native.bmm_nt_int
-    monkeypatch.setattr(cpu_native, "bmm_nt_int", lambda *a, **kw: calls.append(a[2].name) or native(*a, **kw))
+    native = cpu_native.bmm_nt_quant  # the quantised layer's fused path: quantisation in the kernel's operand pass
+    monkeypatch.setattr(cpu_native, "bmm_nt_quant", lambda *a, **kw: calls.append(a[4].name) or native(*a, **kw))
     x, w = torch.randn(3, 40), torch.randn(5, 40)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -14,6 +14,9 @@ torch.compile kernels on the CPU.  Every backend module provides
   for integer and table multipliers: sign-magnitude (a signed table's two's-complement) integer operands,
   exact integer sums returned as float64; :func:`conv2d_int` here pads for tables whose row 0 is not zero.
 
+The compiled backend also quantises float activations inside its C++ kernel (``conv2d_quant``,
+``bmm_nt_quant``; :func:`quantises_in_kernel` says where), one pass instead of quantise + fields.
+
 Multiplier ``"exact"`` never reaches a backend: :mod:`mbmlib.functional` runs
 PyTorch's own ops for it.  Index maths shared by backends is in :mod:`.lowering`.
 
@@ -43,7 +46,7 @@ BACKENDS = ("reference", "compiled", "triton")
 ENV_VAR = "MBMLIB_BACKEND"
 
 __all__ = ["BACKENDS", "ENV_VAR", "Backend", "Route", "GenericPathWarning", "load", "default_backend", "resolve",
-           "route"]
+           "route", "quantises_in_kernel"]
 
 
 class Backend(Protocol):
@@ -125,6 +128,12 @@ def conv2d_int(backend: str, qx: torch.Tensor, qw: torch.Tensor, stride, padding
         padding = (0, 0)
     return load(backend).conv2d_int(qx, qw, tuple(stride), tuple(padding), tuple(dilation), groups, multiplier,
                                     ranged=ranged)
+
+
+def quantises_in_kernel(backend: str, multiplier: Multiplier, x: torch.Tensor) -> bool:
+    """Whether ``backend`` quantises the float32 activations ``x`` inside its integer kernel (``conv2d_quant``,
+    ``bmm_nt_quant``: the C++ kernel on the CPU), so the quantised layers pass it floats and get scaled sums."""
+    return backend == "compiled" and x.dtype == torch.float32 and load(backend).fuses_quantisation(multiplier, x.device)
 
 
 class Route(NamedTuple):

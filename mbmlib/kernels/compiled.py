@@ -183,3 +183,27 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
         return cpu_native.conv2d_int(qx, qw, stride, padding, dilation, groups, multiplier)
     gemm = functools.partial(bmm_nt_int, ranged=True)  # checked once, above
     return conv2d_int_via_gemm(qx, qw, stride, padding, dilation, groups, multiplier, gemm)
+
+
+# ----------------------------------------------------------------------------- quantised layers, fused on the CPU
+
+
+def fuses_quantisation(multiplier: Multiplier, device: torch.device) -> bool:
+    """Whether :func:`conv2d_quant` / :func:`bmm_nt_quant` serve ``multiplier`` on ``device``: the C++ kernel,
+    which quantises the activations in its operand pass and scales the sums as it stores them."""
+    return cpu_native.supports_int(multiplier) and _native_available(device)
+
+
+def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, qb: torch.Tensor, b_scale: torch.Tensor,
+                 multiplier: Multiplier) -> tuple[torch.Tensor, int]:
+    """Quantised ``a @ qb.T`` of float32 ``a`` (quantised here) and integer ``qb``: :func:`cpu_native.bmm_nt_quant`."""
+    check_int_gemm(qb, qb, multiplier, k=a.shape[-1], ranged=True)
+    return cpu_native.bmm_nt_quant(a, a_scale, qb, b_scale, multiplier)
+
+
+def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, stride, padding,
+                 dilation, groups: int, multiplier: Multiplier) -> tuple[torch.Tensor, int]:
+    """Quantised convolution of float32 ``x`` (quantised here) and integer ``qw``: :func:`cpu_native.conv2d_quant`."""
+    check_int_gemm(qw, qw, multiplier, k=qw[0].numel(), ranged=True)
+    return cpu_native.conv2d_quant(x, x_scale, qw, w_scale, tuple(stride), tuple(padding), tuple(dilation), groups,
+                                   multiplier)

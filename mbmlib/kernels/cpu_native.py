@@ -34,7 +34,7 @@ from .prepared import prepared
 
 __all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt", "bmm_nt_split", "conv2d",
            "BuildError", "supports_int", "drum_split", "int_block", "bmm_nt_int", "conv2d_int", "GemmArgs", "MACS",
-           "specialised_mac", "PackedB"]
+           "specialised_mac", "PackedB", "quantised_operand", "bmm_nt_quant", "conv2d_quant"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {
@@ -63,12 +63,12 @@ class GemmArgs(ctypes.Structure):
                 ("a_group", ctypes.c_int64), ("b", ctypes.c_void_p * 3), ("out", ctypes.c_void_p),
                 ("M", ctypes.c_int64), ("Np", ctypes.c_int64), ("K", ctypes.c_int64), ("mac", ctypes.c_int32),
                 ("c0", ctypes.c_int32), ("c1", ctypes.c_int32), ("table", ctypes.c_void_p), ("bits", ctypes.c_int32),
-                ("kblock", ctypes.c_int64)]
+                ("kblock", ctypes.c_int64), ("out_scale", ctypes.c_void_p)]
 
 
 # The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
 MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2, ("int", "mitchell"): 3,
-        ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6, ("int", "drum"): 7}
+        ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6, ("int", "drum"): 7, ("int", "words"): 8}
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> None:
@@ -130,6 +130,9 @@ def _library(capability: str) -> ctypes.CDLL:
     lib.mbm_mitchell_words.restype = None
     lib.mbm_tiles.argtypes = [i64, i64]
     lib.mbm_tiles.restype = i64
+    i32 = ctypes.c_int32
+    lib.mbm_quantise.argtypes = [ptr, i64, ptr, i32, i32, i32, i32, ptr, ptr, ctypes.c_int]
+    lib.mbm_quantise.restype = i64
     return lib
 
 
@@ -188,10 +191,12 @@ def _same(b: torch.Tensor) -> torch.Tensor:
 
 
 def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panels: tuple, N: int,
-         out: torch.Tensor, mac: int, multiplier: Multiplier, capability: str | None, kblock: int = 0) -> torch.Tensor:
+         out: torch.Tensor, mac: int, multiplier: Multiplier, capability: str | None, kblock: int = 0,
+         out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run the GEMM on (G, M, Np) ``out`` with the MAC ``mac``: A's fields gathered (see :class:`GemmArgs`), B's
     ``panels`` packed (:class:`PackedB`); tiles on OpenMP threads, or Python ones (ctypes releases the GIL) where
-    the build has no OpenMP.  Returns ``out`` without its padded columns."""
+    the build has no OpenMP.  ``out_scale``: an integer MAC's (G, Np) float64 column scales (``out`` float32).
+    Returns ``out`` without its padded columns."""
     lib = library(capability)
     G, M, Np = out.shape
     K = panels[0].shape[2]
@@ -199,7 +204,8 @@ def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panel
     table = _kernel_table(multiplier) if multiplier.kind == "table" else None
     args = GemmArgs((ctypes.c_void_p * 3)(*(f.data_ptr() for f in a_fields)), a_row.data_ptr(), a_col.data_ptr(),
                     a_group, (ctypes.c_void_p * 3)(*(f.data_ptr() for f in panels)), out.data_ptr(), M, Np, K, mac,
-                    c0, c1, None if table is None else table.data_ptr(), multiplier.bits or 0, kblock)
+                    c0, c1, None if table is None else table.data_ptr(), multiplier.bits or 0, kblock,
+                    None if out_scale is None else out_scale.data_ptr())
     tiles, macs = G * lib.mbm_tiles(M, Np), G * M * N * K
     workers = min(tiles, torch.get_num_threads()) if macs >= _MIN_PARALLEL_MACS else 1
     if workers <= 1 or lib.mbm_has_openmp():
@@ -394,40 +400,77 @@ def _kernel_table(multiplier: Multiplier) -> torch.Tensor:
     return multiplier.table.to(torch.int32).reshape(-1).contiguous()
 
 
-def _int_operand(q: torch.Tensor, multiplier: Multiplier) -> tuple[torch.Tensor, ...]:
-    """(sign mask 0/-1, f, h) int32 fields of sign-magnitude integers, as the kernel's integer MACs read them;
-    DRUM's one field, its signed reduced operand (``DrumMac``)."""
+INT_ZERO_WORDS = {"a": -(40 << 23), "b": 80 << 23}  # IntWordsMac's words of a zero operand (approx_gemm.cpp)
+_QUANT_FIELDS = {"mbm": 0, "mitchell": 1, "table": 2, "signed table": 3, "drum": 4}  # enum QuantFields
+
+
+def _int_mac(multiplier: Multiplier) -> int:
+    """The kernel's MAC of an integer multiplier: integer Mitchell runs in the bit domain (IntWordsMac)."""
+    return MACS["int", "words" if multiplier.mac == "mitchell" else specialised_mac(multiplier)]
+
+
+def _int_operand(q: torch.Tensor, multiplier: Multiplier, side: str) -> tuple[torch.Tensor, ...]:
+    """The fields of sign-magnitude integers as the kernel's integer MACs read them on ``side`` ("a" or "b") of
+    the GEMM: MBM the float fields of float(q); Mitchell its words; tables (sign mask 0/-1, magnitude), a signed
+    table (0, q mod 2**n); DRUM its signed reduced operand.  :func:`quantised_operand` writes the same for A."""
     if multiplier.mac == "drum":
         return (drum_reduced(q, multiplier.param).to(torch.int32),)
     q = q.to(torch.int32)
-    if multiplier.signed:  # no sign apart: the two's-complement index
-        index = q & ((1 << multiplier.bits) - 1)
-        return torch.zeros_like(q), index, index
-    sign_mask = -(q < 0).to(torch.int32)
     if multiplier.kind == "table":
-        magnitude = q.abs()
-        return sign_mask, magnitude, magnitude
-    exponent, mantissa = int_fields(q, multiplier)  # (sign * (k + 1), 23-bit mantissa field)
-    return sign_mask, torch.where(q == 0, -64, exponent.abs()).to(torch.int32), mantissa
+        if multiplier.signed:  # no sign apart: the two's-complement index
+            return torch.zeros_like(q), q & ((1 << multiplier.bits) - 1)
+        return -(q < 0).to(torch.int32), q.abs()
+    qf = q.to(torch.float32)  # exact: |q| < 2**13
+    if multiplier.mac == "mitchell":
+        word = qf.view(torch.int32) - (_ONE_BITS if side == "a" else 0)
+        return (torch.where(q == 0, INT_ZERO_WORDS[side], word),)
+    return split_operand(qf, multiplier)
+
+
+def _quant_fields(multiplier: Multiplier) -> tuple[int, int, int]:
+    """(the QuantFields kind, its parameter, how many fields) that :func:`quantised_operand` writes."""
+    if multiplier.kind == "table":
+        return _QUANT_FIELDS["signed table" if multiplier.signed else "table"], multiplier.bits, 2
+    kind = _QUANT_FIELDS[multiplier.mac]
+    return kind, multiplier.param if multiplier.mac == "drum" else 0, 2 if multiplier.mac == "mbm" else 1
+
+
+def quantised_operand(x: torch.Tensor, scale: torch.Tensor, multiplier: Multiplier,
+                      capability: str | None = None) -> tuple[tuple[torch.Tensor, ...], int]:
+    """A's fields (:func:`_int_operand`) of ``x`` quantised as :func:`mbmlib.quant.quantise` does (``clamp(round(
+    x / scale))``, NaN 0; ``scale`` one float32 value, read by the kernel), in one pass with no integer tensor
+    between; and how many elements of ``x`` are not finite (their outputs are the caller's to make NaN)."""
+    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    scale = scale.to(torch.float32).contiguous()
+    kind, param, count = _quant_fields(multiplier)
+    fields = tuple(torch.empty(x.shape, dtype=torch.int32) for _ in range(count))
+    lo, hi = multiplier.q_range
+    threads = torch.get_num_threads() if x.numel() >= 1 << 16 else 1
+    bad = library(capability).mbm_quantise(x.data_ptr(), x.numel(), scale.data_ptr(), lo, hi, kind, param,
+                                           fields[0].data_ptr(), fields[-1].data_ptr(), threads)
+    return fields, int(bad)
 
 
 def _int_b(qb: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
     """(G, N, K) integer B as the integer MACs read it (:func:`_int_operand`), in K-major panels."""
-    panels = _pack(_int_operand(qb, multiplier), lib.mbm_tile_cols())
-    return PackedB(panels, qb.shape[1], MACS["int", specialised_mac(multiplier)])
+    panels = _pack(_int_operand(qb, multiplier, "b"), lib.mbm_tile_cols())
+    return PackedB(panels, qb.shape[1], _int_mac(multiplier))
 
 
-def _gemm_int(a_fields: list, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b: PackedB,
-              multiplier: Multiplier, capability: str | None) -> torch.Tensor:
-    """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) float64 exact sums; ``b`` from :func:`_int_b`.
+def _gemm_int(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b: PackedB,
+              multiplier: Multiplier, capability: str | None, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) float64 exact sums, or, given ``out_scale``
+    ((G, N) float64), float32 ``sums * out_scale`` (rounded once); ``b`` from :func:`_int_b`.
 
     Products are summed in int32 for as many steps of k as cannot overflow it (:func:`int_block`), then in int64.
     """
     G, cols = b.panels[0].shape[0], b.panels[0].shape[1] * b.panels[0].shape[3]
-    out = torch.empty(G, a_row.numel(), cols, dtype=torch.int64)
+    if out_scale is not None:
+        out_scale = F.pad(out_scale.to(torch.float64).expand(G, b.N), (0, cols - b.N)).contiguous()
+    out = torch.empty(G, a_row.numel(), cols, dtype=torch.int64 if out_scale is None else torch.float32)
     res = _run(a_fields, a_row, a_col, a_group, b.panels, b.N, out, b.mac, multiplier, capability,
-               kblock=int_block(multiplier))
-    return res.to(torch.float64)
+               kblock=int_block(multiplier), out_scale=out_scale)
+    return res.to(torch.float64) if out_scale is None else res
 
 
 def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
@@ -437,7 +480,7 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
     Each term is ``sign * P(|a|, |b|)`` as :func:`mbmlib.multipliers.integer.int_products` gives it; ``multiplier``
     must pass :func:`supports_int`.
     """
-    a = [f.contiguous() for f in _int_operand(qa, multiplier)]
+    a = [f.contiguous() for f in _int_operand(qa, multiplier, "a")]
     packed = _prepared_b(qb, "gemm", _same, _int_b, multiplier, capability)  # once per quantised weight
     return _gemm_int(a, *_rows_of(qa), qa.shape[1] * qa.shape[2], packed, multiplier, capability)
 
@@ -450,8 +493,33 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
     read from them in place; same products and exact sums as im2col + :func:`bmm_nt_int`.
     """
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(qx, qw.shape, stride, padding, dilation)
-    a = [f.contiguous() for f in _int_operand(x_cl, multiplier)]  # padding is 0: a zero operand
+    a = [f.contiguous() for f in _int_operand(x_cl, multiplier, "a")]  # padding is 0: a zero operand
     packed = _prepared_b(qw, ("conv", groups), functools.partial(weight_rows, groups=groups), _int_b, multiplier,
                          capability)
     res = _gemm_int(a, a_row, a_col, qw.shape[1], packed, multiplier, capability)
     return _conv_output(res, qx.shape[0], qw.shape[0], groups, Ho, Wo)
+
+
+def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, qb: torch.Tensor, b_scale: torch.Tensor, multiplier: Multiplier,
+                 capability: str | None = None) -> tuple[torch.Tensor, int]:
+    """Quantised ``a @ qb.T`` from float ``a`` (G, M, K), quantised in the kernel's operand pass with the one scale
+    ``a_scale``, and integer ``qb`` (G, N, K) with scales ``b_scale`` (N,): ((G, M, N) float32 ``sums * a_scale *
+    b_scale`` rounded once, as the unfused float64 path gives them; how many elements of ``a`` are not finite)."""
+    fields, bad = quantised_operand(a, a_scale, multiplier, capability)
+    packed = _prepared_b(qb, "gemm", _same, _int_b, multiplier, capability)
+    scale = a_scale.double() * b_scale.double()
+    return _gemm_int(fields, *_rows_of(a), a.shape[1] * a.shape[2], packed, multiplier, capability, scale), bad
+
+
+def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, stride, padding,
+                 dilation, groups: int, multiplier: Multiplier, capability: str | None = None) -> tuple[torch.Tensor, int]:
+    """Quantised convolution from float ``x`` (B, C, H, W) (one scale ``x_scale``, quantised in the operand pass)
+    and integer ``qw`` (O, C/groups, kh, kw) with scales ``w_scale`` (O,): ((B, O, Ho, Wo) float32 ``sums *
+    x_scale * w_scale``; how many elements of ``x`` are not finite).  Padding is the operand 0."""
+    x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, qw.shape, stride, padding, dilation)
+    fields, bad = quantised_operand(x_cl, x_scale, multiplier, capability)
+    packed = _prepared_b(qw, ("conv", groups), functools.partial(weight_rows, groups=groups), _int_b, multiplier,
+                         capability)
+    scale = (x_scale.double() * w_scale.double()).view(groups, -1)
+    res = _gemm_int(fields, a_row, a_col, qw.shape[1], packed, multiplier, capability, scale)
+    return _conv_output(res, x.shape[0], qw.shape[0], groups, Ho, Wo), bad

@@ -47,6 +47,7 @@ static inline vi i_shl1(vi a) { return _mm512_slli_epi32(a, 1); }
 static inline vi i_shr24(vi a) { return _mm512_srli_epi32(a, 24); }
 static inline vi i_shrv(vi a, vi n) { return _mm512_srlv_epi32(a, n); }  // 0 where n > 31
 static inline vi i_gather(const int32_t* t, vi idx) { return _mm512_i32gather_epi32(idx, t, 4); }
+static inline vi i_trunc(vf a) { return _mm512_cvttps_epi32(a); }  // toward zero; exact below 2^31
 static inline void i_store(int32_t* p, vi x) { _mm512_storeu_si512(p, x); }
 #define ISA 2
 #define MR 6
@@ -78,6 +79,7 @@ static inline vi i_shl1(vi a) { return _mm256_slli_epi32(a, 1); }
 static inline vi i_shr24(vi a) { return _mm256_srli_epi32(a, 24); }
 static inline vi i_shrv(vi a, vi n) { return _mm256_srlv_epi32(a, n); }  // 0 where n > 31
 static inline vi i_gather(const int32_t* t, vi idx) { return _mm256_i32gather_epi32(t, idx, 4); }
+static inline vi i_trunc(vf a) { return _mm256_cvttps_epi32(a); }
 static inline void i_store(int32_t* p, vi x) { _mm256_storeu_si256((__m256i*)p, x); }
 #define ISA 1
 #else
@@ -107,6 +109,7 @@ static inline vi i_shl1(vi a) { LANES(vi, (int32_t)((uint32_t)a.v[l] << 1)); }
 static inline vi i_shr24(vi a) { LANES(vi, (int32_t)((uint32_t)a.v[l] >> 24)); }
 static inline vi i_shrv(vi a, vi n) { LANES(vi, (uint32_t)n.v[l] > 31 ? 0 : (int32_t)((uint32_t)a.v[l] >> n.v[l])); }
 static inline vi i_gather(const int32_t* t, vi idx) { LANES(vi, t[idx.v[l]]); }
+static inline vi i_trunc(vf a) { LANES(vi, (int32_t)a.v[l]); }
 static inline void i_store(int32_t* p, vi x) { for (int l = 0; l < VW; ++l) p[l] = x.v[l]; }
 #define ISA 0
 #endif
@@ -126,7 +129,7 @@ static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BIT
 
 // The MACs (GemmArgs.mac).  Float MACs sum in float32, integer ones exactly (int32 blocks, int64 output).
 enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MITCHELL = 3, I_MBM = 4, I_TABLE = 5, F_LMUL = 6,
-           I_DRUM = 7 };
+           I_DRUM = 7, I_MITCHELL_WORDS = 8 };
 
 // Mirrors cpu_native.GemmArgs (ctypes).  A: element (g, m, k) of field f at a[f] + g * a_group + a_row[m]
 // + a_col[k] (a plain row-major A has a_row[m] = m * K, a_col[k] = k; im2col patches read straight from a
@@ -144,6 +147,7 @@ struct GemmArgs {
     const int32_t* table;  // I_TABLE: (2^bits)^2 int32 entries
     int32_t bits;
     int64_t kblock;        // integer MACs: steps of k summed in int32 before the int64 output (kblock * |term| < 2^31)
+    const double* out_scale;  // integer MACs: null (int64 sums out), or (G, Np) scales: float32 sum * scale out
 };
 
 // ----------------------------------------------------------------------------- float MACs (SPEC 1)
@@ -250,11 +254,12 @@ struct WordsMac {
 
 // ----------------------------------------------------------------------------- integer MACs (SPEC 4)
 //
-// sign * P(|a|, |b|), exact.  Every operand comes as three int32 fields: a sign mask (0 or -1), f and h.
-// Formula designs (n <= 12 bits): f = k + 1 for |q| = 2^k (1 + x) (-64 for q = 0, which shifts the product
-// out), h = the 23-bit mantissa field of float(|q|); then P = G >> (25 - f_a - f_b), G the registry's
-// significand in integer form.  Tables (n <= 8 bits): f = |q| (a signed table: q mod 2^n, sign mask 0),
-// P = table[(f_a << n) + f_b], every entry as given (row and column 0 included, negative ones too).
+// sign * P(|a|, |b|), exact, summed in int32 blocks (no block sum can reach 2^31: GemmArgs.kblock) flushed to
+// int64.  Formula designs (n <= 12 bits): an operand q is exactly the float q, and P(|a|, |b|) is the registry's
+// (G << (k1 + k2)) >> 23, i.e. the float design's product of float(a) and float(b) (exact: a power of two times
+// G, below 2^24) truncated toward zero, with the sign: so the float MACs' products, converted by one truncating
+// conversion, are the integer design's terms.  Tables (n <= 8 bits): (sign mask 0/-1, |q|) fields (a signed
+// table: 0 and q mod 2^n), P = table[(|a| << n) + |b|], every entry as given (row and column 0, negative ones).
 
 // out[l] += scale * s[l] over the VW lanes of an int32 block sum: how integer MACs reach their int64 output.
 ALWAYS_INLINE void add_lanes(int64_t* out, vi s, int64_t scale) {
@@ -263,49 +268,64 @@ ALWAYS_INLINE void add_lanes(int64_t* out, vi s, int64_t scale) {
     for (int l = 0; l < VW; ++l) out[l] += scale * part[l];
 }
 
-struct IntConsts {
-    vi one, one_c0, two_one, c1;  // ONE; ONE + c0; 2 * ONE; c1 (the significand's constants)
-    const int32_t* table;
-    int bits;
-};
-
-template <int KIND>  // I_MITCHELL, I_MBM or I_TABLE
-struct IntMac {
-    static const int FIELDS = 3;
+// Integer Mitchell and MBM on the float fields of float(q): FloatMac's product, truncated, summed in int32.
+template <int KIND>
+struct FloorMac : FloatMac<KIND> {
     typedef int64_t Out;
     typedef vi Sum;
-    typedef IntConsts Consts;
-    struct A { vi sign, shift_base; int32_t f, h; };  // f, h broadcast where used (a memory operand on AVX-512)
-    struct B { vi sign, f, h; };
-    static Consts consts(const GemmArgs& g) {
-        return {i_set1(ONE), i_set1(ONE + g.c0), i_set1(2 * ONE), i_set1(g.c1), g.table, g.bits};
+    typedef typename FloatMac<KIND>::A A;
+    typedef typename FloatMac<KIND>::B B;
+    typedef FloatConsts Consts;
+    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
+    ALWAYS_INLINE Sum zero() { return i_set1(0); }
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts& c) {
+        return i_add(acc, i_trunc(f_mul(f_mul(a.s, b.s), significand<KIND>(i_add(a.m, b.m), c))));
     }
+    ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
+};
+
+// Integer Mitchell in the bit domain (every ISA): A's word bits(float(a)) - bits(1.0f), B's bits(float(b)); their
+// sum is the bits of the float Mitchell product (WordsMac's rule; integer exponents never leave the normal
+// range), truncated.  A zero operand has the word INT_ZERO_A or INT_ZERO_B, which make every sum it is in a float
+// below 2^-28 (exponent field 47 to 98), truncated to 0: one add, one conversion, one add per product.
+static const int32_t INT_ZERO_A = -(40 << 23), INT_ZERO_B = 80 << 23;
+
+struct IntWordsMac {
+    static const int FIELDS = 1;
+    typedef int64_t Out;
+    typedef vi Sum;
+    struct Consts {};
+    struct A { vi a; };
+    struct B { vi b; };
+    static Consts consts(const GemmArgs&) { return {}; }
+    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
+    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts&) { return {i_set1(f[0][k])}; }
+    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) { return {i_load(f[0] + at)}; }
+    ALWAYS_INLINE Sum zero() { return i_set1(0); }
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
+        return i_add(acc, i_trunc(as_f(i_add(a.a, b.b))));
+    }
+    ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
+};
+
+// Table gathers: sign * table[(|a| << bits) + |b|].
+struct TableMac {
+    static const int FIELDS = 2;
+    typedef int64_t Out;
+    typedef vi Sum;
+    struct Consts { const int32_t* table; int bits; };
+    struct A { vi sign, row; };  // row: |a| << bits, broadcast
+    struct B { vi sign, f; };
+    static Consts consts(const GemmArgs& g) { return {g.table, g.bits}; }
     static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
     ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts& c) {
-        int32_t fa = f[1][k];
-        return {i_set1(f[0][k]), i_set1(25 - fa), fa, f[2][k]};
+        return {i_set1(f[0][k]), i_set1(f[1][k] << c.bits)};
     }
-    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
-        return {i_load(f[0] + at), i_load(f[1] + at), i_load(f[2] + at)};
-    }
+    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) { return {i_load(f[0] + at), i_load(f[1] + at)}; }
     ALWAYS_INLINE Sum zero() { return i_set1(0); }
-    ALWAYS_INLINE vi magnitude(const A& a, const B& b, const Consts& c) {
-        if (KIND == I_TABLE) return i_gather(c.table, i_add(i_set1(a.f << c.bits), b.f));
-        vi s = i_add(i_set1(a.h), b.h);  // mant_a + mant_b
-        vi g;
-        if (KIND == I_MITCHELL) {
-            g = i_sel_ge(s, c.one, i_shl1(s), i_add(s, c.one));
-        } else {
-            vi m0 = i_add(s, c.one_c0);        // no carry: 1 + x1 + x2 + c, maybe >= 2
-            vi g0 = i_andnot(i_shr24(m0), m0);  // >= 2: drop the bit the normalising shift truncates
-            vi t1 = i_add(s, c.c1);            // carry: 2 * (x1 + x2 + c/2); corner case: skip the correction
-            g = i_sel_ge(s, c.one, i_shl1(i_sel_lt(t1, c.two_one, t1, s)), g0);
-        }
-        return i_shrv(g, i_sub(a.shift_base, b.f));  // shift_base = 25 - f_a
-    }
     ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts& c) {
         vi neg = i_xor(a.sign, b.sign);  // -1 where the signs differ
-        return i_add(acc, i_sub(i_xor(magnitude(a, b, c), neg), neg));
+        return i_add(acc, i_sub(i_xor(i_gather(c.table, i_add(a.row, b.f)), neg), neg));
     }
     ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
 };
@@ -353,11 +373,27 @@ struct DrumMac {
 
 // ----------------------------------------------------------------------------- the one tile routine
 
-// One ROWS x NR tile (ROWS <= MR) of rows m0.. of A (group offset a0) against B's panels at ``panel``.
+// A tile's sums into the output at element ``at``: as they are (float32, or int64 integer sums), or, for an integer
+// MAC given out_scale, as float32 sum * scale[n] rounded once from float64 (the quantised layers' dequantisation,
+// the same rounding as (float64 sum * float64 scale).float()).
 template <class M, int ROWS>
-static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, typename M::Out* out,
-                 const typename M::Consts& c) {
-    const int64_t K = g.K, ldo = g.Np, step = M::block(g);
+static void store(const GemmArgs& g, int64_t at, const double* scale, const typename M::Out (&acc)[ROWS][NR]) {
+    const int64_t ldo = g.Np;
+    for (int i = 0; i < ROWS; ++i)
+        for (int n = 0; n < NR; ++n) {
+            if (std::is_same<typename M::Out, int64_t>::value && scale != nullptr)
+                ((float*)g.out)[at + i * ldo + n] = (float)((double)acc[i][n] * scale[n]);
+            else
+                ((typename M::Out*)g.out)[at + i * ldo + n] = acc[i][n];
+        }
+}
+
+// One ROWS x NR tile (ROWS <= MR) of rows m0.. of A (group offset a0) against B's panels at ``panel``, stored at
+// output element ``at`` (``scale``: its columns' out_scale, or null).
+template <class M, int ROWS>
+static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, int64_t at,
+                 const double* scale, const typename M::Consts& c) {
+    const int64_t K = g.K, step = M::block(g);
     const int64_t* a_col = g.a_col;
     const int32_t* rows[ROWS][3];
     for (int i = 0; i < ROWS; ++i)
@@ -380,23 +416,22 @@ static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const
         for (int i = 0; i < ROWS; ++i)
             for (int j = 0; j < NV; ++j) M::flush(&acc[i][j * VW], sum[i][j]);
     }
-    for (int i = 0; i < ROWS; ++i)
-        for (int n = 0; n < NR; ++n) out[i * ldo + n] = acc[i][n];
+    store<M, ROWS>(g, at, scale, acc);
 }
 
 // A tile of the given number of rows (the last row tile may be short).
 template <class M>
-static void tile_rows(int rows, const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel,
-                      typename M::Out* out, const typename M::Consts& c) {
+static void tile_rows(int rows, const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, int64_t at,
+                      const double* scale, const typename M::Consts& c) {
     switch (rows) {
-        case 1: tile<M, 1>(g, a0, m0, panel, out, c); break;
-        case 2: tile<M, 2>(g, a0, m0, panel, out, c); break;
-        case 3: tile<M, 3>(g, a0, m0, panel, out, c); break;
+        case 1: tile<M, 1>(g, a0, m0, panel, at, scale, c); break;
+        case 2: tile<M, 2>(g, a0, m0, panel, at, scale, c); break;
+        case 3: tile<M, 3>(g, a0, m0, panel, at, scale, c); break;
 #if MR > 4
-        case 4: tile<M, 4>(g, a0, m0, panel, out, c); break;
-        case 5: tile<M, 5>(g, a0, m0, panel, out, c); break;
+        case 4: tile<M, 4>(g, a0, m0, panel, at, scale, c); break;
+        case 5: tile<M, 5>(g, a0, m0, panel, at, scale, c); break;
 #endif
-        default: tile<M, MR>(g, a0, m0, panel, out, c);
+        default: tile<M, MR>(g, a0, m0, panel, at, scale, c);
     }
 }
 
@@ -412,9 +447,58 @@ static void run_tiles(const GemmArgs& g, int64_t begin, int64_t end, int threads
         int64_t b0 = (grp * nt + n) * g.K * NR;
         const int32_t* panel[3];
         for (int f = 0; f < M::FIELDS; ++f) panel[f] = (const int32_t*)g.b[f] + b0;
-        typename M::Out* o = (typename M::Out*)g.out + (grp * g.M + m * MR) * g.Np + n * NR;
-        tile_rows<M>(rows, g, grp * g.a_group, m * MR, panel, o, c);
+        const double* scale = g.out_scale ? g.out_scale + grp * g.Np + n * NR : nullptr;
+        tile_rows<M>(rows, g, grp * g.a_group, m * MR, panel, (grp * g.M + m * MR) * g.Np + n * NR, scale, c);
     }
+}
+
+// ----------------------------------------------------------------------------- quantisation into operand fields
+
+// What mbm_quantise writes: float(q) split (Q_FLOAT, FloorMac), IntWordsMac's A word (Q_WORDS), a table's sign
+// mask and |q| (Q_TABLE) or 0 and q mod 2^param (Q_SIGNED_TABLE), DRUM-param's signed reduced operand (Q_DRUM).
+enum QuantFields { Q_FLOAT = 0, Q_WORDS = 1, Q_TABLE = 2, Q_SIGNED_TABLE = 3, Q_DRUM = 4 };
+
+// The fields of one quantised value q (an integer-valued float, maybe -0.0) at f0[i] (and f1[i]).
+template <int KIND>
+static inline void write_fields(float q, int32_t param, int32_t* f0, int32_t* f1, int64_t i) {
+    uint32_t bits;
+    std::memcpy(&bits, &q, sizeof bits);
+    const int32_t iq = (int32_t)q, mag = iq < 0 ? -iq : iq;
+    if (KIND == Q_FLOAT) {
+        f0[i] = (int32_t)(bits & 0xFF800000u);
+        f1[i] = (int32_t)(bits & 0x007FFFFFu);
+    } else if (KIND == Q_WORDS) {
+        f0[i] = q == 0.0f ? INT_ZERO_A : (int32_t)(bits - (uint32_t)ONE_BITS);
+    } else if (KIND == Q_TABLE) {
+        f0[i] = -(int32_t)(iq < 0);
+        f1[i] = mag;
+    } else if (KIND == Q_SIGNED_TABLE) {
+        f0[i] = 0;
+        f1[i] = iq & ((1 << param) - 1);
+    } else {  // Q_DRUM: below 2^k as it is, else its k bits from the leading one, the lowest forced to 1
+        const int s = mag < (1 << param) ? 0 : 32 - __builtin_clz((uint32_t)mag) - param;
+        const int32_t reduced = s ? ((mag >> s) | 1) << s : mag;
+        f0[i] = iq < 0 ? -reduced : reduced;
+    }
+}
+
+// q = clamp(rint(x / scale), lo, hi) (half to even; NaN -> 0) for n floats, then its fields; returns how many x
+// were not finite.  The same q as mbmlib.quant.quantise, with no integer tensor and no second pass between.
+template <int KIND>
+static int64_t quantise_as(const float* x, int64_t n, float scale, int32_t lo, int32_t hi, int32_t param, int32_t* f0,
+                           int32_t* f1, int threads) {
+    int64_t bad = 0;
+    const float flo = (float)lo, fhi = (float)hi;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : bad) if (threads > 1)
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = x[i];
+        bad += !__builtin_isfinite(v);
+        float q = __builtin_rintf(v / scale);
+        q = q < flo ? flo : q;
+        q = q > fhi ? fhi : q;
+        write_fields<KIND>(q == q ? q : 0.0f, param, f0, f1, i);
+    }
+    return bad;
 }
 
 extern "C" {
@@ -447,6 +531,20 @@ int mbm_has_words() { return 1; }  // whether mbm_gemm takes F_MITCHELL_WORDS
 int mbm_has_words() { return 0; }
 #endif
 int mbm_has_openmp() { return HAS_OPENMP; }
+
+// mbm_quantise: quantise_as for the fields ``kind`` (QuantFields) with the scale at ``scale_at``; -1 for an unknown kind.
+int64_t mbm_quantise(const float* x, int64_t n, const float* scale_at, int32_t lo, int32_t hi, int32_t kind,
+                     int32_t param, int32_t* f0, int32_t* f1, int threads) {
+    const float scale = *scale_at;  // read here: the caller's scale tensor, no device synchronisation to fetch it
+    switch (kind) {
+        case Q_FLOAT: return quantise_as<Q_FLOAT>(x, n, scale, lo, hi, param, f0, f1, threads);
+        case Q_WORDS: return quantise_as<Q_WORDS>(x, n, scale, lo, hi, param, f0, f1, threads);
+        case Q_TABLE: return quantise_as<Q_TABLE>(x, n, scale, lo, hi, param, f0, f1, threads);
+        case Q_SIGNED_TABLE: return quantise_as<Q_SIGNED_TABLE>(x, n, scale, lo, hi, param, f0, f1, threads);
+        case Q_DRUM: return quantise_as<Q_DRUM>(x, n, scale, lo, hi, param, f0, f1, threads);
+        default: return -1;
+    }
+}
 int mbm_tile_cols() { return NR; }
 int64_t mbm_args_size() { return (int64_t)sizeof(GemmArgs); }  // the loader checks its ctypes mirror against it
 
@@ -465,9 +563,13 @@ int mbm_gemm(const GemmArgs* g, int64_t begin, int64_t end, int threads) {
 #if defined(__AVX512F__)
         case F_MITCHELL_WORDS: run_tiles<WordsMac>(*g, begin, end, threads); return 0;
 #endif
-        case I_MITCHELL: run_tiles<IntMac<I_MITCHELL>>(*g, begin, end, threads); return 0;
-        case I_MBM: run_tiles<IntMac<I_MBM>>(*g, begin, end, threads); return 0;
-        case I_TABLE: run_tiles<IntMac<I_TABLE>>(*g, begin, end, threads); return 0;
+        case I_MITCHELL: run_tiles<FloorMac<MITCHELL>>(*g, begin, end, threads); return 0;
+        case I_MBM:
+            if (2 * g->c1 == g->c0) run_tiles<FloorMac<MBM_ONE_ADDEND>>(*g, begin, end, threads);
+            else run_tiles<FloorMac<MBM>>(*g, begin, end, threads);
+            return 0;
+        case I_MITCHELL_WORDS: run_tiles<IntWordsMac>(*g, begin, end, threads); return 0;
+        case I_TABLE: run_tiles<TableMac>(*g, begin, end, threads); return 0;
         case F_LMUL: run_tiles<FloatMac<LMUL>>(*g, begin, end, threads); return 0;
         case I_DRUM:
             if (g->c0 == 0) run_tiles<DrumMac<0>>(*g, begin, end, threads);
