@@ -68,7 +68,8 @@ class GemmArgs(ctypes.Structure):
 
 # The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
 MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2, ("int", "mitchell"): 3,
-        ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6, ("int", "drum"): 7, ("int", "words"): 8}
+        ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6, ("int", "drum"): 7, ("int", "words"): 8,
+        ("int", "table16"): 9}
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> None:
@@ -126,6 +127,7 @@ def _library(capability: str) -> ctypes.CDLL:
     lib.mbm_gemm.argtypes = [ctypes.POINTER(GemmArgs), i64, i64, ctypes.c_int]
     lib.mbm_gemm.restype = ctypes.c_int
     lib.mbm_has_words.restype = ctypes.c_int
+    lib.mbm_has_table16.restype = ctypes.c_int
     lib.mbm_mitchell_words.argtypes = [ptr] * 3 + [i64, ctypes.c_int32, ptr, ctypes.c_int]
     lib.mbm_mitchell_words.restype = None
     lib.mbm_tiles.argtypes = [i64, i64]
@@ -202,6 +204,8 @@ def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panel
     K = panels[0].shape[2]
     c0, c1 = _mac_constants(multiplier)
     table = _kernel_table(multiplier) if multiplier.kind == "table" else None
+    if mac == MACS["int", "table16"]:  # the 16-bit rows, and whether entries sign-extend (c0)
+        table, c0 = _kernel_table16(multiplier)
     args = GemmArgs((ctypes.c_void_p * 3)(*(f.data_ptr() for f in a_fields)), a_row.data_ptr(), a_col.data_ptr(),
                     a_group, (ctypes.c_void_p * 3)(*(f.data_ptr() for f in panels)), out.data_ptr(), M, Np, K, mac,
                     c0, c1, None if table is None else table.data_ptr(), multiplier.bits or 0, kblock,
@@ -409,6 +413,28 @@ def _int_mac(multiplier: Multiplier) -> int:
     return MACS["int", "words" if multiplier.mac == "mitchell" else specialised_mac(multiplier)]
 
 
+@functools.lru_cache(maxsize=16)
+def _kernel_table16(multiplier: Multiplier) -> Optional[tuple[torch.Tensor, int]]:
+    """A table of up to 8 bits as Table16Mac reads it: (2**bits, 256) int16 rows (zero columns appended) and 1 if
+    its entries sign-extend (some negative), 0 if they zero-extend; None where an entry does not fit 16 bits."""
+    t = multiplier.table.to(torch.int64)
+    lo, hi = int(t.min()), int(t.max())
+    if lo >= 0 and hi < 1 << 16:
+        signed = 0
+    elif -(1 << 15) <= lo and hi < 1 << 15:
+        signed = 1
+    else:
+        return None
+    rows = F.pad(t, (0, 256 - t.shape[1])).to(torch.int32)
+    rows = torch.where(rows >= 1 << 15, rows - (1 << 16), rows)  # the same 16 bits, stored as int16
+    return rows.to(torch.int16).contiguous(), signed
+
+
+def _table16(multiplier: Multiplier, lib) -> bool:
+    """Whether a table multiplier runs on Table16Mac: this build has it, and every entry fits 16 bits."""
+    return multiplier.kind == "table" and bool(lib.mbm_has_table16()) and _kernel_table16(multiplier) is not None
+
+
 def _int_operand(q: torch.Tensor, multiplier: Multiplier, side: str) -> tuple[torch.Tensor, ...]:
     """The fields of sign-magnitude integers as the kernel's integer MACs read them on ``side`` ("a" or "b") of
     the GEMM: MBM the float fields of float(q); Mitchell its words; tables (sign mask 0/-1, magnitude), a signed
@@ -452,9 +478,13 @@ def quantised_operand(x: torch.Tensor, scale: torch.Tensor, multiplier: Multipli
 
 
 def _int_b(qb: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
-    """(G, N, K) integer B as the integer MACs read it (:func:`_int_operand`), in K-major panels."""
-    panels = _pack(_int_operand(qb, multiplier, "b"), lib.mbm_tile_cols())
-    return PackedB(panels, qb.shape[1], _int_mac(multiplier))
+    """(G, N, K) integer B as the integer MACs read it (:func:`_int_operand`), in K-major panels; a table on
+    Table16Mac its magnitudes (indices) as int16 and its sign masks."""
+    fields = _int_operand(qb, multiplier, "b")
+    if _table16(multiplier, lib):
+        sign, index = fields
+        return PackedB(_pack((index.to(torch.int16), sign), lib.mbm_tile_cols()), qb.shape[1], MACS["int", "table16"])
+    return PackedB(_pack(fields, lib.mbm_tile_cols()), qb.shape[1], _int_mac(multiplier))
 
 
 def _gemm_int(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b: PackedB,

@@ -129,7 +129,7 @@ static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BIT
 
 // The MACs (GemmArgs.mac).  Float MACs sum in float32, integer ones exactly (int32 blocks, int64 output).
 enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MITCHELL = 3, I_MBM = 4, I_TABLE = 5, F_LMUL = 6,
-           I_DRUM = 7, I_MITCHELL_WORDS = 8 };
+           I_DRUM = 7, I_MITCHELL_WORDS = 8, I_TABLE16 = 9 };
 
 // Mirrors cpu_native.GemmArgs (ctypes).  A: element (g, m, k) of field f at a[f] + g * a_group + a_row[m]
 // + a_col[k] (a plain row-major A has a_row[m] = m * K, a_col[k] = k; im2col patches read straight from a
@@ -195,6 +195,7 @@ static inline vf significand(vi sb, const FloatConsts& c) {
 template <int KIND>
 struct FloatMac {
     static const int FIELDS = 2;  // the float scale sign * 2^k, the (truncated) 23-bit mantissa field
+    static const int SPAN = VW;   // columns one B operand covers
     typedef float Out;
     typedef vf Sum;
     typedef FloatConsts Consts;
@@ -231,6 +232,7 @@ static const int32_t ZERO_WORD = -ONE_BITS;  // no nonzero operand's word: its f
 
 struct WordsMac {
     static const int FIELDS = 1;
+    static const int SPAN = VW;
     typedef float Out;
     typedef vf Sum;
     struct Consts { vi zero_word; };
@@ -292,6 +294,7 @@ static const int32_t INT_ZERO_A = -(40 << 23), INT_ZERO_B = 80 << 23;
 
 struct IntWordsMac {
     static const int FIELDS = 1;
+    static const int SPAN = VW;
     typedef int64_t Out;
     typedef vi Sum;
     struct Consts {};
@@ -311,6 +314,7 @@ struct IntWordsMac {
 // Table gathers: sign * table[(|a| << bits) + |b|].
 struct TableMac {
     static const int FIELDS = 2;
+    static const int SPAN = VW;
     typedef int64_t Out;
     typedef vi Sum;
     struct Consts { const int32_t* table; int bits; };
@@ -330,6 +334,58 @@ struct TableMac {
     ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
 };
 
+#if defined(__AVX512BW__)
+// Tables of up to 8 bits whose entries fit 16 bits, looked up in registers instead of gathered: A's table row
+// (256 16-bit entries, 8 vectors; rows of narrower tables padded) is read once per element of A and 32 products
+// come from it at once: four vpermt2w pick entry (|b| mod 64) of each 64-entry quarter, two bits of |b| choose
+// among the quarters (three blends), the 16-bit products widen to int32 (zero- or sign-extended: the loader
+// passes which in c0) and add or subtract by the signs.  B: |b| as int16 (32 per k) and its int32 sign masks.
+struct Pair { vi lo, hi; };  // sums of columns 0..15 and 16..31
+
+struct Table16Mac {
+    static const int FIELDS = 2;
+    static const int SPAN = 2 * VW;
+    typedef int64_t Out;
+    typedef Pair Sum;
+    struct Consts { const int16_t* table; bool signed_entries; };
+    struct A { const __m512i* row; __mmask32 flip; };  // flip: all ones where A is negative
+    struct B { __m512i index; __mmask32 bit6, bit7, neg; };
+    static Consts consts(const GemmArgs& g) { return {(const int16_t*)g.table, g.c0 != 0}; }
+    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
+    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts& c) {
+        return {(const __m512i*)(c.table + ((int64_t)f[1][k] << 8)), (__mmask32)(f[0][k] ? 0xFFFFFFFFu : 0u)};
+    }
+    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
+        const __m512i index = _mm512_loadu_si512((const int16_t*)f[0] + at);
+        const __mmask16 lo = _mm512_movepi32_mask(i_load(f[1] + at)), hi = _mm512_movepi32_mask(i_load(f[1] + at + VW));
+        return {index, _mm512_test_epi16_mask(index, _mm512_set1_epi16(64)),
+                _mm512_test_epi16_mask(index, _mm512_set1_epi16(128)), (__mmask32)lo | ((__mmask32)hi << 16)};
+    }
+    ALWAYS_INLINE Sum zero() { return {i_set1(0), i_set1(0)}; }
+    ALWAYS_INLINE vi widen(__m256i p, const Consts& c) {
+        return c.signed_entries ? _mm512_cvtepi16_epi32(p) : _mm512_cvtepu16_epi32(p);
+    }
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts& c) {
+        const __m512i* r = a.row;
+        const __m512i q0 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 0), b.index, _mm512_loadu_si512(r + 1));
+        const __m512i q1 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 2), b.index, _mm512_loadu_si512(r + 3));
+        const __m512i q2 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 4), b.index, _mm512_loadu_si512(r + 5));
+        const __m512i q3 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 6), b.index, _mm512_loadu_si512(r + 7));
+        const __m512i p = _mm512_mask_blend_epi16(b.bit7, _mm512_mask_blend_epi16(b.bit6, q0, q1),
+                                                  _mm512_mask_blend_epi16(b.bit6, q2, q3));
+        const __mmask32 neg = a.flip ^ b.neg;
+        const vi lo = widen(_mm512_castsi512_si256(p), c), hi = widen(_mm512_extracti64x4_epi64(p, 1), c);
+        const __mmask16 neg_lo = (__mmask16)neg, neg_hi = (__mmask16)(neg >> 16);
+        return {_mm512_mask_sub_epi32(_mm512_mask_add_epi32(acc.lo, (__mmask16)~neg_lo, acc.lo, lo), neg_lo, acc.lo, lo),
+                _mm512_mask_sub_epi32(_mm512_mask_add_epi32(acc.hi, (__mmask16)~neg_hi, acc.hi, hi), neg_hi, acc.hi, hi)};
+    }
+    ALWAYS_INLINE void flush(Out* out, Sum s) {
+        add_lanes(out, s.lo, 1);
+        add_lanes(out + VW, s.hi, 1);
+    }
+};
+#endif
+
 // DRUM-k (SPEC 6): every operand comes as one int32 field, its reduced value with the sign, sign * A' (prepared
 // once per operand), so a product is one exact multiply.  With SPLIT = 0 (up to 12 bits: products below 2^24)
 // the products sum in one int32 block.  Wider operands (products below 2^32) are split on the A side,
@@ -340,6 +396,7 @@ struct SplitSum { vi hi, lo; };
 template <int SPLIT>
 struct DrumMac {
     static const int FIELDS = 1;
+    static const int SPAN = VW;
     typedef int64_t Out;
     typedef typename std::conditional<SPLIT != 0, SplitSum, vi>::type Sum;
     struct Consts {};
@@ -394,6 +451,7 @@ template <class M, int ROWS>
 static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, int64_t at,
                  const double* scale, const typename M::Consts& c) {
     const int64_t K = g.K, step = M::block(g);
+    constexpr int NB = NR / M::SPAN;  // B operands per k (each covers SPAN columns)
     const int64_t* a_col = g.a_col;
     const int32_t* rows[ROWS][3];
     for (int i = 0; i < ROWS; ++i)
@@ -401,20 +459,20 @@ static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const
     typename M::Out acc[ROWS][NR] = {};
     for (int64_t k0 = 0; k0 < K; k0 += step) {
         const int64_t k1 = k0 + step < K ? k0 + step : K;
-        typename M::Sum sum[ROWS][NV];
+        typename M::Sum sum[ROWS][NB];
         for (int i = 0; i < ROWS; ++i)
-            for (int j = 0; j < NV; ++j) sum[i][j] = M::zero();
+            for (int j = 0; j < NB; ++j) sum[i][j] = M::zero();
         for (int64_t k = k0; k < k1; ++k) {
-            typename M::B b[NV];
-            for (int j = 0; j < NV; ++j) b[j] = M::load_b(panel, k * NR + j * VW);
+            typename M::B b[NB];
+            for (int j = 0; j < NB; ++j) b[j] = M::load_b(panel, k * NR + j * M::SPAN);
             const int64_t kc = a_col[k];
             for (int i = 0; i < ROWS; ++i) {
                 const typename M::A a = M::load_a(rows[i], kc, c);
-                for (int j = 0; j < NV; ++j) sum[i][j] = M::mac(sum[i][j], a, b[j], c);
+                for (int j = 0; j < NB; ++j) sum[i][j] = M::mac(sum[i][j], a, b[j], c);
             }
         }
         for (int i = 0; i < ROWS; ++i)
-            for (int j = 0; j < NV; ++j) M::flush(&acc[i][j * VW], sum[i][j]);
+            for (int j = 0; j < NB; ++j) M::flush(&acc[i][j * M::SPAN], sum[i][j]);
     }
     store<M, ROWS>(g, at, scale, acc);
 }
@@ -435,6 +493,14 @@ static void tile_rows(int rows, const GemmArgs& g, int64_t a0, int64_t m0, const
     }
 }
 
+// Bytes of an element of B's field f: 4 (int32 or float), but Table16Mac's indices are int16.
+template <class M>
+static inline int64_t b_bytes(int) { return 4; }
+#if defined(__AVX512BW__)
+template <>
+inline int64_t b_bytes<Table16Mac>(int f) { return f == 0 ? 2 : 4; }
+#endif
+
 // Tiles [begin, end) of G x (Np / NR) x ceil(M / MR), row tiles innermost so a B panel is reused.
 template <class M>
 static void run_tiles(const GemmArgs& g, int64_t begin, int64_t end, int threads) {
@@ -446,7 +512,7 @@ static void run_tiles(const GemmArgs& g, int64_t begin, int64_t end, int threads
         int rows = (int)(g.M - m * MR < MR ? g.M - m * MR : MR);
         int64_t b0 = (grp * nt + n) * g.K * NR;
         const int32_t* panel[3];
-        for (int f = 0; f < M::FIELDS; ++f) panel[f] = (const int32_t*)g.b[f] + b0;
+        for (int f = 0; f < M::FIELDS; ++f) panel[f] = (const int32_t*)((const char*)g.b[f] + b0 * b_bytes<M>(f));
         const double* scale = g.out_scale ? g.out_scale + grp * g.Np + n * NR : nullptr;
         tile_rows<M>(rows, g, grp * g.a_group, m * MR, panel, (grp * g.M + m * MR) * g.Np + n * NR, scale, c);
     }
@@ -531,6 +597,11 @@ int mbm_has_words() { return 1; }  // whether mbm_gemm takes F_MITCHELL_WORDS
 int mbm_has_words() { return 0; }
 #endif
 int mbm_has_openmp() { return HAS_OPENMP; }
+#if defined(__AVX512BW__)
+int mbm_has_table16() { return 1; }  // whether mbm_gemm takes I_TABLE16
+#else
+int mbm_has_table16() { return 0; }
+#endif
 
 // mbm_quantise: quantise_as for the fields ``kind`` (QuantFields) with the scale at ``scale_at``; -1 for an unknown kind.
 int64_t mbm_quantise(const float* x, int64_t n, const float* scale_at, int32_t lo, int32_t hi, int32_t kind,
@@ -570,6 +641,9 @@ int mbm_gemm(const GemmArgs* g, int64_t begin, int64_t end, int threads) {
             return 0;
         case I_MITCHELL_WORDS: run_tiles<IntWordsMac>(*g, begin, end, threads); return 0;
         case I_TABLE: run_tiles<TableMac>(*g, begin, end, threads); return 0;
+#if defined(__AVX512BW__)
+        case I_TABLE16: run_tiles<Table16Mac>(*g, begin, end, threads); return 0;
+#endif
         case F_LMUL: run_tiles<FloatMac<LMUL>>(*g, begin, end, threads); return 0;
         case I_DRUM:
             if (g->c0 == 0) run_tiles<DrumMac<0>>(*g, begin, end, threads);
