@@ -241,6 +241,40 @@ def test_table_gemm_gives_zero_for_zero_operands_whatever_the_table_holds(capabi
     assert torch.equal(cpu_native.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
 
 
+def _random_table(bits: int, low: int, high: int, seed: int, signed: bool = False) -> Multiplier:
+    size = 1 << bits
+    return Multiplier.from_table(torch.randint(low, high, (size, size), generator=torch.Generator().manual_seed(seed)),
+                                 signed=signed)
+
+
+# (table, what it exercises in Table16Mac): entries zero-extended past 2**15, a signed (two's-complement) table's
+# negative entries sign-extended, a narrower table's padded rows; entries past 16 bits stay on the gather kernel
+TABLES_16 = {
+    "unsigned entries up to 2**16 - 1": lambda: _random_table(8, 0, 1 << 16, 1),
+    "signed table, entries -2**15..2**15 - 1": lambda: _random_table(8, -(1 << 15), 1 << 15, 2, signed=True),
+    "5-bit table": lambda: _random_table(5, 0, 1000, 3),
+    "5-bit signed table": lambda: _random_table(5, -500, 500, 4, signed=True),
+    "entries past 16 bits": lambda: _random_table(8, 0, 1 << 20, 5),
+}
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("table", list(TABLES_16))
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 13, 70, 9), (1, 7, 33, 300)])
+def test_tables_in_registers_equal_the_reference(capability, table, shape):
+    """Table16Mac (AVX-512: rows looked up with vpermt2w) gives the gather kernel's sums: N past one 32-column panel
+    and not a multiple of it, zero operands, both signs, every index."""
+    mult, (G, M, N, K) = TABLES_16[table](), shape
+    lo, hi = mult.q_range
+    gen = torch.Generator().manual_seed(G * M + N)
+    qa, qb = torch.randint(lo, hi + 1, (G, M, K), generator=gen), torch.randint(lo, hi + 1, (G, N, K), generator=gen)
+    qa.view(-1)[:3] = torch.tensor([0, lo, hi])[:qa.numel()]
+    packed = cpu_native._int_b(qb, mult, cpu_native.library(capability))
+    in_registers = capability == "AVX512" and table != "entries past 16 bits"
+    assert (packed.mac == cpu_native.MACS["int", "table16"]) == in_registers
+    assert torch.equal(cpu_native.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
+
+
 def test_integer_sums_pass_int32_in_blocks():
     """mbm-int12 products reach 2^24: sums over K = 5000 overflow int32 unless flushed to int64 in blocks."""
     mult = as_multiplier("mbm-int12")
