@@ -241,6 +241,18 @@ def test_table_gemm_gives_zero_for_zero_operands_whatever_the_table_holds(capabi
     assert torch.equal(cpu_native.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
 
 
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("mult", [Multiplier("mbm", 0), Multiplier("mbm", 17), Multiplier("mitchell", 3)],
+                         ids=lambda m: m.name)
+def test_the_one_pass_split_gives_split_operands_bits(capability, mult):
+    """cpu_native.split (the kernels' A operand) is split_operand bit for bit: NaN, infinities, zeros of both signs,
+    subnormals, and the truncated mantissas of t > 0."""
+    x = torch.randn(3, 70001, generator=torch.Generator().manual_seed(5)) * 1e3  # past the threads' threshold
+    x.view(-1)[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e-39, 2.0**-126])
+    got, want = cpu_native.split(x, mult, capability), split_operand(x, mult)
+    assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32)) and torch.equal(got[1], want[1])
+
+
 def _random_table(bits: int, low: int, high: int, seed: int, signed: bool = False) -> Multiplier:
     size = 1 << bits
     return Multiplier.from_table(torch.randint(low, high, (size, size), generator=torch.Generator().manual_seed(seed)),

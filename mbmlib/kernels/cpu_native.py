@@ -34,7 +34,7 @@ from .prepared import prepared
 
 __all__ = ["library", "isa", "gemm", "mitchell_words", "products_stay_normal", "bmm_nt", "bmm_nt_split", "conv2d",
            "BuildError", "supports_int", "drum_split", "int_block", "bmm_nt_int", "conv2d_int", "GemmArgs", "MACS",
-           "specialised_mac", "PackedB", "quantised_operand", "bmm_nt_quant", "conv2d_quant"]
+           "specialised_mac", "PackedB", "split", "quantised_operand", "bmm_nt_quant", "conv2d_quant"]
 
 SOURCE = Path(__file__).with_name("native") / "approx_gemm.cpp"
 ISA_FLAGS = {
@@ -135,6 +135,8 @@ def _library(capability: str) -> ctypes.CDLL:
     i32 = ctypes.c_int32
     lib.mbm_quantise.argtypes = [ptr, i64, ptr, i32, i32, i32, i32, ptr, ptr, ctypes.c_int]
     lib.mbm_quantise.restype = i64
+    lib.mbm_split.argtypes = [ptr, i64, i32, ptr, ptr, ctypes.c_int]
+    lib.mbm_split.restype = None
     return lib
 
 
@@ -298,6 +300,17 @@ def products_stay_normal(range_a: tuple[int, int], range_b: tuple[int, int]) -> 
     return lo_a + lo_b - 127 >= 1 and hi_a + hi_b - 127 + 1 <= 254  # no infinity or NaN (255) passes either
 
 
+def split(x: torch.Tensor, multiplier: Multiplier, capability: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mbmlib.multipliers.floating.split_operand` of a float32 CPU tensor in one C++ pass (the same bits):
+    the kernels' A operand is split on every call, where torch's five elementwise passes cost as much as the MACs
+    of a small layer."""
+    x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    scale, mant = torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape, dtype=torch.int32)
+    library(capability).mbm_split(x.data_ptr(), x.numel(), multiplier.t, scale.data_ptr(), mant.data_ptr(),
+                                  torch.get_num_threads() if x.numel() >= 1 << 16 else 1)
+    return scale, mant
+
+
 def _rows_of(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a_row, a_col) of a contiguous (G, M, K) A: row m at m * K, column k at k."""
     _, M, K = a.shape
@@ -316,8 +329,7 @@ def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier, capability:
     """Approximate ``a @ b.T`` of float32 CPU operands (G, M, K), (G, N, K) -> (G, M, N); ``b`` (a layer's
     weight) is split and packed once per version of it."""
     packed = _prepared_b(b, "gemm", _same, _split_float_b, multiplier, capability)
-    sa, ma = (f.contiguous() for f in split_operand(a, multiplier))
-    return gemm((sa, ma), *_rows_of(a), a.shape[1] * a.shape[2], packed, multiplier, capability)
+    return gemm(split(a, multiplier, capability), *_rows_of(a), a.shape[1] * a.shape[2], packed, multiplier, capability)
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int, multiplier: Multiplier,
@@ -329,7 +341,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, w.shape, stride, padding, dilation)
     packed = _prepared_b(w, ("conv", groups), functools.partial(weight_rows, groups=groups), _split_float_b,
                          multiplier, capability)  # (G, O/G, K) rows, once per version of w
-    res = gemm(split_operand(x_cl, multiplier), a_row, a_col, w.shape[1], packed, multiplier, capability)
+    res = gemm(split(x_cl, multiplier, capability), a_row, a_col, w.shape[1], packed, multiplier, capability)
     return _conv_output(res, x.shape[0], w.shape[0], groups, Ho, Wo)
 
 

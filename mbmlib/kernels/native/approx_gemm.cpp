@@ -518,6 +518,23 @@ static void run_tiles(const GemmArgs& g, int64_t begin, int64_t end, int threads
     }
 }
 
+// ----------------------------------------------------------------------------- float operands split in one pass
+
+// mbmlib.multipliers.floating.split_operand of n floats in one pass: the scale's bits (sign and exponent; +-0 for
+// zeros and subnormals, x itself for NaN) and the 23-bit mantissa field, truncated for t > 0 (its top 23 - t bits
+// kept, the lowest forced to 1).
+extern "C" void mbm_split(const float* x, int64_t n, int32_t t, int32_t* scale, int32_t* mant, int threads) {
+    const uint32_t keep = t > 0 ? ~((1u << t) - 1) : ~0u, force = t > 0 ? 1u << t : 0u;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, x + i, sizeof bits);
+        const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+        scale[i] = (int32_t)(nan ? bits : bits & 0xFF800000u);
+        mant[i] = (int32_t)(((bits & 0x007FFFFFu) & keep) | force);
+    }
+}
+
 // ----------------------------------------------------------------------------- quantisation into operand fields
 
 // What mbm_quantise writes: float(q) split (Q_FLOAT, FloorMac), IntWordsMac's A word (Q_WORDS), a table's sign
