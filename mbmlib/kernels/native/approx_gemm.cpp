@@ -548,7 +548,7 @@ static inline void write_fields(float q, int32_t param, int32_t* f0, int32_t* f1
     std::memcpy(&bits, &q, sizeof bits);
     const int32_t iq = (int32_t)q, mag = iq < 0 ? -iq : iq;
     if (KIND == Q_FLOAT) {
-        f0[i] = (int32_t)(bits & 0xFF800000u);
+        f0[i] = q == 0.0f ? 0 : (int32_t)(bits & 0xFF800000u);  // -0.0 (rint of a small negative) is the integer 0
         f1[i] = (int32_t)(bits & 0x007FFFFFu);
     } else if (KIND == Q_WORDS) {
         f0[i] = q == 0.0f ? INT_ZERO_A : (int32_t)(bits - (uint32_t)ONE_BITS);
