@@ -107,8 +107,11 @@ def _approx_call(kind: str, x: torch.Tensor, w: torch.Tensor, padding: int, mult
 
     Integer and table multipliers run the quantised layer with scales fixed beforehand (max-abs of the
     input, per output channel for the weights; attention's two activations one max-abs scale each), so the
-    timing holds what a calibrated layer does.
+    timing holds what a calibrated layer does.  Each call gets its own copy of the weight, as each layer has
+    its own: what a design prepares from it once (:mod:`mbmlib.kernels.prepared`, a few entries per tensor)
+    is not evicted by the other designs timed in the same rounds.
     """
+    w = w.clone()
     if not mult.is_integer:
         op = {"conv": AF.conv2d, "linear": AF.linear, "gemm": AF.matmul, "attention": AF.matmul}[kind]
         extra = {"padding": padding} if kind == "conv" else {}
