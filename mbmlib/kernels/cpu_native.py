@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..cache import cache_dir
 from ..multipliers.designs import MAC_IDS, drum_reduced, lmul_constants
-from ..multipliers.floating import split_operand
+from ..multipliers.floating import SIGN_EXP_MASK as SIGN_EXP, split_operand
 from ..multipliers.integer import int_fields
 from ..multipliers.specs import Multiplier
 from .lowering import output_size, weight_rows
@@ -69,7 +69,7 @@ class GemmArgs(ctypes.Structure):
 # The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
 MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2, ("int", "mitchell"): 3,
         ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6, ("int", "drum"): 7, ("int", "words"): 8,
-        ("int", "table16"): 9}
+        ("int", "table16"): 9, ("int", "mbm_fold"): 10}
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> None:
@@ -133,7 +133,7 @@ def _library(capability: str) -> ctypes.CDLL:
     lib.mbm_tiles.argtypes = [i64, i64]
     lib.mbm_tiles.restype = i64
     i32 = ctypes.c_int32
-    lib.mbm_quantise.argtypes = [ptr, i64, ptr, i32, i32, i32, i32, ptr, ptr, ctypes.c_int]
+    lib.mbm_quantise.argtypes = [ptr, i64, ptr, i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_int]
     lib.mbm_quantise.restype = i64
     lib.mbm_split.argtypes = [ptr, i64, i32, ptr, ptr, ctypes.c_int]
     lib.mbm_split.restype = None
@@ -417,12 +417,8 @@ def _kernel_table(multiplier: Multiplier) -> torch.Tensor:
 
 
 INT_ZERO_WORDS = {"a": -(40 << 23), "b": 80 << 23}  # IntWordsMac's words of a zero operand (approx_gemm.cpp)
-_QUANT_FIELDS = {"mbm": 0, "mitchell": 1, "table": 2, "signed table": 3, "drum": 4}  # enum QuantFields
-
-
-def _int_mac(multiplier: Multiplier) -> int:
-    """The kernel's MAC of an integer multiplier: integer Mitchell runs in the bit domain (IntWordsMac)."""
-    return MACS["int", "words" if multiplier.mac == "mitchell" else specialised_mac(multiplier)]
+_QUANT_FIELDS = {"mbm": 0, "mitchell": 1, "table": 2, "signed table": 3, "drum": 4, "mbm_fold": 5}  # QuantFields
+FOLDED_ZERO = 2.0**-100  # FoldMac's stand-in for the operand 0 (approx_gemm.cpp)
 
 
 @functools.lru_cache(maxsize=16)
@@ -447,10 +443,24 @@ def _table16(multiplier: Multiplier, lib) -> bool:
     return multiplier.kind == "table" and bool(lib.mbm_has_table16()) and _kernel_table16(multiplier) is not None
 
 
-def _int_operand(q: torch.Tensor, multiplier: Multiplier, side: str) -> tuple[torch.Tensor, ...]:
-    """The fields of sign-magnitude integers as the kernel's integer MACs read them on ``side`` ("a" or "b") of
-    the GEMM: MBM the float fields of float(q); Mitchell its words; tables (sign mask 0/-1, magnitude), a signed
-    table (0, q mod 2**n); DRUM its signed reduced operand.  :func:`quantised_operand` writes the same for A."""
+def _int_mac(multiplier: Multiplier, lib) -> int:
+    """The kernel's MAC of an integer multiplier: integer Mitchell runs in the bit domain (IntWordsMac), one-addend
+    MBM with A's scale folded into its word where the build has it (FoldMac), tables in registers where their
+    entries fit 16 bits (Table16Mac)."""
+    if multiplier.mac == "mitchell":
+        return MACS["int", "words"]
+    if multiplier.mac == "mbm" and lib.mbm_has_words() and 2 * multiplier.corrections[1] == multiplier.corrections[0]:
+        return MACS["int", "mbm_fold"]
+    if _table16(multiplier, lib):
+        return MACS["int", "table16"]
+    return MACS["int", specialised_mac(multiplier)]
+
+
+def _int_operand(q: torch.Tensor, multiplier: Multiplier, side: str, mac: int) -> tuple[torch.Tensor, ...]:
+    """The fields of sign-magnitude integers as the MAC ``mac`` reads them on ``side`` ("a" or "b") of the GEMM:
+    MBM the float fields of float(q) (FoldMac's A: :func:`_folded`); Mitchell its words; tables (sign mask 0/-1,
+    magnitude), a signed table (0, q mod 2**n); DRUM its signed reduced operand.  :func:`quantised_operand`
+    writes the same for A."""
     if multiplier.mac == "drum":
         return (drum_reduced(q, multiplier.param).to(torch.int32),)
     q = q.to(torch.int32)
@@ -462,41 +472,56 @@ def _int_operand(q: torch.Tensor, multiplier: Multiplier, side: str) -> tuple[to
     if multiplier.mac == "mitchell":
         word = qf.view(torch.int32) - (_ONE_BITS if side == "a" else 0)
         return (torch.where(q == 0, INT_ZERO_WORDS[side], word),)
+    if side == "a" and mac == MACS["int", "mbm_fold"]:
+        return _folded(torch.where(q == 0, FOLDED_ZERO, qf), multiplier.corrections[0])
     return split_operand(qf, multiplier)
 
 
-def _quant_fields(multiplier: Multiplier) -> tuple[int, int, int]:
-    """(the QuantFields kind, its parameter, how many fields) that :func:`quantised_operand` writes."""
+def _folded(v: torch.Tensor, c0: int) -> tuple[torch.Tensor, ...]:
+    """FoldMac's A fields of the floats ``v``: their bits, the corner test's bound ``sign_exp + 2**24 - c0 / 2``
+    and the correction ``sign * 2**k * c0 / 2**23``."""
+    bits = v.view(torch.int32)
+    sign_exp = bits & SIGN_EXP
+    return bits, sign_exp + (2 << 23) - c0 // 2, sign_exp.view(torch.float32) * (c0 / 2**23)
+
+
+def _quant_fields(multiplier: Multiplier, mac: int) -> tuple[int, int, int]:
+    """(the QuantFields kind, its parameter, how many fields) that :func:`quantised_operand` writes for ``mac``."""
     if multiplier.kind == "table":
         return _QUANT_FIELDS["signed table" if multiplier.signed else "table"], multiplier.bits, 2
+    if mac == MACS["int", "mbm_fold"]:
+        return _QUANT_FIELDS["mbm_fold"], multiplier.corrections[0], 3
     kind = _QUANT_FIELDS[multiplier.mac]
     return kind, multiplier.param if multiplier.mac == "drum" else 0, 2 if multiplier.mac == "mbm" else 1
 
 
-def quantised_operand(x: torch.Tensor, scale: torch.Tensor, multiplier: Multiplier,
+def quantised_operand(x: torch.Tensor, scale: torch.Tensor, multiplier: Multiplier, mac: int,
                       capability: str | None = None) -> tuple[tuple[torch.Tensor, ...], int]:
-    """A's fields (:func:`_int_operand`) of ``x`` quantised as :func:`mbmlib.quant.quantise` does (``clamp(round(
-    x / scale))``, NaN 0; ``scale`` one float32 value, read by the kernel), in one pass with no integer tensor
-    between; and how many elements of ``x`` are not finite (their outputs are the caller's to make NaN)."""
+    """A's fields for ``mac`` (:func:`_int_operand`) of ``x`` quantised as :func:`mbmlib.quant.quantise` does
+    (``clamp(round(x / scale))``, NaN 0; ``scale`` one float32 value, read by the kernel), in one pass with no
+    integer tensor between; and how many elements of ``x`` are not finite (their outputs are the caller's to make
+    NaN)."""
     x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
     scale = scale.to(torch.float32).contiguous()
-    kind, param, count = _quant_fields(multiplier)
+    kind, param, count = _quant_fields(multiplier, mac)
     fields = tuple(torch.empty(x.shape, dtype=torch.int32) for _ in range(count))
     lo, hi = multiplier.q_range
     threads = torch.get_num_threads() if x.numel() >= 1 << 16 else 1
     bad = library(capability).mbm_quantise(x.data_ptr(), x.numel(), scale.data_ptr(), lo, hi, kind, param,
-                                           fields[0].data_ptr(), fields[-1].data_ptr(), threads)
+                                           fields[0].data_ptr(), fields[min(1, count - 1)].data_ptr(),
+                                           fields[-1].data_ptr(), threads)
     return fields, int(bad)
 
 
 def _int_b(qb: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
     """(G, N, K) integer B as the integer MACs read it (:func:`_int_operand`), in K-major panels; a table on
     Table16Mac its magnitudes (indices) as int16 and its sign masks."""
-    fields = _int_operand(qb, multiplier, "b")
-    if _table16(multiplier, lib):
+    mac = _int_mac(multiplier, lib)
+    fields = _int_operand(qb, multiplier, "b", mac)
+    if mac == MACS["int", "table16"]:
         sign, index = fields
-        return PackedB(_pack((index.to(torch.int16), sign), lib.mbm_tile_cols()), qb.shape[1], MACS["int", "table16"])
-    return PackedB(_pack(fields, lib.mbm_tile_cols()), qb.shape[1], _int_mac(multiplier))
+        fields = (index.to(torch.int16), sign)
+    return PackedB(_pack(fields, lib.mbm_tile_cols()), qb.shape[1], mac)
 
 
 def _gemm_int(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b: PackedB,
@@ -522,8 +547,8 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
     Each term is ``sign * P(|a|, |b|)`` as :func:`mbmlib.multipliers.integer.int_products` gives it; ``multiplier``
     must pass :func:`supports_int`.
     """
-    a = [f.contiguous() for f in _int_operand(qa, multiplier, "a")]
     packed = _prepared_b(qb, "gemm", _same, _int_b, multiplier, capability)  # once per quantised weight
+    a = [f.contiguous() for f in _int_operand(qa, multiplier, "a", packed.mac)]
     return _gemm_int(a, *_rows_of(qa), qa.shape[1] * qa.shape[2], packed, multiplier, capability)
 
 
@@ -535,9 +560,9 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
     read from them in place; same products and exact sums as im2col + :func:`bmm_nt_int`.
     """
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(qx, qw.shape, stride, padding, dilation)
-    a = [f.contiguous() for f in _int_operand(x_cl, multiplier, "a")]  # padding is 0: a zero operand
     packed = _prepared_b(qw, ("conv", groups), functools.partial(weight_rows, groups=groups), _int_b, multiplier,
                          capability)
+    a = [f.contiguous() for f in _int_operand(x_cl, multiplier, "a", packed.mac)]  # padding is 0: a zero operand
     res = _gemm_int(a, a_row, a_col, qw.shape[1], packed, multiplier, capability)
     return _conv_output(res, qx.shape[0], qw.shape[0], groups, Ho, Wo)
 
@@ -547,8 +572,8 @@ def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, qb: torch.Tensor, b_sca
     """Quantised ``a @ qb.T`` from float ``a`` (G, M, K), quantised in the kernel's operand pass with the one scale
     ``a_scale``, and integer ``qb`` (G, N, K) with scales ``b_scale`` (N,): ((G, M, N) float32 ``sums * a_scale *
     b_scale`` rounded once, as the unfused float64 path gives them; how many elements of ``a`` are not finite)."""
-    fields, bad = quantised_operand(a, a_scale, multiplier, capability)
     packed = _prepared_b(qb, "gemm", _same, _int_b, multiplier, capability)
+    fields, bad = quantised_operand(a, a_scale, multiplier, packed.mac, capability)
     scale = a_scale.double() * b_scale.double()
     return _gemm_int(fields, *_rows_of(a), a.shape[1] * a.shape[2], packed, multiplier, capability, scale), bad
 
@@ -559,9 +584,9 @@ def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_sca
     and integer ``qw`` (O, C/groups, kh, kw) with scales ``w_scale`` (O,): ((B, O, Ho, Wo) float32 ``sums *
     x_scale * w_scale``; how many elements of ``x`` are not finite).  Padding is the operand 0."""
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, qw.shape, stride, padding, dilation)
-    fields, bad = quantised_operand(x_cl, x_scale, multiplier, capability)
     packed = _prepared_b(qw, ("conv", groups), functools.partial(weight_rows, groups=groups), _int_b, multiplier,
                          capability)
+    fields, bad = quantised_operand(x_cl, x_scale, multiplier, packed.mac, capability)
     scale = (x_scale.double() * w_scale.double()).view(groups, -1)
     res = _gemm_int(fields, a_row, a_col, qw.shape[1], packed, multiplier, capability, scale)
     return _conv_output(res, x.shape[0], qw.shape[0], groups, Ho, Wo), bad

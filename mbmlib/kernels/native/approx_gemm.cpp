@@ -129,7 +129,7 @@ static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BIT
 
 // The MACs (GemmArgs.mac).  Float MACs sum in float32, integer ones exactly (int32 blocks, int64 output).
 enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MITCHELL = 3, I_MBM = 4, I_TABLE = 5, F_LMUL = 6,
-           I_DRUM = 7, I_MITCHELL_WORDS = 8, I_TABLE16 = 9 };
+           I_DRUM = 7, I_MITCHELL_WORDS = 8, I_TABLE16 = 9, I_MBM_FOLD = 10 };
 
 // Mirrors cpu_native.GemmArgs (ctypes).  A: element (g, m, k) of field f at a[f] + g * a_group + a_row[m]
 // + a_col[k] (a plain row-major A has a_row[m] = m * K, a_col[k] = k; im2col patches read straight from a
@@ -285,6 +285,41 @@ struct FloorMac : FloatMac<KIND> {
     }
     ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
 };
+
+#if defined(__AVX512F__)
+// Integer MBM with A's sign and scale folded into its word (one-addend MBM, c1 = c0 / 2; AVX-512).  A's fields:
+// bits(float(a)) (sign, 2^ka and mantissa field at once), FloatConsts' corner plus A's sign and exponent bits,
+// and the correction sign * 2^ka * c0 / 2^23 as a float.  A's word plus B's mantissa field is the bits of
+// sign * 2^ka times FloatMac's sb, so the unsigned compare with A's corner is FloatMac's corner test and the
+// masked add (toward zero at any scale) gives its corrected significand already scaled by A; one multiply by
+// B's scale and the truncation give the product: six operations, as many as the float MAC.  A zero is
+// folded as 2^-100 (the quantiser and the loader write it so): every product with it is below 1, truncated to 0.
+struct FoldMac {
+    static const int FIELDS = 3;
+    static const int SPAN = VW;
+    typedef int64_t Out;
+    typedef vi Sum;
+    struct Consts {};
+    struct A { vi m, corner; vf corr; };
+    struct B { vf s; vi m; };
+    static Consts consts(const GemmArgs&) { return {}; }
+    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
+    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts&) {
+        return {i_set1(f[0][k]), i_set1(f[1][k]), f_set1(((const float*)f[2])[k])};
+    }
+    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
+        return {f_load((const float*)f[0] + at), i_load(f[1] + at)};
+    }
+    ALWAYS_INLINE Sum zero() { return i_set1(0); }
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
+        const vi sb = i_add(a.m, b.m);
+        const vf sig = _mm512_mask_add_round_ps(as_f(sb), _mm512_cmplt_epu32_mask(sb, a.corner), as_f(sb), a.corr,
+                                                _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        return i_add(acc, i_trunc(f_mul(sig, b.s)));
+    }
+    ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
+};
+#endif
 
 // Integer Mitchell in the bit domain (every ISA): A's word bits(float(a)) - bits(1.0f), B's bits(float(b)); their
 // sum is the bits of the float Mitchell product (WordsMac's rule; integer exponents never leave the normal
@@ -538,16 +573,28 @@ extern "C" void mbm_split(const float* x, int64_t n, int32_t t, int32_t* scale, 
 // ----------------------------------------------------------------------------- quantisation into operand fields
 
 // What mbm_quantise writes: float(q) split (Q_FLOAT, FloorMac), IntWordsMac's A word (Q_WORDS), a table's sign
-// mask and |q| (Q_TABLE) or 0 and q mod 2^param (Q_SIGNED_TABLE), DRUM-param's signed reduced operand (Q_DRUM).
-enum QuantFields { Q_FLOAT = 0, Q_WORDS = 1, Q_TABLE = 2, Q_SIGNED_TABLE = 3, Q_DRUM = 4 };
+// mask and |q| (Q_TABLE) or 0 and q mod 2^param (Q_SIGNED_TABLE), DRUM-param's signed reduced operand (Q_DRUM),
+// FoldMac's A fields for MBM's correction c0 = param (Q_FOLD).
+enum QuantFields { Q_FLOAT = 0, Q_WORDS = 1, Q_TABLE = 2, Q_SIGNED_TABLE = 3, Q_DRUM = 4, Q_FOLD = 5 };
+static const float FOLDED_ZERO = 0x1p-100f;  // FoldMac's stand-in for the operand 0
 
 // The fields of one quantised value q (an integer-valued float, maybe -0.0) at f0[i] (and f1[i]).
 template <int KIND>
-static inline void write_fields(float q, int32_t param, int32_t* f0, int32_t* f1, int64_t i) {
+static inline void write_fields(float q, int32_t param, int32_t* f0, int32_t* f1, int32_t* f2, int64_t i) {
     uint32_t bits;
     std::memcpy(&bits, &q, sizeof bits);
     const int32_t iq = (int32_t)q, mag = iq < 0 ? -iq : iq;
-    if (KIND == Q_FLOAT) {
+    if (KIND == Q_FOLD) {
+        const float v = q == 0.0f ? FOLDED_ZERO : q;
+        std::memcpy(&bits, &v, sizeof bits);
+        const uint32_t sign_exp = bits & 0xFF800000u;
+        float scale;
+        std::memcpy(&scale, &sign_exp, sizeof scale);
+        const float corr = scale * ((float)param / (float)ONE);
+        f0[i] = (int32_t)bits;
+        f1[i] = (int32_t)(sign_exp + 2u * ONE - (uint32_t)(param / 2));
+        std::memcpy(f2 + i, &corr, sizeof corr);
+    } else if (KIND == Q_FLOAT) {
         f0[i] = q == 0.0f ? 0 : (int32_t)(bits & 0xFF800000u);  // -0.0 (rint of a small negative) is the integer 0
         f1[i] = (int32_t)(bits & 0x007FFFFFu);
     } else if (KIND == Q_WORDS) {
@@ -569,7 +616,7 @@ static inline void write_fields(float q, int32_t param, int32_t* f0, int32_t* f1
 // were not finite.  The same q as mbmlib.quant.quantise, with no integer tensor and no second pass between.
 template <int KIND>
 static int64_t quantise_as(const float* x, int64_t n, float scale, int32_t lo, int32_t hi, int32_t param, int32_t* f0,
-                           int32_t* f1, int threads) {
+                           int32_t* f1, int32_t* f2, int threads) {
     int64_t bad = 0;
     const float flo = (float)lo, fhi = (float)hi;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : bad) if (threads > 1)
@@ -579,7 +626,7 @@ static int64_t quantise_as(const float* x, int64_t n, float scale, int32_t lo, i
         float q = __builtin_rintf(v / scale);
         q = q < flo ? flo : q;
         q = q > fhi ? fhi : q;
-        write_fields<KIND>(q == q ? q : 0.0f, param, f0, f1, i);
+        write_fields<KIND>(q == q ? q : 0.0f, param, f0, f1, f2, i);
     }
     return bad;
 }
@@ -609,7 +656,7 @@ void mbm_mitchell_words(const float* scale, const int32_t* mant, int32_t* out, i
     range[1] = hi;
 }
 #if defined(__AVX512F__)
-int mbm_has_words() { return 1; }  // whether mbm_gemm takes F_MITCHELL_WORDS
+int mbm_has_words() { return 1; }  // whether mbm_gemm takes F_MITCHELL_WORDS (and I_MBM_FOLD)
 #else
 int mbm_has_words() { return 0; }
 #endif
@@ -622,14 +669,15 @@ int mbm_has_table16() { return 0; }
 
 // mbm_quantise: quantise_as for the fields ``kind`` (QuantFields) with the scale at ``scale_at``; -1 for an unknown kind.
 int64_t mbm_quantise(const float* x, int64_t n, const float* scale_at, int32_t lo, int32_t hi, int32_t kind,
-                     int32_t param, int32_t* f0, int32_t* f1, int threads) {
+                     int32_t param, int32_t* f0, int32_t* f1, int32_t* f2, int threads) {
     const float scale = *scale_at;  // read here: the caller's scale tensor, no device synchronisation to fetch it
     switch (kind) {
-        case Q_FLOAT: return quantise_as<Q_FLOAT>(x, n, scale, lo, hi, param, f0, f1, threads);
-        case Q_WORDS: return quantise_as<Q_WORDS>(x, n, scale, lo, hi, param, f0, f1, threads);
-        case Q_TABLE: return quantise_as<Q_TABLE>(x, n, scale, lo, hi, param, f0, f1, threads);
-        case Q_SIGNED_TABLE: return quantise_as<Q_SIGNED_TABLE>(x, n, scale, lo, hi, param, f0, f1, threads);
-        case Q_DRUM: return quantise_as<Q_DRUM>(x, n, scale, lo, hi, param, f0, f1, threads);
+        case Q_FLOAT: return quantise_as<Q_FLOAT>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
+        case Q_WORDS: return quantise_as<Q_WORDS>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
+        case Q_TABLE: return quantise_as<Q_TABLE>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
+        case Q_SIGNED_TABLE: return quantise_as<Q_SIGNED_TABLE>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
+        case Q_DRUM: return quantise_as<Q_DRUM>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
+        case Q_FOLD: return quantise_as<Q_FOLD>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
         default: return -1;
     }
 }
@@ -660,6 +708,9 @@ int mbm_gemm(const GemmArgs* g, int64_t begin, int64_t end, int threads) {
         case I_TABLE: run_tiles<TableMac>(*g, begin, end, threads); return 0;
 #if defined(__AVX512BW__)
         case I_TABLE16: run_tiles<Table16Mac>(*g, begin, end, threads); return 0;
+#endif
+#if defined(__AVX512F__)
+        case I_MBM_FOLD: run_tiles<FoldMac>(*g, begin, end, threads); return 0;
 #endif
         case F_LMUL: run_tiles<FloatMac<LMUL>>(*g, begin, end, threads); return 0;
         case I_DRUM:
