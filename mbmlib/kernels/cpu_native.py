@@ -130,8 +130,10 @@ def _library(capability: str) -> ctypes.CDLL:
     lib.mbm_has_table16.restype = ctypes.c_int
     lib.mbm_mitchell_words.argtypes = [ptr] * 3 + [i64, ctypes.c_int32, ptr, ctypes.c_int]
     lib.mbm_mitchell_words.restype = None
-    lib.mbm_tiles.argtypes = [i64, i64]
+    lib.mbm_tiles.argtypes = [ctypes.c_int, i64, i64]
     lib.mbm_tiles.restype = i64
+    lib.mbm_tile_cols.argtypes = [ctypes.c_int]
+    lib.mbm_tile_cols.restype = i64
     i32 = ctypes.c_int32
     lib.mbm_quantise.argtypes = [ptr, i64, ptr, i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_int]
     lib.mbm_quantise.restype = i64
@@ -212,7 +214,7 @@ def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panel
                     a_group, (ctypes.c_void_p * 3)(*(f.data_ptr() for f in panels)), out.data_ptr(), M, Np, K, mac,
                     c0, c1, None if table is None else table.data_ptr(), multiplier.bits or 0, kblock,
                     None if out_scale is None else out_scale.data_ptr())
-    tiles, macs = G * lib.mbm_tiles(M, Np), G * M * N * K
+    tiles, macs = G * lib.mbm_tiles(mac, M, Np), G * M * N * K
     workers = min(tiles, torch.get_num_threads()) if macs >= _MIN_PARALLEL_MACS else 1
     if workers <= 1 or lib.mbm_has_openmp():
         codes = [lib.mbm_gemm(ctypes.byref(args), 0, tiles, workers)]
@@ -240,12 +242,13 @@ def float_b(sb: torch.Tensor, mb: torch.Tensor, multiplier: Multiplier, lib) -> 
     where the build has the bit-domain Mitchell kernel, Mitchell's words, all in K-major panels."""
     if multiplier.mac == "lmul":
         mb = mb & lmul_constants(multiplier.param)[0]
-    panels = _pack((sb, mb), lib.mbm_tile_cols())
+    mac = MACS["float", specialised_mac(multiplier)]
+    panels = _pack((sb, mb), lib.mbm_tile_cols(mac))
     words = None
     if multiplier.mac == "mitchell" and lib.mbm_has_words():  # elementwise: the panels' words are packed words
         b_words, *range_b = mitchell_words(*panels, 0, lib)
         words = ((b_words,), tuple(range_b))
-    return PackedB(panels, sb.shape[1], MACS["float", specialised_mac(multiplier)], words)
+    return PackedB(panels, sb.shape[1], mac, words)
 
 
 def _split_float_b(b: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
@@ -521,7 +524,7 @@ def _int_b(qb: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
     if mac == MACS["int", "table16"]:
         sign, index = fields
         fields = (index.to(torch.int16), sign)
-    return PackedB(_pack(fields, lib.mbm_tile_cols()), qb.shape[1], mac)
+    return PackedB(_pack(fields, lib.mbm_tile_cols(mac)), qb.shape[1], mac)
 
 
 def _gemm_int(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b: PackedB,

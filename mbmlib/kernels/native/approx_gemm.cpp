@@ -421,6 +421,19 @@ struct Table16Mac {
 };
 #endif
 
+// A MAC's tile: MR rows x NR columns; Table16Mac's is 4 x 2 NR (a table row, read once per element of A, then
+// serves 64 columns: half the row reads per product; 16 int32 sums still fit the registers).
+template <class M>
+struct Shape {
+    static const int rows = MR, cols = NR;
+};
+#if defined(__AVX512BW__)
+template <>
+struct Shape<Table16Mac> {
+    static const int rows = 4, cols = 2 * NR;
+};
+#endif
+
 // DRUM-k (SPEC 6): every operand comes as one int32 field, its reduced value with the sign, sign * A' (prepared
 // once per operand), so a product is one exact multiply.  With SPLIT = 0 (up to 12 bits: products below 2^24)
 // the products sum in one int32 block.  Wider operands (products below 2^32) are split on the A side,
@@ -469,10 +482,11 @@ struct DrumMac {
 // MAC given out_scale, as float32 sum * scale[n] rounded once from float64 (the quantised layers' dequantisation,
 // the same rounding as (float64 sum * float64 scale).float()).
 template <class M, int ROWS>
-static void store(const GemmArgs& g, int64_t at, const double* scale, const typename M::Out (&acc)[ROWS][NR]) {
+static void store(const GemmArgs& g, int64_t at, const double* scale,
+                  const typename M::Out (&acc)[ROWS][Shape<M>::cols]) {
     const int64_t ldo = g.Np;
     for (int i = 0; i < ROWS; ++i)
-        for (int n = 0; n < NR; ++n) {
+        for (int n = 0; n < Shape<M>::cols; ++n) {
             if (std::is_same<typename M::Out, int64_t>::value && scale != nullptr)
                 ((float*)g.out)[at + i * ldo + n] = (float)((double)acc[i][n] * scale[n]);
             else
@@ -480,18 +494,18 @@ static void store(const GemmArgs& g, int64_t at, const double* scale, const type
         }
 }
 
-// One ROWS x NR tile (ROWS <= MR) of rows m0.. of A (group offset a0) against B's panels at ``panel``, stored at
+// One ROWS x cols tile (ROWS <= Shape<M>::rows) of rows m0.. of A (group offset a0) against B's panels at ``panel``, stored at
 // output element ``at`` (``scale``: its columns' out_scale, or null).
 template <class M, int ROWS>
 static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, int64_t at,
                  const double* scale, const typename M::Consts& c) {
     const int64_t K = g.K, step = M::block(g);
-    constexpr int NB = NR / M::SPAN;  // B operands per k (each covers SPAN columns)
+    constexpr int NC = Shape<M>::cols, NB = NC / M::SPAN;  // B operands per k (each covers SPAN columns)
     const int64_t* a_col = g.a_col;
     const int32_t* rows[ROWS][3];
     for (int i = 0; i < ROWS; ++i)
         for (int f = 0; f < M::FIELDS; ++f) rows[i][f] = (const int32_t*)g.a[f] + a0 + g.a_row[m0 + i];
-    typename M::Out acc[ROWS][NR] = {};
+    typename M::Out acc[ROWS][NC] = {};
     for (int64_t k0 = 0; k0 < K; k0 += step) {
         const int64_t k1 = k0 + step < K ? k0 + step : K;
         typename M::Sum sum[ROWS][NB];
@@ -499,7 +513,7 @@ static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const
             for (int j = 0; j < NB; ++j) sum[i][j] = M::zero();
         for (int64_t k = k0; k < k1; ++k) {
             typename M::B b[NB];
-            for (int j = 0; j < NB; ++j) b[j] = M::load_b(panel, k * NR + j * M::SPAN);
+            for (int j = 0; j < NB; ++j) b[j] = M::load_b(panel, k * NC + j * M::SPAN);
             const int64_t kc = a_col[k];
             for (int i = 0; i < ROWS; ++i) {
                 const typename M::A a = M::load_a(rows[i], kc, c);
@@ -516,15 +530,14 @@ static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const
 template <class M>
 static void tile_rows(int rows, const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, int64_t at,
                       const double* scale, const typename M::Consts& c) {
+    constexpr int full = Shape<M>::rows;
+    if (rows >= full) return tile<M, full>(g, a0, m0, panel, at, scale, c);
     switch (rows) {
         case 1: tile<M, 1>(g, a0, m0, panel, at, scale, c); break;
-        case 2: tile<M, 2>(g, a0, m0, panel, at, scale, c); break;
-        case 3: tile<M, 3>(g, a0, m0, panel, at, scale, c); break;
-#if MR > 4
-        case 4: tile<M, 4>(g, a0, m0, panel, at, scale, c); break;
-        case 5: tile<M, 5>(g, a0, m0, panel, at, scale, c); break;
-#endif
-        default: tile<M, MR>(g, a0, m0, panel, at, scale, c);
+        case 2: tile<M, 2 < full ? 2 : 1>(g, a0, m0, panel, at, scale, c); break;
+        case 3: tile<M, 3 < full ? 3 : 1>(g, a0, m0, panel, at, scale, c); break;
+        case 4: tile<M, 4 < full ? 4 : 1>(g, a0, m0, panel, at, scale, c); break;
+        default: tile<M, 5 < full ? 5 : 1>(g, a0, m0, panel, at, scale, c);
     }
 }
 
@@ -536,20 +549,20 @@ template <>
 inline int64_t b_bytes<Table16Mac>(int f) { return f == 0 ? 2 : 4; }
 #endif
 
-// Tiles [begin, end) of G x (Np / NR) x ceil(M / MR), row tiles innermost so a B panel is reused.
+// Tiles [begin, end) of G x (Np / cols) x ceil(M / rows) (the MAC's Shape), row tiles innermost so a B panel is reused.
 template <class M>
 static void run_tiles(const GemmArgs& g, int64_t begin, int64_t end, int threads) {
     const typename M::Consts c = M::consts(g);
-    const int64_t mt = (g.M + MR - 1) / MR, nt = g.Np / NR;
+    const int64_t R = Shape<M>::rows, C = Shape<M>::cols, mt = (g.M + R - 1) / R, nt = g.Np / C;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t t = begin; t < end; ++t) {
         int64_t m = t % mt, n = (t / mt) % nt, grp = t / (mt * nt);
-        int rows = (int)(g.M - m * MR < MR ? g.M - m * MR : MR);
-        int64_t b0 = (grp * nt + n) * g.K * NR;
+        int rows = (int)(g.M - m * R < R ? g.M - m * R : R);
+        int64_t b0 = (grp * nt + n) * g.K * C;
         const int32_t* panel[3];
         for (int f = 0; f < M::FIELDS; ++f) panel[f] = (const int32_t*)((const char*)g.b[f] + b0 * b_bytes<M>(f));
-        const double* scale = g.out_scale ? g.out_scale + grp * g.Np + n * NR : nullptr;
-        tile_rows<M>(rows, g, grp * g.a_group, m * MR, panel, (grp * g.M + m * MR) * g.Np + n * NR, scale, c);
+        const double* scale = g.out_scale ? g.out_scale + grp * g.Np + n * C : nullptr;
+        tile_rows<M>(rows, g, grp * g.a_group, m * R, panel, (grp * g.M + m * R) * g.Np + n * C, scale, c);
     }
 }
 
@@ -681,11 +694,33 @@ int64_t mbm_quantise(const float* x, int64_t n, const float* scale_at, int32_t l
         default: return -1;
     }
 }
-int mbm_tile_cols() { return NR; }
+// The tile (rows, columns) of the MAC ``mac`` (its Shape): B's panels are that many columns wide.
+static void mac_shape(int mac, int64_t* rows, int64_t* cols) {
+#if defined(__AVX512BW__)
+    if (mac == I_TABLE16) {
+        *rows = Shape<Table16Mac>::rows;
+        *cols = Shape<Table16Mac>::cols;
+        return;
+    }
+#endif
+    (void)mac;
+    *rows = MR;
+    *cols = NR;
+}
+
+int64_t mbm_tile_cols(int mac) {
+    int64_t rows, cols;
+    mac_shape(mac, &rows, &cols);
+    return cols;
+}
 int64_t mbm_args_size() { return (int64_t)sizeof(GemmArgs); }  // the loader checks its ctypes mirror against it
 
-// Number of tiles for M rows and Np columns per group.
-int64_t mbm_tiles(int64_t M, int64_t Np) { return ((M + MR - 1) / MR) * (Np / NR); }
+// Number of tiles of the MAC ``mac`` for M rows and Np columns per group.
+int64_t mbm_tiles(int mac, int64_t M, int64_t Np) {
+    int64_t rows, cols;
+    mac_shape(mac, &rows, &cols);
+    return ((M + rows - 1) / rows) * (Np / cols);
+}
 
 // Tiles [begin, end) of the GEMM ``g`` describes, by its MAC; with OpenMP, ``threads`` split the range.
 // Returns 0, or -1 for a MAC this build does not have.
