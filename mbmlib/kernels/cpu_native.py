@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..cache import cache_dir
 from ..multipliers.designs import MAC_IDS, drum_reduced, lmul_constants
-from ..multipliers.floating import SIGN_EXP_MASK as SIGN_EXP, split_operand
+from ..multipliers.floating import SIGN_EXP_MASK as SIGN_EXP
 from ..multipliers.integer import int_fields
 from ..multipliers.specs import Multiplier
 from .lowering import output_size, weight_rows
@@ -252,7 +252,7 @@ def float_b(sb: torch.Tensor, mb: torch.Tensor, multiplier: Multiplier, lib) -> 
 
 
 def _split_float_b(b: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
-    return float_b(*split_operand(b, multiplier), multiplier, lib)
+    return float_b(*split(b, multiplier, lib=lib), multiplier, lib)
 
 
 def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col: torch.Tensor, a_group: int,
@@ -303,14 +303,15 @@ def products_stay_normal(range_a: tuple[int, int], range_b: tuple[int, int]) -> 
     return lo_a + lo_b - 127 >= 1 and hi_a + hi_b - 127 + 1 <= 254  # no infinity or NaN (255) passes either
 
 
-def split(x: torch.Tensor, multiplier: Multiplier, capability: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split(x: torch.Tensor, multiplier: Multiplier, capability: str | None = None,
+          lib=None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mbmlib.multipliers.floating.split_operand` of a float32 CPU tensor in one C++ pass (the same bits):
-    the kernels' A operand is split on every call, where torch's five elementwise passes cost as much as the MACs
-    of a small layer."""
+    the kernels' A operand is split on every call (a weight once per optimiser step), where torch's five
+    elementwise passes cost as much as the MACs of a small layer."""
     x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
     scale, mant = torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape, dtype=torch.int32)
-    library(capability).mbm_split(x.data_ptr(), x.numel(), multiplier.t, scale.data_ptr(), mant.data_ptr(),
-                                  torch.get_num_threads() if x.numel() >= 1 << 16 else 1)
+    (lib or library(capability)).mbm_split(x.data_ptr(), x.numel(), multiplier.t, scale.data_ptr(), mant.data_ptr(),
+                                           torch.get_num_threads() if x.numel() >= 1 << 16 else 1)
     return scale, mant
 
 
@@ -477,7 +478,7 @@ def _int_operand(q: torch.Tensor, multiplier: Multiplier, side: str, mac: int) -
         return (torch.where(q == 0, INT_ZERO_WORDS[side], word),)
     if side == "a" and mac == MACS["int", "mbm_fold"]:
         return _folded(torch.where(q == 0, FOLDED_ZERO, qf), multiplier.corrections[0])
-    return split_operand(qf, multiplier)
+    return split(qf, multiplier)
 
 
 def _folded(v: torch.Tensor, c0: int) -> tuple[torch.Tensor, ...]:
