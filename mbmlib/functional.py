@@ -247,7 +247,11 @@ def _meta_call(fn, specs: tuple, args: tuple) -> None:
 def on_meta(fn, tensors: Sequence[Optional[Tensor]], *args, dtype: Optional[torch.dtype] = None) -> None:
     """``fn(*tensors, *args)`` on meta tensors of the same shapes (and dtypes, or ``dtype``): torch's own shape
     rules and errors, nothing computed.  Once per distinct call: a layer's forward does not pay meta dispatch
-    (~70 us) every time; a call that raises is not remembered, so it raises again."""
+    (~70 us) every time; a call that raises is not remembered, so it raises again.  Under torch.compile the
+    check is traced as it is (dynamo would only warn that it ignores the cache)."""
+    if torch.compiler.is_compiling():
+        fn(*(None if t is None else t.to("meta", dtype or t.dtype) for t in tensors), *args)
+        return
     _meta_call(fn, tuple(_spec(t, dtype) for t in tensors), tuple(tuple(a) if isinstance(a, list) else a for a in args))
 
 # ----------------------------------------------------------------------------- public API

@@ -270,6 +270,17 @@ ALWAYS_INLINE void add_lanes(int64_t* out, vi s, int64_t scale) {
     for (int l = 0; l < VW; ++l) out[l] += scale * part[l];
 }
 
+// What the integer MACs with one int32 sum per lane share: VW columns a B operand, block sums of kblock steps
+// flushed to the int64 output.
+struct IntSums {
+    static const int SPAN = VW;
+    typedef int64_t Out;
+    typedef vi Sum;
+    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
+    ALWAYS_INLINE Sum zero() { return i_set1(0); }
+    ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
+};
+
 // Integer Mitchell and MBM on the float fields of float(q): FloatMac's product, truncated, summed in int32.
 template <int KIND>
 struct FloorMac : FloatMac<KIND> {
@@ -294,30 +305,24 @@ struct FloorMac : FloatMac<KIND> {
 // masked add (toward zero at any scale) gives its corrected significand already scaled by A; one multiply by
 // B's scale and the truncation give the product: six operations, as many as the float MAC.  A zero is
 // folded as 2^-100 (the quantiser and the loader write it so): every product with it is below 1, truncated to 0.
-struct FoldMac {
+struct FoldMac : IntSums {
     static const int FIELDS = 3;
-    static const int SPAN = VW;
-    typedef int64_t Out;
-    typedef vi Sum;
     struct Consts {};
     struct A { vi m, corner; vf corr; };
     struct B { vf s; vi m; };
     static Consts consts(const GemmArgs&) { return {}; }
-    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
     ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts&) {
         return {i_set1(f[0][k]), i_set1(f[1][k]), f_set1(((const float*)f[2])[k])};
     }
     ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
         return {f_load((const float*)f[0] + at), i_load(f[1] + at)};
     }
-    ALWAYS_INLINE Sum zero() { return i_set1(0); }
     ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
         const vi sb = i_add(a.m, b.m);
         const vf sig = _mm512_mask_add_round_ps(as_f(sb), _mm512_cmplt_epu32_mask(sb, a.corner), as_f(sb), a.corr,
                                                 _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
         return i_add(acc, i_trunc(f_mul(sig, b.s)));
     }
-    ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
 };
 #endif
 
@@ -327,46 +332,34 @@ struct FoldMac {
 // below 2^-28 (exponent field 47 to 98), truncated to 0: one add, one conversion, one add per product.
 static const int32_t INT_ZERO_A = -(40 << 23), INT_ZERO_B = 80 << 23;
 
-struct IntWordsMac {
+struct IntWordsMac : IntSums {
     static const int FIELDS = 1;
-    static const int SPAN = VW;
-    typedef int64_t Out;
-    typedef vi Sum;
     struct Consts {};
     struct A { vi a; };
     struct B { vi b; };
     static Consts consts(const GemmArgs&) { return {}; }
-    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
     ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts&) { return {i_set1(f[0][k])}; }
     ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) { return {i_load(f[0] + at)}; }
-    ALWAYS_INLINE Sum zero() { return i_set1(0); }
     ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
         return i_add(acc, i_trunc(as_f(i_add(a.a, b.b))));
     }
-    ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
 };
 
 // Table gathers: sign * table[(|a| << bits) + |b|].
-struct TableMac {
+struct TableMac : IntSums {
     static const int FIELDS = 2;
-    static const int SPAN = VW;
-    typedef int64_t Out;
-    typedef vi Sum;
     struct Consts { const int32_t* table; int bits; };
     struct A { vi sign, row; };  // row: |a| << bits, broadcast
     struct B { vi sign, f; };
     static Consts consts(const GemmArgs& g) { return {g.table, g.bits}; }
-    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
     ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts& c) {
         return {i_set1(f[0][k]), i_set1(f[1][k] << c.bits)};
     }
     ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) { return {i_load(f[0] + at), i_load(f[1] + at)}; }
-    ALWAYS_INLINE Sum zero() { return i_set1(0); }
     ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts& c) {
         vi neg = i_xor(a.sign, b.sign);  // -1 where the signs differ
         return i_add(acc, i_sub(i_xor(i_gather(c.table, i_add(a.row, b.f)), neg), neg));
     }
-    ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
 };
 
 #if defined(__AVX512BW__)
