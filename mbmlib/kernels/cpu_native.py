@@ -63,7 +63,8 @@ class GemmArgs(ctypes.Structure):
                 ("a_group", ctypes.c_int64), ("b", ctypes.c_void_p * 3), ("out", ctypes.c_void_p),
                 ("M", ctypes.c_int64), ("Np", ctypes.c_int64), ("K", ctypes.c_int64), ("mac", ctypes.c_int32),
                 ("c0", ctypes.c_int32), ("c1", ctypes.c_int32), ("table", ctypes.c_void_p), ("bits", ctypes.c_int32),
-                ("kblock", ctypes.c_int64), ("out_scale", ctypes.c_void_p)]
+                ("kblock", ctypes.c_int64), ("out_scale", ctypes.c_void_p), ("out_row", ctypes.c_void_p),
+                ("out_col", ctypes.c_int64), ("out_group", ctypes.c_int64), ("N", ctypes.c_int64)]
 
 
 # The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
@@ -196,16 +197,34 @@ def _same(b: torch.Tensor) -> torch.Tensor:
     return b
 
 
-def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panels: tuple, N: int,
-         out: torch.Tensor, mac: int, multiplier: Multiplier, capability: str | None, kblock: int = 0,
-         out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Run the GEMM on (G, M, Np) ``out`` with the MAC ``mac``: A's fields gathered (see :class:`GemmArgs`), B's
-    ``panels`` packed (:class:`PackedB`); tiles on OpenMP threads, or Python ones (ctypes releases the GIL) where
-    the build has no OpenMP.  ``out_scale``: an integer MAC's (G, Np) float64 column scales (``out`` float32).
-    Returns ``out`` without its padded columns."""
+class OutLayout(NamedTuple):
+    """Where a GEMM's output (g, m, n) goes when not (G, M, Np) row-major: element ``g * group + row[m] + n * col``
+    of a tensor of ``shape`` (padded columns are not stored), e.g. a convolution's NCHW (:func:`_nchw`)."""
+
+    shape: tuple
+    row: torch.Tensor
+    col: int
+    group: int
+
+
+def _nchw(B: int, O: int, groups: int, Ho: int, Wo: int) -> OutLayout:
+    """The (B, O, Ho, Wo) output of a convolution's GEMM, m = (b, position), n = channel within the group: written
+    in place, contiguous as F.conv2d's output is (a layer's ``.view(N, -1)``, fake strides under torch.compile)."""
+    hw = Ho * Wo
+    row = (torch.arange(B)[:, None] * (O * hw) + torch.arange(hw)).reshape(-1)
+    return OutLayout((B, O, Ho, Wo), row, hw, O // groups * hw)
+
+
+def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panels: tuple, N: int, dtype: torch.dtype,
+         mac: int, multiplier: Multiplier, capability: str | None, kblock: int = 0,
+         out_scale: Optional[torch.Tensor] = None, layout: Optional[OutLayout] = None) -> torch.Tensor:
+    """Run the GEMM with the MAC ``mac`` into a new ``dtype`` tensor: A's fields gathered (see :class:`GemmArgs`),
+    B's ``panels`` packed (:class:`PackedB`); tiles on OpenMP threads, or Python ones (ctypes releases the GIL)
+    where the build has no OpenMP.  ``out_scale``: an integer MAC's (G, Np) float64 column scales (then float32
+    out).  Returns (G, M, N), or the tensor ``layout`` describes."""
     lib = library(capability)
-    G, M, Np = out.shape
-    K = panels[0].shape[2]
+    G, Np, K, M = panels[0].shape[0], panels[0].shape[1] * panels[0].shape[3], panels[0].shape[2], a_row.numel()
+    out = torch.empty(layout.shape if layout else (G, M, Np), dtype=dtype)
     c0, c1 = _mac_constants(multiplier)
     table = _kernel_table(multiplier) if multiplier.kind == "table" else None
     if mac == MACS["int", "table16"]:  # the 16-bit rows, and whether entries sign-extend (c0)
@@ -213,7 +232,8 @@ def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panel
     args = GemmArgs((ctypes.c_void_p * 3)(*(f.data_ptr() for f in a_fields)), a_row.data_ptr(), a_col.data_ptr(),
                     a_group, (ctypes.c_void_p * 3)(*(f.data_ptr() for f in panels)), out.data_ptr(), M, Np, K, mac,
                     c0, c1, None if table is None else table.data_ptr(), multiplier.bits or 0, kblock,
-                    None if out_scale is None else out_scale.data_ptr())
+                    None if out_scale is None else out_scale.data_ptr(), layout and layout.row.data_ptr(),
+                    layout.col if layout else 0, layout.group if layout else 0, N)
     tiles, macs = G * lib.mbm_tiles(mac, M, Np), G * M * N * K
     workers = min(tiles, torch.get_num_threads()) if macs >= _MIN_PARALLEL_MACS else 1
     if workers <= 1 or lib.mbm_has_openmp():
@@ -224,7 +244,7 @@ def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panel
         codes = [job.result() for job in jobs]
     if any(codes):
         raise ValueError(f"the native kernel has no MAC {mac} in its {isa(capability)} build")
-    return out if Np == N else out[:, :, :N].contiguous()
+    return out if layout or Np == N else out[:, :, :N].contiguous()
 
 
 def _mac_constants(multiplier: Multiplier) -> tuple[int, int]:
@@ -256,8 +276,10 @@ def _split_float_b(b: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
 
 
 def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col: torch.Tensor, a_group: int,
-         b: PackedB, multiplier: Multiplier, capability: str | None = None) -> torch.Tensor:
-    """Approximate GEMM with a gathered A: (G, M, N), out[g, m, n] = sum_k approx(A[g, m, k], b[g, n, k]).
+         b: PackedB, multiplier: Multiplier, capability: str | None = None,
+         layout: Optional[OutLayout] = None) -> torch.Tensor:
+    """Approximate GEMM with a gathered A: (G, M, N), out[g, m, n] = sum_k approx(A[g, m, k], b[g, n, k]), or stored
+    as ``layout`` says.
 
     A[g, m, k] is element ``g * a_group + a_row[m] + a_col[k]`` of both flat fields ``a_fields``
     (scale float32, mantissa int32); ``a_row``, ``a_col`` are int64.  ``b`` is (G, N, K) B packed by
@@ -271,9 +293,8 @@ def gemm(a_fields: tuple[torch.Tensor, torch.Tensor], a_row: torch.Tensor, a_col
         a_words, *range_a = mitchell_words(*a_fields, _ONE_BITS, lib)
         if products_stay_normal(range_a, b.words[1]):  # Mitchell in the bit domain: words instead of fields
             a_fields, panels, mac = (a_words,), b.words[0], MACS["float", "words"]
-    G, cols = panels[0].shape[0], panels[0].shape[1] * panels[0].shape[3]
-    out = torch.empty(G, a_row.numel(), cols, dtype=torch.float32)
-    return _run(a_fields, a_row, a_col, a_group, panels, b.N, out, mac, multiplier, capability)
+    return _run(a_fields, a_row, a_col, a_group, panels, b.N, torch.float32, mac, multiplier, capability,
+                layout=layout)
 
 
 _ONE_BITS = 0x3F800000  # bits of 1.0f
@@ -345,8 +366,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, w.shape, stride, padding, dilation)
     packed = _prepared_b(w, ("conv", groups), functools.partial(weight_rows, groups=groups), _split_float_b,
                          multiplier, capability)  # (G, O/G, K) rows, once per version of w
-    res = gemm(split(x_cl, multiplier, capability), a_row, a_col, w.shape[1], packed, multiplier, capability)
-    return _conv_output(res, x.shape[0], w.shape[0], groups, Ho, Wo)
+    return gemm(split(x_cl, multiplier, capability), a_row, a_col, w.shape[1], packed, multiplier, capability,
+                _nchw(x.shape[0], w.shape[0], groups, Ho, Wo))
 
 
 def _implicit_patches(x: torch.Tensor, w_shape, stride, padding, dilation):
@@ -366,12 +387,6 @@ def _implicit_patches(x: torch.Tensor, w_shape, stride, padding, dilation):
     a_col = (torch.arange(kh)[:, None, None] * (dilation[0] * sH) + torch.arange(kw)[:, None] * (dilation[1] * sW)
              + torch.arange(Cg)).reshape(-1)  # (kh*kw*Cg,) in weight_rows order
     return x_cl, a_row, a_col, (Ho, Wo)
-
-
-def _conv_output(res: torch.Tensor, B: int, O: int, groups: int, Ho: int, Wo: int) -> torch.Tensor:
-    """(G, B*Ho*Wo, O/G) GEMM result -> (B, O, Ho, Wo), contiguous as F.conv2d's output is: a drop-in layer's
-    output takes ``.view(N, -1)``, its fake (meta) strides match under torch.compile, BatchNorm rounds alike."""
-    return res.view(groups, B, Ho * Wo, O // groups).permute(1, 0, 3, 2).reshape(B, O, Ho, Wo).contiguous()
 
 
 # ----------------------------------------------------------------------------- integer multipliers (SPEC section 4)
@@ -529,18 +544,18 @@ def _int_b(qb: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
 
 
 def _gemm_int(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, b: PackedB,
-              multiplier: Multiplier, capability: str | None, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) float64 exact sums, or, given ``out_scale``
-    ((G, N) float64), float32 ``sums * out_scale`` (rounded once); ``b`` from :func:`_int_b`.
+              multiplier: Multiplier, capability: str | None, out_scale: Optional[torch.Tensor] = None,
+              layout: Optional[OutLayout] = None) -> torch.Tensor:
+    """Integer GEMM with a gathered A (see :func:`gemm`): (G, M, N) (or ``layout``'s tensor) float64 exact sums, or,
+    given ``out_scale`` ((G, N) float64), float32 ``sums * out_scale`` (rounded once); ``b`` from :func:`_int_b`.
 
     Products are summed in int32 for as many steps of k as cannot overflow it (:func:`int_block`), then in int64.
     """
     G, cols = b.panels[0].shape[0], b.panels[0].shape[1] * b.panels[0].shape[3]
     if out_scale is not None:
         out_scale = F.pad(out_scale.to(torch.float64).expand(G, b.N), (0, cols - b.N)).contiguous()
-    out = torch.empty(G, a_row.numel(), cols, dtype=torch.int64 if out_scale is None else torch.float32)
-    res = _run(a_fields, a_row, a_col, a_group, b.panels, b.N, out, b.mac, multiplier, capability,
-               kblock=int_block(multiplier), out_scale=out_scale)
+    res = _run(a_fields, a_row, a_col, a_group, b.panels, b.N, torch.int64 if out_scale is None else torch.float32,
+               b.mac, multiplier, capability, kblock=int_block(multiplier), out_scale=out_scale, layout=layout)
     return res.to(torch.float64) if out_scale is None else res
 
 
@@ -567,8 +582,8 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
     packed = _prepared_b(qw, ("conv", groups), functools.partial(weight_rows, groups=groups), _int_b, multiplier,
                          capability)
     a = [f.contiguous() for f in _int_operand(x_cl, multiplier, "a", packed.mac)]  # padding is 0: a zero operand
-    res = _gemm_int(a, a_row, a_col, qw.shape[1], packed, multiplier, capability)
-    return _conv_output(res, qx.shape[0], qw.shape[0], groups, Ho, Wo)
+    return _gemm_int(a, a_row, a_col, qw.shape[1], packed, multiplier, capability,
+                     layout=_nchw(qx.shape[0], qw.shape[0], groups, Ho, Wo))
 
 
 def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, qb: torch.Tensor, b_scale: torch.Tensor, multiplier: Multiplier,
@@ -592,5 +607,6 @@ def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_sca
                          capability)
     fields, bad = quantised_operand(x_cl, x_scale, multiplier, packed.mac, capability)
     scale = (x_scale.double() * w_scale.double()).view(groups, -1)
-    res = _gemm_int(fields, a_row, a_col, qw.shape[1], packed, multiplier, capability, scale)
-    return _conv_output(res, x.shape[0], qw.shape[0], groups, Ho, Wo), bad
+    res = _gemm_int(fields, a_row, a_col, qw.shape[1], packed, multiplier, capability, scale,
+                    _nchw(x.shape[0], qw.shape[0], groups, Ho, Wo))
+    return res, bad

@@ -148,6 +148,8 @@ struct GemmArgs {
     int32_t bits;
     int64_t kblock;        // integer MACs: steps of k summed in int32 before the int64 output (kblock * |term| < 2^31)
     const double* out_scale;  // integer MACs: null (int64 sums out), or (G, Np) scales: float32 sum * scale out
+    const int64_t* out_row;   // null: out is (G, M, Np) row-major; else (g, m, n < N) goes to element
+    int64_t out_col, out_group, N;  // g * out_group + out_row[m] + n * out_col (e.g. a convolution's NCHW)
 };
 
 // ----------------------------------------------------------------------------- float MACs (SPEC 1)
@@ -471,26 +473,39 @@ struct DrumMac {
 
 // ----------------------------------------------------------------------------- the one tile routine
 
-// A tile's sums into the output at element ``at``: as they are (float32, or int64 integer sums), or, for an integer
-// MAC given out_scale, as float32 sum * scale[n] rounded once from float64 (the quantised layers' dequantisation,
-// the same rounding as (float64 sum * float64 scale).float()).
-template <class M, int ROWS>
-static void store(const GemmArgs& g, int64_t at, const double* scale,
-                  const typename M::Out (&acc)[ROWS][Shape<M>::cols]) {
-    const int64_t ldo = g.Np;
-    for (int i = 0; i < ROWS; ++i)
-        for (int n = 0; n < Shape<M>::cols; ++n) {
-            if (std::is_same<typename M::Out, int64_t>::value && scale != nullptr)
-                ((float*)g.out)[at + i * ldo + n] = (float)((double)acc[i][n] * scale[n]);
-            else
-                ((typename M::Out*)g.out)[at + i * ldo + n] = acc[i][n];
-        }
+// One sum into output element ``at``: as it is (float32, or an int64 integer sum), or, for an integer MAC given
+// out_scale, as float32 sum * scale rounded once from float64 (the quantised layers' dequantisation, the same
+// rounding as (float64 sum * float64 scale).float()).
+template <class M>
+ALWAYS_INLINE void put(const GemmArgs& g, int64_t at, typename M::Out v, const double* scale, int n) {
+    if (std::is_same<typename M::Out, int64_t>::value && scale != nullptr)
+        ((float*)g.out)[at] = (float)((double)v * scale[n]);
+    else
+        ((typename M::Out*)g.out)[at] = v;
 }
 
-// One ROWS x cols tile (ROWS <= Shape<M>::rows) of rows m0.. of A (group offset a0) against B's panels at ``panel``, stored at
-// output element ``at`` (``scale``: its columns' out_scale, or null).
+// A tile's sums (rows m0.., columns n0.. of group grp) into the output: (G, M, Np) row-major, or where
+// GemmArgs.out_row maps them (no padded columns there; columns outer, so a column's rows are stored together).
 template <class M, int ROWS>
-static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, int64_t at,
+static void store(const GemmArgs& g, int64_t grp, int64_t m0, int64_t n0, const double* scale,
+                  const typename M::Out (&acc)[ROWS][Shape<M>::cols]) {
+    constexpr int NC = Shape<M>::cols;
+    if (g.out_row == nullptr) {
+        const int64_t at = (grp * g.M + m0) * g.Np + n0;
+        for (int i = 0; i < ROWS; ++i)
+            for (int n = 0; n < NC; ++n) put<M>(g, at + i * g.Np + n, acc[i][n], scale, n);
+        return;
+    }
+    const int cols = g.N - n0 < NC ? (int)(g.N - n0) : NC;
+    const int64_t base = grp * g.out_group + n0 * g.out_col;
+    for (int n = 0; n < cols; ++n)
+        for (int i = 0; i < ROWS; ++i) put<M>(g, base + g.out_row[m0 + i] + n * g.out_col, acc[i][n], scale, n);
+}
+
+// One ROWS x cols tile (ROWS <= Shape<M>::rows) of rows m0.. of group grp's A (at a0) against B's panels at
+// ``panel`` (columns n0..); ``scale``: its columns' out_scale, or null.
+template <class M, int ROWS>
+static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, int64_t grp, int64_t n0,
                  const double* scale, const typename M::Consts& c) {
     const int64_t K = g.K, step = M::block(g);
     constexpr int NC = Shape<M>::cols, NB = NC / M::SPAN;  // B operands per k (each covers SPAN columns)
@@ -516,21 +531,21 @@ static void tile(const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const
         for (int i = 0; i < ROWS; ++i)
             for (int j = 0; j < NB; ++j) M::flush(&acc[i][j * M::SPAN], sum[i][j]);
     }
-    store<M, ROWS>(g, at, scale, acc);
+    store<M, ROWS>(g, grp, m0, n0, scale, acc);
 }
 
 // A tile of the given number of rows (the last row tile may be short).
 template <class M>
-static void tile_rows(int rows, const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, int64_t at,
-                      const double* scale, const typename M::Consts& c) {
+static void tile_rows(int rows, const GemmArgs& g, int64_t a0, int64_t m0, const int32_t* const* panel, int64_t grp,
+                      int64_t n0, const double* scale, const typename M::Consts& c) {
     constexpr int full = Shape<M>::rows;
-    if (rows >= full) return tile<M, full>(g, a0, m0, panel, at, scale, c);
+    if (rows >= full) return tile<M, full>(g, a0, m0, panel, grp, n0, scale, c);
     switch (rows) {
-        case 1: tile<M, 1>(g, a0, m0, panel, at, scale, c); break;
-        case 2: tile<M, 2 < full ? 2 : 1>(g, a0, m0, panel, at, scale, c); break;
-        case 3: tile<M, 3 < full ? 3 : 1>(g, a0, m0, panel, at, scale, c); break;
-        case 4: tile<M, 4 < full ? 4 : 1>(g, a0, m0, panel, at, scale, c); break;
-        default: tile<M, 5 < full ? 5 : 1>(g, a0, m0, panel, at, scale, c);
+        case 1: tile<M, 1>(g, a0, m0, panel, grp, n0, scale, c); break;
+        case 2: tile<M, 2 < full ? 2 : 1>(g, a0, m0, panel, grp, n0, scale, c); break;
+        case 3: tile<M, 3 < full ? 3 : 1>(g, a0, m0, panel, grp, n0, scale, c); break;
+        case 4: tile<M, 4 < full ? 4 : 1>(g, a0, m0, panel, grp, n0, scale, c); break;
+        default: tile<M, 5 < full ? 5 : 1>(g, a0, m0, panel, grp, n0, scale, c);
     }
 }
 
@@ -555,7 +570,7 @@ static void run_tiles(const GemmArgs& g, int64_t begin, int64_t end, int threads
         const int32_t* panel[3];
         for (int f = 0; f < M::FIELDS; ++f) panel[f] = (const int32_t*)((const char*)g.b[f] + b0 * b_bytes<M>(f));
         const double* scale = g.out_scale ? g.out_scale + grp * g.Np + n * C : nullptr;
-        tile_rows<M>(rows, g, grp * g.a_group, m * R, panel, (grp * g.M + m * R) * g.Np + n * C, scale, c);
+        tile_rows<M>(rows, g, grp * g.a_group, m * R, panel, grp, n * C, scale, c);
     }
 }
 
