@@ -8,7 +8,9 @@ output is ``s_x * s_w[o] * sum(sign * P(|q_x|, |q_w|))`` with the integer sum ex
 then the bias added exactly.  Gradients are straight-through: those of the float
 layer with the float weights (quantisation-aware training).  The integer sums
 come from the backend's ``bmm_nt_int`` / ``conv2d_int`` (C++ on the CPU, Triton on CUDA),
-which :func:`mbmlib.kernels.route` picks per design.
+which :func:`mbmlib.kernels.route` picks per design; on the CPU the C++ kernel takes float32 activations
+itself (``conv2d_quant`` / ``bmm_nt_quant``: quantised in its operand pass, the scaled sums stored with the
+same rounding), so no integer tensor is made per call.
 
 A matmul of two activations (attention's Q K^T and P V, :func:`matmul`) quantises both
 operands per tensor, with straight-through gradients to both.
