@@ -19,7 +19,7 @@ TK, TRITON_SKIP = triton_backend()  # before anything imports triton (torch.comp
 
 import mbmlib  # noqa: E402
 from mbmlib import kernels, quant  # noqa: E402
-from mbmlib.kernels import compiled, cpu_native, fallback, reference  # noqa: E402
+from mbmlib.kernels import compiled, cpu_native, cpu_native_int, fallback, reference  # noqa: E402
 from mbmlib.multipliers import as_multiplier  # noqa: E402
 from test_sass import ROOT, _has_cuda_backend, assert_clean  # noqa: E402
 
@@ -63,8 +63,8 @@ def test_drum_and_lmul_take_their_own_kernels_without_a_generic_path(name, backe
 
 def test_compiled_drum_layers_run_the_cpp_kernel_without_warnings(monkeypatch):
     calls = []
-    native = cpu_native.bmm_nt_quant  # the quantised layer's fused path: quantisation in the kernel's operand pass
-    monkeypatch.setattr(cpu_native, "bmm_nt_quant", lambda *a, **kw: calls.append(a[4].name) or native(*a, **kw))
+    native = cpu_native_int.bmm_nt_quant  # the quantised layer's fused path: quantisation in the kernel's operand pass
+    monkeypatch.setattr(cpu_native_int, "bmm_nt_quant", lambda *a, **kw: calls.append(a[4].name) or native(*a, **kw))
     x, w = torch.randn(3, 40), torch.randn(5, 40)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -94,19 +94,19 @@ def test_drum_takes_every_integer_dtype_including_int8_minus_128(backend):
 @pytest.mark.parametrize("name", DRUM_EVERY_WIDTH)
 def test_cpp_drum_equals_the_reference_at_every_width(capability, name):
     mult, qa, qb = _ints(name, (2, 7, 45), (2, 37, 45), seed=len(name))
-    assert cpu_native.supports_int(mult)
-    got = cpu_native.bmm_nt_int(qa, qb, mult, capability=capability)
+    assert cpu_native_int.supports_int(mult)
+    got = cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability)
     assert got.dtype == torch.float64 and torch.equal(got, reference.bmm_nt_int(qa, qb, mult))
 
 
 def test_int32_blocks_of_the_drum_kernel():
     """Up to 12 bits one int32 sum of products below 2**24; above, A is split (2**8 * hi + lo), two sums of terms
     below 2**(2n - 8) and 2**(n + 8), each flushed before it can reach 2**31."""
-    blocks = {n: cpu_native.int_block(as_multiplier(f"drum2-int{n}")) for n in (8, 12, 13, 14, 16)}
+    blocks = {n: cpu_native_int.int_block(as_multiplier(f"drum2-int{n}")) for n in (8, 12, 13, 14, 16)}
     assert blocks == {8: (2**31 - 1) // 2**16, 12: 127, 13: (2**31 - 1) // 2**21, 14: (2**31 - 1) // 2**22,
                       16: 127}
-    assert [cpu_native.drum_split(as_multiplier(f"drum2-int{n}")) for n in (12, 13)] == [0, 8]
-    assert cpu_native.int_block(as_multiplier("mbm-int12")) == 127  # the log designs' blocks are unchanged
+    assert [cpu_native_int.drum_split(as_multiplier(f"drum2-int{n}")) for n in (12, 13)] == [0, 8]
+    assert cpu_native_int.int_block(as_multiplier("mbm-int12")) == 127  # the log designs' blocks are unchanged
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
@@ -120,7 +120,7 @@ def test_cpp_drum_long_sums_across_the_int32_flush_boundary(capability, name, k)
     alternating = torch.tensor([top, -top]).repeat(k)[:k]
     qa = torch.stack([torch.full((k,), top), torch.full((k,), -top), alternating])[None]  # (1, 3, K)
     qb = torch.stack([torch.full((k,), top), torch.full((k,), -top), alternating, -alternating])[None]
-    got = cpu_native.bmm_nt_int(qa, qb, mult, capability=capability)
+    got = cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability)
     assert torch.equal(got, reference.bmm_nt_int(qa, qb, mult))
     assert got[0, 0, 0] == k * big and got[0, 1, 0] == -k * big and got[0, 2, 2] == k * big
 
@@ -132,7 +132,7 @@ def test_cpp_drum_implicit_gemm_conv_equals_the_reference(capability, name):
             ((2, 3, 9, 8), (5, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
             ((1, 6, 8, 8), (6, 1, 3, 3), (2, 2), (1, 0), (2, 1), 6)):
         mult, qx, qw = _ints(name, x_shape, w_shape, seed=groups)
-        got = cpu_native.conv2d_int(qx, qw, stride, padding, dilation, groups, mult, capability=capability)
+        got = cpu_native_int.conv2d_int(qx, qw, stride, padding, dilation, groups, mult, capability=capability)
         assert torch.equal(got, reference.conv2d_int(qx, qw, stride, padding, dilation, groups, mult))
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mbmlib import functional as AF
 from mbmlib import quant
-from mbmlib.kernels import cpu_native
+from mbmlib.kernels import cpu_native, cpu_native_int
 from mbmlib.multipliers import Multiplier, as_multiplier
 from mbmlib.multipliers.integer import approx_mul_int
 
@@ -52,7 +52,7 @@ def test_every_product_of_the_integer_macs_is_the_registrys(capability, name):
     mult = as_multiplier(name)
     lo, hi = mult.q_range
     q = torch.arange(lo, hi + 1)
-    got = cpu_native.bmm_nt_int(q.view(1, -1, 1), q.view(1, -1, 1), mult, capability=capability)[0]  # K = 1
+    got = cpu_native_int.bmm_nt_int(q.view(1, -1, 1), q.view(1, -1, 1), mult, capability=capability)[0]  # K = 1
     want = approx_mul_int(q[:, None], q[None, :], mult)
     assert got.dtype == torch.float64 and torch.equal(got, want.double())
     assert want.abs().max() > 0 and (want == 0).any()
@@ -66,7 +66,7 @@ def test_12_bit_products_of_the_integer_macs_are_the_registrys(capability, name)
     gen = torch.Generator().manual_seed(12)
     qa = torch.cat([torch.tensor([lo, hi, 0, 1, -1]), torch.randint(lo, hi + 1, (300,), generator=gen)])
     qb = torch.cat([torch.tensor([hi, lo, 0, -1, 2]), torch.randint(lo, hi + 1, (300,), generator=gen)])
-    got = cpu_native.bmm_nt_int(qa.view(1, -1, 1), qb.view(1, -1, 1), mult, capability=capability)[0]
+    got = cpu_native_int.bmm_nt_int(qa.view(1, -1, 1), qb.view(1, -1, 1), mult, capability=capability)[0]
     assert torch.equal(got, approx_mul_int(qa[:, None], qb[None, :], mult).double())
 
 
@@ -93,9 +93,9 @@ def test_quantised_operand_writes_the_fields_of_quantise(capability, scale, name
     mult = _multiplier(name)
     x = _awkward_inputs(scale, mult)
     s = torch.tensor(scale)
-    mac = cpu_native._int_mac(mult, cpu_native.library(capability))  # MBM on AVX-512: FoldMac's folded fields
-    fields, bad = cpu_native.quantised_operand(x, s, mult, mac, capability=capability)
-    want = cpu_native._int_operand(quant.quantise(x, s, mult), mult, "a", mac)
+    mac = cpu_native_int._int_mac(mult, cpu_native.library(capability))  # MBM on AVX-512: FoldMac's folded fields
+    fields, bad = cpu_native_int.quantised_operand(x, s, mult, mac, capability=capability)
+    want = cpu_native_int._int_operand(quant.quantise(x, s, mult), mult, "a", mac)
     assert len(fields) == len(want)
     for got_field, want_field in zip(fields, want):
         assert torch.equal(got_field, _bits(want_field))
@@ -107,9 +107,9 @@ def test_quantised_operand_of_inputs_rounding_to_minus_zero_is_the_operand_zero(
     """-0.0, -tiny and -scale/2 (a tie) quantise to q = 0: the fields of 0 (for Mitchell its zero word)."""
     mult = _multiplier(name)
     x = torch.tensor([-0.0, -1e-45, -1e-30, -0.1, -0.5, -0.49, 0.0])
-    mac = cpu_native._int_mac(mult, cpu_native.library())
-    fields, bad = cpu_native.quantised_operand(x, torch.tensor(1.0), mult, mac)
-    want = cpu_native._int_operand(torch.zeros(x.shape, dtype=torch.int32), mult, "a", mac)
+    mac = cpu_native_int._int_mac(mult, cpu_native.library())
+    fields, bad = cpu_native_int.quantised_operand(x, torch.tensor(1.0), mult, mac)
+    want = cpu_native_int._int_operand(torch.zeros(x.shape, dtype=torch.int32), mult, "a", mac)
     assert bad == 0 and len(fields) == len(want)
     for got_field, want_field in zip(fields, want):
         assert torch.equal(got_field, _bits(want_field))
@@ -118,9 +118,9 @@ def test_quantised_operand_of_inputs_rounding_to_minus_zero_is_the_operand_zero(
 def test_quantised_operand_reads_float64_inputs_as_float32():
     mult = as_multiplier("mbm-int8")
     x = torch.tensor([1.5, 2.5, -7.25, float("nan")], dtype=torch.float64)
-    mac = cpu_native._int_mac(mult, cpu_native.library())
-    fields, bad = cpu_native.quantised_operand(x, torch.tensor(0.5), mult, mac)
-    want = cpu_native._int_operand(quant.quantise(x, torch.tensor(0.5), mult), mult, "a", mac)
+    mac = cpu_native_int._int_mac(mult, cpu_native.library())
+    fields, bad = cpu_native_int.quantised_operand(x, torch.tensor(0.5), mult, mac)
+    want = cpu_native_int._int_operand(quant.quantise(x, torch.tensor(0.5), mult), mult, "a", mac)
     assert bad == 1 and all(torch.equal(f, _bits(w)) for f, w in zip(fields, want))
 
 
@@ -163,8 +163,8 @@ def test_fused_conv_equals_quantise_then_conv2d_int(name, case):
     x_scale = torch.tensor(0.37)
     x = _float_operand(x_shape, 0.37, mult, seed=case)
     qw, w_scale = _weights(w_shape, mult, seed=case)
-    got, bad = cpu_native.conv2d_quant(x, x_scale, qw, w_scale, stride, padding, dilation, groups, mult)
-    sums = cpu_native.conv2d_int(quant.quantise(x, x_scale, mult), qw, stride, padding, dilation, groups, mult)
+    got, bad = cpu_native_int.conv2d_quant(x, x_scale, qw, w_scale, stride, padding, dilation, groups, mult)
+    sums = cpu_native_int.conv2d_int(quant.quantise(x, x_scale, mult), qw, stride, padding, dilation, groups, mult)
     want = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).float()
     assert got.dtype == torch.float32 and got.shape == want.shape and got.stride() == want.stride()
     assert torch.equal(got, want) and bad == _bad(x) == 2
@@ -184,8 +184,8 @@ def test_fused_bmm_equals_quantise_then_bmm_nt_int(capability, name, shape):
     a = _float_operand((G, M, K), 0.05, mult, seed=K)
     qb, b_scale = _weights((N, G, K), mult, seed=N)  # one scale per row n, shared by the groups
     qb = qb.transpose(0, 1).contiguous()  # (G, N, K)
-    got, bad = cpu_native.bmm_nt_quant(a, a_scale, qb, b_scale, mult, capability=capability)
-    sums = cpu_native.bmm_nt_int(quant.quantise(a, a_scale, mult), qb, mult, capability=capability)
+    got, bad = cpu_native_int.bmm_nt_quant(a, a_scale, qb, b_scale, mult, capability=capability)
+    sums = cpu_native_int.bmm_nt_int(quant.quantise(a, a_scale, mult), qb, mult, capability=capability)
     want = (sums * (a_scale.double() * b_scale.double())).float()
     assert got.dtype == torch.float32 and got.shape == (G, M, N)
     assert torch.equal(got, want) and bad == _bad(a)
@@ -211,8 +211,8 @@ def _same_with_nans(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def _record(monkeypatch, name: str) -> list:
-    calls, native = [], getattr(cpu_native, name)
-    monkeypatch.setattr(cpu_native, name, lambda *a, **kw: calls.append(a[0].dtype) or native(*a, **kw))
+    calls, native = [], getattr(cpu_native_int, name)
+    monkeypatch.setattr(cpu_native_int, name, lambda *a, **kw: calls.append(a[0].dtype) or native(*a, **kw))
     return calls
 
 
@@ -330,8 +330,8 @@ def test_long_sums_of_largest_products_pass_int32_in_blocks(name):
     qb[0, 1] = hi
     want = approx_mul_int(qa[0, :, :1], qb[0, :, 0][None, :], mult).double()[None] * K  # (1, 2, 3)
     assert want.abs().min() > 2**31
-    assert torch.equal(cpu_native.bmm_nt_int(qa, qb, mult), want)
+    assert torch.equal(cpu_native_int.bmm_nt_int(qa, qb, mult), want)
     a_scale, b_scale = torch.tensor(0.03), torch.tensor([1e-3, 0.37, 3.0])
     a = torch.full((1, 2, K), hi * 0.03)
-    got, bad = cpu_native.bmm_nt_quant(a, a_scale, qb, b_scale, mult)
+    got, bad = cpu_native_int.bmm_nt_quant(a, a_scale, qb, b_scale, mult)
     assert bad == 0 and torch.equal(got, (want * (a_scale.double() * b_scale.double())).float())

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from mbmlib.kernels import compiled, cpu_native, fallback, reference
+from mbmlib.kernels import compiled, cpu_native, cpu_native_int, fallback, reference
 from mbmlib.multipliers import Multiplier, as_multiplier
 from mbmlib.multipliers.floating import products, split_operand
 
@@ -227,7 +227,7 @@ def _int_operands(name, shape_a, shape_b, seed=0):
 def test_integer_gemm_equals_the_reference_exactly(capability, name, shape):
     G, M, N, K = shape
     mult, qa, qb = _int_operands(name, (G, M, K), (G, N, K))
-    got = cpu_native.bmm_nt_int(qa, qb, mult, capability=capability)
+    got = cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability)
     assert got.dtype == torch.float64 and got.shape == (G, M, N)
     assert torch.equal(got, reference.bmm_nt_int(qa, qb, mult))
 
@@ -237,8 +237,8 @@ def test_table_gemm_gives_zero_for_zero_operands_whatever_the_table_holds(capabi
     table = torch.randint(1, 100_000, (256, 256), generator=torch.Generator().manual_seed(3))  # row/column 0 not 0
     mult = Multiplier.from_table(table)
     _, qa, qb = _int_operands("mbm-int8", (2, 9, 40), (2, 21, 40), seed=4)
-    assert cpu_native.supports_int(mult)
-    assert torch.equal(cpu_native.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
+    assert cpu_native_int.supports_int(mult)
+    assert torch.equal(cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
@@ -281,10 +281,10 @@ def test_tables_in_registers_equal_the_reference(capability, table, shape):
     gen = torch.Generator().manual_seed(G * M + N)
     qa, qb = torch.randint(lo, hi + 1, (G, M, K), generator=gen), torch.randint(lo, hi + 1, (G, N, K), generator=gen)
     qa.view(-1)[:3] = torch.tensor([0, lo, hi])[:qa.numel()]
-    packed = cpu_native._int_b(qb, mult, cpu_native.library(capability))
+    packed = cpu_native_int._int_b(qb, mult, cpu_native.library(capability))
     in_registers = capability == "AVX512" and table != "entries past 16 bits"
     assert (packed.mac == cpu_native.MACS["int", "table16"]) == in_registers
-    assert torch.equal(cpu_native.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
+    assert torch.equal(cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
 
 
 def test_integer_sums_pass_int32_in_blocks():
@@ -292,18 +292,18 @@ def test_integer_sums_pass_int32_in_blocks():
     mult = as_multiplier("mbm-int12")
     qa = torch.full((1, 2, 5000), mult.max_magnitude)
     qb = torch.full((1, 3, 5000), -mult.max_magnitude)
-    got = cpu_native.bmm_nt_int(qa, qb, mult)
+    got = cpu_native_int.bmm_nt_int(qa, qb, mult)
     assert got.abs().min() > 2**31 and torch.equal(got, reference.bmm_nt_int(qa, qb, mult))
 
 
 def test_compiled_backend_runs_supported_integer_designs_natively(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_native, "bmm_nt_int", lambda *args, **kw: calls.append(args[2].name) or 0)
+    monkeypatch.setattr(cpu_native_int, "bmm_nt_int", lambda *args, **kw: calls.append(args[2].name) or 0)
     mult, qa, qb = _int_operands("mbm-int8", (1, 3, 4), (1, 2, 4))
     compiled.bmm_nt_int(qa, qb, mult)
     assert calls == ["mbm-int8"]
-    assert not cpu_native.supports_int(as_multiplier("mbm-int13"))  # wider designs stay on inductor
-    assert not cpu_native.supports_int(Multiplier.from_table(torch.zeros(512, 512, dtype=torch.int64)))
+    assert not cpu_native_int.supports_int(as_multiplier("mbm-int13"))  # wider designs stay on inductor
+    assert not cpu_native_int.supports_int(Multiplier.from_table(torch.zeros(512, 512, dtype=torch.int64)))
 
 
 INT_CONV_CASES = [  # (B, C, H, W), (O, C/groups, kh, kw), stride, padding, dilation, groups
@@ -320,14 +320,14 @@ INT_CONV_CASES = [  # (B, C, H, W), (O, C/groups, kh, kw), stride, padding, dila
 def test_integer_implicit_gemm_conv_equals_the_reference(capability, name, case):
     x_shape, w_shape, stride, padding, dilation, groups = INT_CONV_CASES[case]
     mult, qx, qw = _int_operands(name, x_shape, w_shape, seed=case)
-    got = cpu_native.conv2d_int(qx, qw, stride, padding, dilation, groups, mult, capability=capability)
+    got = cpu_native_int.conv2d_int(qx, qw, stride, padding, dilation, groups, mult, capability=capability)
     want = reference.conv2d_int(qx, qw, stride, padding, dilation, groups, mult)
     assert torch.equal(got, want) and got.stride() == want.stride()  # the layout too: it steers later rounding
 
 
 def test_compiled_integer_conv_uses_the_implicit_gemm(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_native, "conv2d_int", lambda *args, **kw: calls.append(args[6].name) or 0)
+    monkeypatch.setattr(cpu_native_int, "conv2d_int", lambda *args, **kw: calls.append(args[6].name) or 0)
     mult, qx, qw = _int_operands("mbm-int8", (1, 2, 5, 5), (3, 2, 3, 3))
     compiled.conv2d_int(qx, qw, (1, 1), (1, 1), (1, 1), 1, mult)
     assert calls == ["mbm-int8"]

@@ -22,7 +22,7 @@ from ..multipliers.designs import MANT_BITS, drum_reduced
 from ..multipliers.floating import significand, split_operand
 from ..multipliers.integer import flat_table, int_fields, int_products
 from ..multipliers.specs import Multiplier
-from . import cpu_native, fallback, reference
+from . import cpu_native, cpu_native_int, fallback, reference
 from .lowering import check_int_gemm, conv2d_grads_via_gemm, conv2d_int_via_gemm, conv2d_via_gemm
 
 name = "compiled"
@@ -146,13 +146,13 @@ def _int_kernel(multiplier: Multiplier):
 def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, *, ranged: bool = False) -> torch.Tensor:
     """Integer ``qa @ qb.T`` (G, M, K), (G, N, K) -> (G, M, N) float64 exact sums.
 
-    The C++ integer GEMM on the CPU for the designs it covers (:func:`cpu_native.supports_int`), else
+    The C++ integer GEMM on the CPU for the designs it covers (:func:`cpu_native_int.supports_int`), else
     fused by inductor (DRUM: :func:`_drum_bmm_nt`); the reference (one warning) where torch.compile does not
     work either.  ``ranged``: the magnitudes are known to fit (quantised), so they are not scanned.
     """
     check_int_gemm(qa, qb, multiplier, ranged=ranged)
-    if cpu_native.supports_int(multiplier) and _native_available(qa.device):
-        return cpu_native.bmm_nt_int(qa, qb, multiplier)
+    if cpu_native_int.supports_int(multiplier) and _native_available(qa.device):
+        return cpu_native_int.bmm_nt_int(qa, qb, multiplier)
     if multiplier.mac == "drum":
         return _drum_bmm_nt(qa, qb, multiplier)
     if fallback.failed("inductor"):
@@ -179,8 +179,8 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
     """Integer convolution (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo) float64: the C++ implicit GEMM
     where it covers the multiplier, else im2col + :func:`bmm_nt_int`."""
     check_int_gemm(qx, qw, multiplier, k=qw[0].numel(), ranged=ranged)
-    if cpu_native.supports_int(multiplier) and _native_available(qx.device):
-        return cpu_native.conv2d_int(qx, qw, stride, padding, dilation, groups, multiplier)
+    if cpu_native_int.supports_int(multiplier) and _native_available(qx.device):
+        return cpu_native_int.conv2d_int(qx, qw, stride, padding, dilation, groups, multiplier)
     gemm = functools.partial(bmm_nt_int, ranged=True)  # checked once, above
     return conv2d_int_via_gemm(qx, qw, stride, padding, dilation, groups, multiplier, gemm)
 
@@ -191,19 +191,19 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
 def fuses_quantisation(multiplier: Multiplier, device: torch.device) -> bool:
     """Whether :func:`conv2d_quant` / :func:`bmm_nt_quant` serve ``multiplier`` on ``device``: the C++ kernel,
     which quantises the activations in its operand pass and scales the sums as it stores them."""
-    return cpu_native.supports_int(multiplier) and _native_available(device)
+    return cpu_native_int.supports_int(multiplier) and _native_available(device)
 
 
 def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, qb: torch.Tensor, b_scale: torch.Tensor,
                  multiplier: Multiplier) -> tuple[torch.Tensor, int]:
-    """Quantised ``a @ qb.T`` of float32 ``a`` (quantised here) and integer ``qb``: :func:`cpu_native.bmm_nt_quant`."""
+    """Quantised ``a @ qb.T`` of float32 ``a`` (quantised here) and integer ``qb``: :func:`cpu_native_int.bmm_nt_quant`."""
     check_int_gemm(qb, qb, multiplier, k=a.shape[-1], ranged=True)
-    return cpu_native.bmm_nt_quant(a, a_scale, qb, b_scale, multiplier)
+    return cpu_native_int.bmm_nt_quant(a, a_scale, qb, b_scale, multiplier)
 
 
 def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, stride, padding,
                  dilation, groups: int, multiplier: Multiplier) -> tuple[torch.Tensor, int]:
-    """Quantised convolution of float32 ``x`` (quantised here) and integer ``qw``: :func:`cpu_native.conv2d_quant`."""
+    """Quantised convolution of float32 ``x`` (quantised here) and integer ``qw``: :func:`cpu_native_int.conv2d_quant`."""
     check_int_gemm(qw, qw, multiplier, k=qw[0].numel(), ranged=True)
-    return cpu_native.conv2d_quant(x, x_scale, qw, w_scale, tuple(stride), tuple(padding), tuple(dilation), groups,
+    return cpu_native_int.conv2d_quant(x, x_scale, qw, w_scale, tuple(stride), tuple(padding), tuple(dilation), groups,
                                    multiplier)
