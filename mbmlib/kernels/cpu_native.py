@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Hashable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,7 @@ class GemmArgs(ctypes.Structure):
 
 
 # The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
-MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2, ("int", "mitchell"): 3,
+MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2,
         ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6, ("int", "drum"): 7, ("int", "words"): 8,
         ("int", "table16"): 9, ("int", "mbm_fold"): 10}
 
@@ -183,16 +183,18 @@ def _pack(fields, nr: int) -> tuple:
     return tuple(_panels(f, cols, nr) for f in fields)
 
 
-def _prepared_b(w: torch.Tensor, layout: Hashable, rows: Callable, pack: Callable, multiplier: Multiplier,
+def _prepared_b(w: torch.Tensor, groups: Optional[int], pack: Callable, multiplier: Multiplier,
                 capability: str | None) -> PackedB:
-    """``pack(rows(w), multiplier, lib)``, computed once per version of the weight ``w`` (:mod:`.prepared`);
-    ``layout`` names what ``rows`` does (a GEMM's B as it is, a convolution's weight rows per group)."""
+    """``pack(rows, multiplier, lib)`` of the weight ``w``, computed once per version of it (:mod:`.prepared`):
+    ``rows`` is ``w`` itself, a GEMM's (G, N, K) B (``groups`` None), or a convolution weight's rows per group."""
     capability = capability or torch.backends.cpu.get_cpu_capability()
-    return prepared((w,), (layout, multiplier, capability), lambda: pack(rows(w), multiplier, library(capability)))
+    layout = "gemm" if groups is None else ("conv", groups)
 
+    def build() -> PackedB:
+        rows = w if groups is None else weight_rows(w, groups)
+        return pack(rows, multiplier, library(capability))
 
-def _same(b: torch.Tensor) -> torch.Tensor:
-    return b
+    return prepared((w,), (layout, multiplier, capability), build)
 
 
 class OutLayout(NamedTuple):
@@ -355,7 +357,7 @@ def bmm_nt_split(sa: torch.Tensor, ma: torch.Tensor, sb: torch.Tensor, mb: torch
 def bmm_nt(a: torch.Tensor, b: torch.Tensor, multiplier: Multiplier, capability: str | None = None) -> torch.Tensor:
     """Approximate ``a @ b.T`` of float32 CPU operands (G, M, K), (G, N, K) -> (G, M, N); ``b`` (a layer's
     weight) is split and packed once per version of it."""
-    packed = _prepared_b(b, "gemm", _same, _split_float_b, multiplier, capability)
+    packed = _prepared_b(b, None, _split_float_b, multiplier, capability)
     return gemm(split(a, multiplier, capability), *_rows_of(a), a.shape[1] * a.shape[2], packed, multiplier, capability)
 
 
@@ -366,8 +368,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: 
     (B, C, H, W), (O, C/groups, kh, kw) -> (B, O, Ho, Wo); same products and k order as im2col + GEMM.
     """
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, w.shape, stride, padding, dilation)
-    packed = _prepared_b(w, ("conv", groups), functools.partial(weight_rows, groups=groups), _split_float_b,
-                         multiplier, capability)  # (G, O/G, K) rows, once per version of w
+    packed = _prepared_b(w, groups, _split_float_b, multiplier, capability)  # (G, O/G, K) rows, once per version
     return gemm(split(x_cl, multiplier, capability), a_row, a_col, w.shape[1], packed, multiplier, capability,
                 _nchw(x.shape[0], w.shape[0], groups, Ho, Wo))
 

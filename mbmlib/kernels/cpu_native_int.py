@@ -18,14 +18,11 @@ import torch.nn.functional as F
 from ..multipliers.designs import MAC_IDS, drum_reduced
 from ..multipliers.floating import SIGN_EXP_MASK as SIGN_EXP
 from ..multipliers.specs import Multiplier
-from .cpu_native import (MACS, MacConstants, OutLayout, PackedB, _implicit_patches, _nchw, _pack, _prepared_b,
-                         _rows_of, _run, _same, library, specialised_mac, split)
-from .lowering import weight_rows
+from .cpu_native import (_ONE_BITS, MACS, MacConstants, OutLayout, PackedB, _implicit_patches, _nchw, _pack,
+                         _prepared_b, _rows_of, _run, library, specialised_mac, split)
 
 __all__ = ["supports_int", "drum_split", "int_block", "quantised_operand", "bmm_nt_int", "conv2d_int", "bmm_nt_quant",
            "conv2d_quant", "FORMULA_MAX_BITS", "TABLE_MAX_BITS"]
-
-_ONE_BITS = 0x3F800000  # bits of 1.0f
 
 FORMULA_MAX_BITS = 12  # products < 2**24 and shifts that only go right: int32 lanes suffice
 TABLE_MAX_BITS = 8  # a 256 x 256 int32 table (256 KB) stays in the cache
@@ -207,7 +204,7 @@ def bmm_nt_int(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier,
     Each term is ``sign * P(|a|, |b|)`` as :func:`mbmlib.multipliers.integer.int_products` gives it; ``multiplier``
     must pass :func:`supports_int`.
     """
-    packed = _prepared_b(qb, "gemm", _same, _int_b, multiplier, capability)  # once per quantised weight
+    packed = _prepared_b(qb, None, _int_b, multiplier, capability)  # once per quantised weight
     a = [f.contiguous() for f in _int_operand(qa, multiplier, "a", packed.mac)]
     return _gemm_int(a, *_rows_of(qa), qa.shape[1] * qa.shape[2], packed, multiplier, capability)
 
@@ -220,8 +217,7 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
     read from them in place; same products and exact sums as im2col + :func:`bmm_nt_int`.
     """
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(qx, qw.shape, stride, padding, dilation)
-    packed = _prepared_b(qw, ("conv", groups), functools.partial(weight_rows, groups=groups), _int_b, multiplier,
-                         capability)
+    packed = _prepared_b(qw, groups, _int_b, multiplier, capability)
     a = [f.contiguous() for f in _int_operand(x_cl, multiplier, "a", packed.mac)]  # padding is 0: a zero operand
     return _gemm_int(a, a_row, a_col, qw.shape[1], packed, multiplier, capability,
                      layout=_nchw(qx.shape[0], qw.shape[0], groups, Ho, Wo))
@@ -232,7 +228,7 @@ def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, qb: torch.Tensor, b_sca
     """Quantised ``a @ qb.T`` from float ``a`` (G, M, K), quantised in the kernel's operand pass with the one scale
     ``a_scale``, and integer ``qb`` (G, N, K) with scales ``b_scale`` (N,): ((G, M, N) float32 ``sums * a_scale *
     b_scale`` rounded once, as the unfused float64 path gives them; how many elements of ``a`` are not finite)."""
-    packed = _prepared_b(qb, "gemm", _same, _int_b, multiplier, capability)
+    packed = _prepared_b(qb, None, _int_b, multiplier, capability)
     fields, bad = quantised_operand(a, a_scale, multiplier, packed.mac, capability)
     scale = a_scale.double() * b_scale.double()
     return _gemm_int(fields, *_rows_of(a), a.shape[1] * a.shape[2], packed, multiplier, capability, scale), bad
@@ -244,8 +240,7 @@ def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_sca
     and integer ``qw`` (O, C/groups, kh, kw) with scales ``w_scale`` (O,): ((B, O, Ho, Wo) float32 ``sums *
     x_scale * w_scale``; how many elements of ``x`` are not finite).  Padding is the operand 0."""
     x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, qw.shape, stride, padding, dilation)
-    packed = _prepared_b(qw, ("conv", groups), functools.partial(weight_rows, groups=groups), _int_b, multiplier,
-                         capability)
+    packed = _prepared_b(qw, groups, _int_b, multiplier, capability)
     fields, bad = quantised_operand(x_cl, x_scale, multiplier, packed.mac, capability)
     scale = (x_scale.double() * w_scale.double()).view(groups, -1)
     res = _gemm_int(fields, a_row, a_col, qw.shape[1], packed, multiplier, capability, scale,

@@ -128,7 +128,7 @@ static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BIT
 // ----------------------------------------------------------------------------- one call's arguments
 
 // The MACs (GemmArgs.mac).  Float MACs sum in float32, integer ones exactly (int32 blocks, int64 output).
-enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MITCHELL = 3, I_MBM = 4, I_TABLE = 5, F_LMUL = 6,
+enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MBM = 4, I_TABLE = 5, F_LMUL = 6,
            I_DRUM = 7, I_MITCHELL_WORDS = 8, I_TABLE16 = 9, I_MBM_FOLD = 10 };
 
 // Mirrors cpu_native.GemmArgs (ctypes).  A: element (g, m, k) of field f at a[f] + g * a_group + a_row[m]
@@ -283,7 +283,8 @@ struct IntSums {
     ALWAYS_INLINE void flush(Out* out, Sum s) { add_lanes(out, s, 1); }
 };
 
-// Integer Mitchell and MBM on the float fields of float(q): FloatMac's product, truncated, summed in int32.
+// Integer MBM on the float fields of float(q) where FoldMac is missing (no AVX-512, or two correction addends):
+// FloatMac's product, truncated, summed in int32.  (Integer Mitchell always runs as IntWordsMac.)
 template <int KIND>
 struct FloorMac : FloatMac<KIND> {
     typedef int64_t Out;
@@ -742,7 +743,6 @@ int mbm_gemm(const GemmArgs* g, int64_t begin, int64_t end, int threads) {
 #if defined(__AVX512F__)
         case F_MITCHELL_WORDS: run_tiles<WordsMac>(*g, begin, end, threads); return 0;
 #endif
-        case I_MITCHELL: run_tiles<FloorMac<MITCHELL>>(*g, begin, end, threads); return 0;
         case I_MBM:
             if (2 * g->c1 == g->c0) run_tiles<FloorMac<MBM_ONE_ADDEND>>(*g, begin, end, threads);
             else run_tiles<FloorMac<MBM>>(*g, begin, end, threads);
