@@ -114,12 +114,6 @@ def _nan_where(out: Tensor, reached: Tensor) -> Tensor:
     return torch.where(reached, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
 
 
-def _may_reach(bad_inputs: Optional[int], bad_weights: Tensor) -> bool:
-    """Whether any output may need a NaN: unknown (``bad_inputs`` None: not counted, so no synchronisation), some
-    input was not finite, or some weight row is not (asked only when the CPU kernel counted the inputs)."""
-    return bad_inputs is None or bad_inputs > 0 or bool(bad_weights.any())
-
-
 def _integer(multiplier: MultiplierLike) -> Multiplier:
     mult = as_multiplier(multiplier)
     if not mult.is_integer:
@@ -151,20 +145,22 @@ def _conv2d_quant(x: Tensor, w: Tensor, bias: Optional[Tensor], x_scale: Tensor,
                   backend: str) -> Tensor:
     """Quantised convolution: integer sums (B, O, Ho, Wo) from the backend, scaled, plus the exact bias."""
     mult = as_multiplier(multiplier)
-    qw, bad_w = _quantised_weight(w, w_scale, mult)  # (O, C/groups, kh, kw), (O,)
-    if kernels.quantises_in_kernel(backend, mult, x):  # x quantised in the kernel's operand pass, sums scaled there
-        out, bad_x = kernels.load(backend).conv2d_quant(x, x_scale, qw, w_scale, stride, padding, dilation, groups,
-                                                        mult)
+    if kernels.quantises_in_kernel(backend, mult, x, w):  # quantised in the kernel's operand passes, sums scaled there
+        out, bad_x, qw = kernels.load(backend).conv2d_quant(x, x_scale, w, w_scale, stride, padding, dilation, groups,
+                                                            mult)
+        bad_w, weights_bad = qw.bad_rows, qw.any_bad  # (O,); whether any is True, known without a synchronisation
     else:
+        qw, bad_w = _quantised_weight(w, w_scale, mult)  # (O, C/groups, kh, kw), (O,)
         qx = quantise(x, x_scale, mult)  # (B, C, H, W)
         sums = kernels.conv2d_int(backend, qx.contiguous(), qw, stride, padding, dilation, groups, mult,
                                   ranged=True)  # (B, O, Ho, Wo) float64
         out, bad_x = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).to(x.dtype), None
+        weights_bad = True  # not asked: that would synchronise with the device
     reached = bad_w.view(1, -1, 1, 1)  # a non-finite weight: its channel
     if bad_x is None or bad_x:  # which outputs a NaN/inf input reaches, exactly (no synchronisation when unknown)
         bad = (~torch.isfinite(x)).to(x.dtype)
         reached = reached | (F.conv2d(bad, torch.ones_like(w), None, stride, padding, dilation, groups) > 0)
-    if _may_reach(bad_x, bad_w):
+    if bad_x is None or bad_x or weights_bad:  # some output may need a NaN
         out = _nan_where(out, reached)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
@@ -195,17 +191,19 @@ def _bmm_nt_quant(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, multip
     mult = as_multiplier(multiplier)
     if a.shape[2] == 0:  # empty sums
         return a.new_zeros(a.shape[0], a.shape[1], b.shape[1])
-    qb, bad_b = _quantised_weight(b, b_scale, mult)  # (G, N, K), (G, N)
-    if kernels.quantises_in_kernel(backend, mult, a):  # a quantised in the kernel's operand pass, sums scaled there
-        out, bad_a = kernels.load(backend).bmm_nt_quant(a, a_scale, qb, b_scale, mult)
+    if kernels.quantises_in_kernel(backend, mult, a, b):  # quantised in the kernel's operand passes, sums scaled there
+        out, bad_a, qb = kernels.load(backend).bmm_nt_quant(a, a_scale, b, b_scale, mult)
+        bad_b, weights_bad = qb.bad_rows, qb.any_bad  # (G, N); whether any is True, known without a synchronisation
     else:
+        qb, bad_b = _quantised_weight(b, b_scale, mult)  # (G, N, K), (G, N)
         qa = quantise(a, a_scale, mult)  # (G, M, K)
         sums = kernels.load(backend).bmm_nt_int(qa.contiguous(), qb, mult, ranged=True)  # (G, M, N) float64
         out, bad_a = (sums * (a_scale.double() * b_scale.double())).to(a.dtype), None
+        weights_bad = True  # not asked: that would synchronise with the device
     reached = bad_b[:, None, :]
     if bad_a is None or bad_a:
         reached = reached | ~torch.isfinite(a).all(-1)[:, :, None]
-    return _nan_where(out, reached) if _may_reach(bad_a, bad_b) else out
+    return _nan_where(out, reached) if bad_a is None or bad_a or weights_bad else out
 
 
 @_bmm_nt_quant.register_fake

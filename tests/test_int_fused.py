@@ -115,6 +115,27 @@ def test_quantised_operand_of_inputs_rounding_to_minus_zero_is_the_operand_zero(
         assert torch.equal(got_field, _bits(want_field))
 
 
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("name", FUSED)
+def test_rows_with_their_own_scales_get_the_fields_of_quantise(capability, side, name):
+    """Each row quantised with its scale (a weight's per-channel scales), into A's or B's fields; its count of NaN/inf."""
+    mult = _multiplier(name)
+    first, second = _awkward_inputs(0.0625, mult), _awkward_inputs(0.3, mult)
+    n = min(len(first), len(second))  # both hold the ties, the extremes and some noise
+    rows = torch.stack([first[:n], second[:n]])
+    rows[1, torch.isnan(rows[1]).nonzero()[0]] = 1.0  # one NaN fewer
+    scales = torch.tensor([0.0625, 0.3])
+    lib = cpu_native.library(capability)
+    mac = cpu_native_int._int_mac(mult, lib)
+    fields, bad = cpu_native_int._quantised_rows(rows, scales, mult, mac, side, lib)
+    want = cpu_native_int._int_operand(quant.quantise(rows, scales.view(2, 1), mult), mult, side, mac)
+    assert len(fields) == len(want)
+    for got_field, want_field in zip(fields, want):
+        assert torch.equal(got_field, _bits(want_field))
+    assert bad.tolist() == [4, 3]
+
+
 def test_quantised_operand_reads_float64_inputs_as_float32():
     mult = as_multiplier("mbm-int8")
     x = torch.tensor([1.5, 2.5, -7.25, float("nan")], dtype=torch.float64)
@@ -136,11 +157,14 @@ def _float_operand(shape, scale: float, mult: Multiplier, seed: int) -> torch.Te
     return x
 
 
-def _weights(shape, mult: Multiplier, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer weights quantised per output row (dim 0 of ``shape``) and their float32 scales."""
+def _weights(shape, mult: Multiplier, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float weights (row 1 of dim 0 holds a NaN), their float32 scales per output row (dim 0 of ``shape``) and
+    the weights quantised with them."""
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if shape[0] > 1:
+        w[1].view(-1)[0] = float("nan")
     w_scale = (0.5 + torch.rand(shape[0], generator=torch.Generator().manual_seed(seed + 1))) / 100
-    return quant.quantise(w, w_scale.view(-1, *[1] * (w.dim() - 1)), mult), w_scale
+    return w, w_scale, quant.quantise(w, w_scale.view(-1, *[1] * (w.dim() - 1)), mult)
 
 
 def _bad(x: torch.Tensor) -> int:
@@ -162,12 +186,13 @@ def test_fused_conv_equals_quantise_then_conv2d_int(name, case):
     mult = _multiplier(name)
     x_scale = torch.tensor(0.37)
     x = _float_operand(x_shape, 0.37, mult, seed=case)
-    qw, w_scale = _weights(w_shape, mult, seed=case)
-    got, bad = cpu_native_int.conv2d_quant(x, x_scale, qw, w_scale, stride, padding, dilation, groups, mult)
+    w, w_scale, qw = _weights(w_shape, mult, seed=case)
+    got, bad, quantised_w = cpu_native_int.conv2d_quant(x, x_scale, w, w_scale, stride, padding, dilation, groups, mult)
     sums = cpu_native_int.conv2d_int(quant.quantise(x, x_scale, mult), qw, stride, padding, dilation, groups, mult)
     want = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).float()
     assert got.dtype == torch.float32 and got.shape == want.shape and got.stride() == want.stride()
     assert torch.equal(got, want) and bad == _bad(x) == 2
+    assert torch.equal(quantised_w.bad_rows, torch.arange(w_shape[0]) == 1) and quantised_w.any_bad
     assert (sums != 0).any()
 
 
@@ -182,13 +207,15 @@ def test_fused_bmm_equals_quantise_then_bmm_nt_int(capability, name, shape):
     mult = _multiplier(name)
     a_scale = torch.tensor(0.05)
     a = _float_operand((G, M, K), 0.05, mult, seed=K)
-    qb, b_scale = _weights((N, G, K), mult, seed=N)  # one scale per row n, shared by the groups
-    qb = qb.transpose(0, 1).contiguous()  # (G, N, K)
-    got, bad = cpu_native_int.bmm_nt_quant(a, a_scale, qb, b_scale, mult, capability=capability)
+    b, b_scale, qb = _weights((N, G, K), mult, seed=N)  # one scale per row n, shared by the groups
+    b, qb = b.transpose(0, 1).contiguous(), qb.transpose(0, 1).contiguous()  # (G, N, K)
+    got, bad, quantised_b = cpu_native_int.bmm_nt_quant(a, a_scale, b, b_scale, mult, capability=capability)
     sums = cpu_native_int.bmm_nt_int(quant.quantise(a, a_scale, mult), qb, mult, capability=capability)
     want = (sums * (a_scale.double() * b_scale.double())).float()
     assert got.dtype == torch.float32 and got.shape == (G, M, N)
     assert torch.equal(got, want) and bad == _bad(a)
+    bad_rows = ~torch.isfinite(b).all(-1)  # (G, N): row 1 of group 0
+    assert torch.equal(quantised_b.bad_rows, bad_rows) and quantised_b.any_bad == (N > 1) == bool(bad_rows.any())
 
 
 # ----------------------------------------------------------------------------- 4. the public API: compiled == reference
@@ -333,5 +360,5 @@ def test_long_sums_of_largest_products_pass_int32_in_blocks(name):
     assert torch.equal(cpu_native_int.bmm_nt_int(qa, qb, mult), want)
     a_scale, b_scale = torch.tensor(0.03), torch.tensor([1e-3, 0.37, 3.0])
     a = torch.full((1, 2, K), hi * 0.03)
-    got, bad = cpu_native_int.bmm_nt_quant(a, a_scale, qb, b_scale, mult)
-    assert bad == 0 and torch.equal(got, (want * (a_scale.double() * b_scale.double())).float())
+    got, bad, quantised_b = cpu_native_int.bmm_nt_quant(a, a_scale, qb * b_scale.view(1, 3, 1), b_scale, mult)
+    assert bad == 0 and not quantised_b.any_bad and torch.equal(got, (want * (a_scale.double() * b_scale.double())).float())

@@ -128,7 +128,7 @@ def test_prepared_weights_go_with_their_layer():
     layer, x = _layer("conv", "mbm-int8")
     with torch.no_grad():
         layer(x)
-    assert prepared.size() == 2  # the quantised weight, and its packing
+    assert prepared.size() == 1  # the weight quantised into its panels
     del layer
     gc.collect()
     assert prepared.size() == 0

@@ -130,10 +130,12 @@ def conv2d_int(backend: str, qx: torch.Tensor, qw: torch.Tensor, stride, padding
                                     ranged=ranged)
 
 
-def quantises_in_kernel(backend: str, multiplier: Multiplier, x: torch.Tensor) -> bool:
-    """Whether ``backend`` quantises the float32 activations ``x`` inside its integer kernel (``conv2d_quant``,
-    ``bmm_nt_quant``: the C++ kernel on the CPU), so the quantised layers pass it floats and get scaled sums."""
-    return backend == "compiled" and x.dtype == torch.float32 and load(backend).fuses_quantisation(multiplier, x.device)
+def quantises_in_kernel(backend: str, multiplier: Multiplier, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``backend`` quantises the float32 operands ``x`` and ``w`` inside its integer kernel
+    (``conv2d_quant``, ``bmm_nt_quant``: the C++ kernel on the CPU), so the quantised layers pass it floats and
+    get scaled sums."""
+    return (backend == "compiled" and x.dtype == w.dtype == torch.float32
+            and load(backend).fuses_quantisation(multiplier, x.device))
 
 
 class Route(NamedTuple):

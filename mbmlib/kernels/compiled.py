@@ -23,7 +23,7 @@ from ..multipliers.floating import significand, split_operand
 from ..multipliers.integer import flat_table, int_fields, int_products
 from ..multipliers.specs import Multiplier
 from . import cpu_native, cpu_native_int, fallback, reference
-from .lowering import check_int_gemm, conv2d_grads_via_gemm, conv2d_int_via_gemm, conv2d_via_gemm
+from .lowering import check_exact_sums, check_int_gemm, conv2d_grads_via_gemm, conv2d_int_via_gemm, conv2d_via_gemm
 
 name = "compiled"
 
@@ -194,16 +194,16 @@ def fuses_quantisation(multiplier: Multiplier, device: torch.device) -> bool:
     return cpu_native_int.supports_int(multiplier) and _native_available(device)
 
 
-def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, qb: torch.Tensor, b_scale: torch.Tensor,
-                 multiplier: Multiplier) -> tuple[torch.Tensor, int]:
-    """Quantised ``a @ qb.T`` of float32 ``a`` (quantised here) and integer ``qb``: :func:`cpu_native_int.bmm_nt_quant`."""
-    check_int_gemm(qb, qb, multiplier, k=a.shape[-1], ranged=True)
-    return cpu_native_int.bmm_nt_quant(a, a_scale, qb, b_scale, multiplier)
+def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                 multiplier: Multiplier) -> tuple[torch.Tensor, int, cpu_native_int.QuantisedB]:
+    """Quantised ``a @ b.T`` of float32 ``a`` and ``b`` (quantised here): :func:`cpu_native_int.bmm_nt_quant`."""
+    check_exact_sums(a.shape[-1], multiplier)
+    return cpu_native_int.bmm_nt_quant(a, a_scale, b, b_scale, multiplier)
 
 
-def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, stride, padding,
-                 dilation, groups: int, multiplier: Multiplier) -> tuple[torch.Tensor, int]:
-    """Quantised convolution of float32 ``x`` (quantised here) and integer ``qw``: :func:`cpu_native_int.conv2d_quant`."""
-    check_int_gemm(qw, qw, multiplier, k=qw[0].numel(), ranged=True)
-    return cpu_native_int.conv2d_quant(x, x_scale, qw, w_scale, tuple(stride), tuple(padding), tuple(dilation), groups,
-                                   multiplier)
+def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, stride, padding,
+                 dilation, groups: int, multiplier: Multiplier) -> tuple[torch.Tensor, int, cpu_native_int.QuantisedB]:
+    """Quantised convolution of float32 ``x`` and ``w`` (quantised here): :func:`cpu_native_int.conv2d_quant`."""
+    check_exact_sums(w[0].numel(), multiplier)
+    return cpu_native_int.conv2d_quant(x, x_scale, w, w_scale, tuple(stride), tuple(padding), tuple(dilation), groups,
+                                       multiplier)

@@ -134,8 +134,8 @@ def _library(capability: str) -> ctypes.CDLL:
     lib.mbm_tile_cols.argtypes = [ctypes.c_int]
     lib.mbm_tile_cols.restype = i64
     i32 = ctypes.c_int32
-    lib.mbm_quantise.argtypes = [ptr, i64, ptr, i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_int]
-    lib.mbm_quantise.restype = i64
+    lib.mbm_quantise.argtypes = [ptr, i64, i64, ptr] + [i32] * 5 + [ptr] * 4 + [ctypes.c_int]
+    lib.mbm_quantise.restype = ctypes.c_int
     lib.mbm_split.argtypes = [ptr, i64, i32, ptr, ptr, ctypes.c_int]
     lib.mbm_split.restype = None
     return lib

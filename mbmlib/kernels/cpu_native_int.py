@@ -10,7 +10,7 @@ The loader, packing and the float MACs are in :mod:`.cpu_native`.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,8 @@ from ..multipliers.floating import SIGN_EXP_MASK as SIGN_EXP
 from ..multipliers.specs import Multiplier
 from .cpu_native import (_ONE_BITS, MACS, MacConstants, OutLayout, PackedB, _implicit_patches, _nchw, _pack,
                          _prepared_b, _rows_of, _run, library, specialised_mac, split)
+from .lowering import weight_rows
+from .prepared import prepared
 
 __all__ = ["supports_int", "drum_split", "int_block", "quantised_operand", "bmm_nt_int", "conv2d_int", "bmm_nt_quant",
            "conv2d_quant", "FORMULA_MAX_BITS", "TABLE_MAX_BITS"]
@@ -60,7 +62,8 @@ def _kernel_table(multiplier: Multiplier) -> torch.Tensor:
 
 
 INT_ZERO_WORDS = {"a": -(40 << 23), "b": 80 << 23}  # IntWordsMac's words of a zero operand (approx_gemm.cpp)
-_QUANT_FIELDS = {"mbm": 0, "mitchell": 1, "table": 2, "signed table": 3, "drum": 4, "mbm_fold": 5}  # QuantFields
+_QUANT_FIELDS = {"mbm": 0, "mitchell": 1, "table": 2, "signed table": 3, "drum": 4, "mbm_fold": 5,
+                 "mitchell b": 6}  # QuantFields (approx_gemm.cpp)
 FOLDED_ZERO = 2.0**-100  # FoldMac's stand-in for the operand 0 (approx_gemm.cpp)
 
 
@@ -128,43 +131,87 @@ def _folded(v: torch.Tensor, c0: int) -> tuple[torch.Tensor, ...]:
     return bits, sign_exp + (2 << 23) - c0 // 2, sign_exp.view(torch.float32) * (c0 / 2**23)
 
 
-def _quant_fields(multiplier: Multiplier, mac: int) -> tuple[int, int, int]:
-    """(the QuantFields kind, its parameter, how many fields) that :func:`quantised_operand` writes for ``mac``."""
+def _quant_fields(multiplier: Multiplier, mac: int, side: str) -> tuple[int, int, int]:
+    """(the QuantFields kind, its parameter, how many fields) that :func:`_quantised_rows` writes for ``mac`` on
+    ``side`` ("a" or "b"): the fields :func:`_int_operand` gives."""
     if multiplier.kind == "table":
         return _QUANT_FIELDS["signed table" if multiplier.signed else "table"], multiplier.bits, 2
-    if mac == MACS["int", "mbm_fold"]:
+    if side == "a" and mac == MACS["int", "mbm_fold"]:
         return _QUANT_FIELDS["mbm_fold"], multiplier.corrections[0], 3
+    if multiplier.mac == "mitchell" and side == "b":
+        return _QUANT_FIELDS["mitchell b"], 0, 1
     kind = _QUANT_FIELDS[multiplier.mac]
     return kind, multiplier.param if multiplier.mac == "drum" else 0, 2 if multiplier.mac == "mbm" else 1
 
 
-def quantised_operand(x: torch.Tensor, scale: torch.Tensor, multiplier: Multiplier, mac: int,
-                      capability: str | None = None) -> tuple[tuple[torch.Tensor, ...], int]:
-    """A's fields for ``mac`` (:func:`_int_operand`) of ``x`` quantised as :func:`mbmlib.quant.quantise` does
-    (``clamp(round(x / scale))``, NaN 0; ``scale`` one float32 value, read by the kernel), in one pass with no
-    integer tensor between; and how many elements of ``x`` are not finite (their outputs are the caller's to make
-    NaN)."""
+def _quantised_rows(x: torch.Tensor, scales: torch.Tensor, multiplier: Multiplier, mac: int, side: str,
+                    lib) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The fields of ``x``'s last-dimension rows, each quantised with its own scale (``scales`` one per row, or one
+    value for all), as :func:`mbmlib.quant.quantise` does (``clamp(round(x / scale))``, NaN 0), in one pass with no
+    integer tensor between; and each row's count of elements that are not finite (int64, ``x.shape[:-1]``)."""
     x = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
-    scale = scale.to(torch.float32).contiguous()
-    kind, param, count = _quant_fields(multiplier, mac)
+    scales = scales.to(torch.float32).contiguous()
+    kind, param, count = _quant_fields(multiplier, mac, side)
     fields = tuple(torch.empty(x.shape, dtype=torch.int32) for _ in range(count))
+    bad = torch.empty(x.shape[:-1], dtype=torch.int64)
     lo, hi = multiplier.q_range
     threads = torch.get_num_threads() if x.numel() >= 1 << 16 else 1
-    bad = library(capability).mbm_quantise(x.data_ptr(), x.numel(), scale.data_ptr(), lo, hi, kind, param,
-                                           fields[0].data_ptr(), fields[min(1, count - 1)].data_ptr(),
-                                           fields[-1].data_ptr(), threads)
-    return fields, int(bad)
+    lib.mbm_quantise(x.data_ptr(), bad.numel(), x.shape[-1], scales.data_ptr(), int(scales.numel() == 1), lo, hi,
+                     kind, param, fields[0].data_ptr(), fields[min(1, count - 1)].data_ptr(), fields[-1].data_ptr(),
+                     bad.data_ptr(), threads)
+    return fields, bad
+
+
+def quantised_operand(x: torch.Tensor, scale: torch.Tensor, multiplier: Multiplier, mac: int,
+                      capability: str | None = None) -> tuple[tuple[torch.Tensor, ...], int]:
+    """A's fields for ``mac`` (:func:`_int_operand`) of ``x`` quantised with the one float32 ``scale`` (read by the
+    kernel: no synchronisation) by :func:`_quantised_rows`; and how many elements of ``x`` are not finite (their
+    outputs are the caller's to make NaN)."""
+    fields, bad = _quantised_rows(x.reshape(1, -1), scale, multiplier, mac, "a", library(capability))
+    return tuple(f.view(x.shape) for f in fields), int(bad)
 
 
 def _int_b(qb: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
-    """(G, N, K) integer B as the integer MACs read it (:func:`_int_operand`), in K-major panels; a table on
-    Table16Mac its magnitudes (indices) as int16 and its sign masks."""
+    """(G, N, K) integer B as the integer MACs read it (:func:`_int_operand`), in K-major panels."""
     mac = _int_mac(multiplier, lib)
-    fields = _int_operand(qb, multiplier, "b", mac)
+    return _packed_int_b(_int_operand(qb, multiplier, "b", mac), multiplier, mac, lib)
+
+
+def _packed_int_b(fields, multiplier: Multiplier, mac: int, lib) -> PackedB:
+    """B's (G, N, K) fields for ``mac`` in K-major panels; a table on Table16Mac its magnitudes (indices) as int16
+    and its sign masks."""
     if mac == MACS["int", "table16"]:
         sign, index = fields
         fields = (index.to(torch.int16), sign)
-    return PackedB(_pack(fields, lib.mbm_tile_cols(mac)), qb.shape[1], mac)
+    return PackedB(_pack(fields, lib.mbm_tile_cols(mac)), fields[0].shape[1], mac)
+
+
+class QuantisedB(NamedTuple):
+    """A float weight quantised per row into B's panels (:func:`_quantised_b`); ``bad_rows``: which rows hold a
+    NaN or infinity, ``any_bad`` whether any does (known without a synchronisation)."""
+
+    packed: PackedB
+    bad_rows: torch.Tensor
+    any_bad: bool
+
+
+def _quantised_b(w: torch.Tensor, scale: torch.Tensor, groups: Optional[int], multiplier: Multiplier,
+                 capability: str | None) -> QuantisedB:
+    """The float weight ``w`` (a GEMM's (G, N, K) B, ``groups`` None, or a convolution weight) quantised with one
+    scale per output channel (``scale``: (N,) or (O,)) straight into B's fields and panels, once per version of ``w`` and
+    ``scale`` (:mod:`.prepared`): what quantise + :func:`_int_b` give, with no integer tensor between."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+
+    def build() -> QuantisedB:
+        lib = library(capability)
+        mac = _int_mac(multiplier, lib)
+        rows = w if groups is None else weight_rows(w, groups)
+        scales = scale.reshape(-1, rows.shape[1]).expand(rows.shape[:2])
+        fields, bad = _quantised_rows(rows, scales, multiplier, mac, "b", lib)
+        bad_rows = bad.reshape(-1) > 0 if groups is not None else bad > 0
+        return QuantisedB(_packed_int_b(fields, multiplier, mac, lib), bad_rows, bool(bad_rows.any()))
+
+    return prepared((w, scale), ("quantised", groups, multiplier, capability), build)
 
 
 def _int_constants(multiplier: Multiplier, mac: int) -> MacConstants:
@@ -223,26 +270,30 @@ def conv2d_int(qx: torch.Tensor, qw: torch.Tensor, stride, padding, dilation, gr
                      layout=_nchw(qx.shape[0], qw.shape[0], groups, Ho, Wo))
 
 
-def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, qb: torch.Tensor, b_scale: torch.Tensor, multiplier: Multiplier,
-                 capability: str | None = None) -> tuple[torch.Tensor, int]:
-    """Quantised ``a @ qb.T`` from float ``a`` (G, M, K), quantised in the kernel's operand pass with the one scale
-    ``a_scale``, and integer ``qb`` (G, N, K) with scales ``b_scale`` (N,): ((G, M, N) float32 ``sums * a_scale *
-    b_scale`` rounded once, as the unfused float64 path gives them; how many elements of ``a`` are not finite)."""
-    packed = _prepared_b(qb, None, _int_b, multiplier, capability)
-    fields, bad = quantised_operand(a, a_scale, multiplier, packed.mac, capability)
+def bmm_nt_quant(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                 multiplier: Multiplier, capability: str | None = None) -> tuple[torch.Tensor, int, QuantisedB]:
+    """Quantised ``a @ b.T`` from float ``a`` (G, M, K) with the one scale ``a_scale`` and float ``b`` (G, N, K) with
+    one scale per row ``b_scale`` (N,), both quantised in the kernel's operand passes (``b`` once per version):
+    ((G, M, N) float32 ``sums * a_scale * b_scale`` rounded once, as the unfused float64 path gives them; how many
+    elements of ``a`` are not finite; the quantised ``b`` and its non-finite rows)."""
+    qb = _quantised_b(b, b_scale, None, multiplier, capability)
+    fields, bad = quantised_operand(a, a_scale, multiplier, qb.packed.mac, capability)
     scale = a_scale.double() * b_scale.double()
-    return _gemm_int(fields, *_rows_of(a), a.shape[1] * a.shape[2], packed, multiplier, capability, scale), bad
+    out = _gemm_int(fields, *_rows_of(a), a.shape[1] * a.shape[2], qb.packed, multiplier, capability, scale)
+    return out, bad, qb
 
 
-def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, stride, padding,
-                 dilation, groups: int, multiplier: Multiplier, capability: str | None = None) -> tuple[torch.Tensor, int]:
-    """Quantised convolution from float ``x`` (B, C, H, W) (one scale ``x_scale``, quantised in the operand pass)
-    and integer ``qw`` (O, C/groups, kh, kw) with scales ``w_scale`` (O,): ((B, O, Ho, Wo) float32 ``sums *
-    x_scale * w_scale``; how many elements of ``x`` are not finite).  Padding is the operand 0."""
-    x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, qw.shape, stride, padding, dilation)
-    packed = _prepared_b(qw, groups, _int_b, multiplier, capability)
-    fields, bad = quantised_operand(x_cl, x_scale, multiplier, packed.mac, capability)
+def conv2d_quant(x: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, stride, padding,
+                 dilation, groups: int, multiplier: Multiplier,
+                 capability: str | None = None) -> tuple[torch.Tensor, int, QuantisedB]:
+    """Quantised convolution from float ``x`` (B, C, H, W) (one scale ``x_scale``) and float ``w`` (O, C/groups,
+    kh, kw) (scales ``w_scale`` (O,)), both quantised in the operand passes (``w`` once per version): ((B, O, Ho, Wo)
+    float32 ``sums * x_scale * w_scale``; how many elements of ``x`` are not finite; the quantised ``w`` and its
+    non-finite output channels).  Padding is the operand 0."""
+    x_cl, a_row, a_col, (Ho, Wo) = _implicit_patches(x, w.shape, stride, padding, dilation)
+    qw = _quantised_b(w, w_scale, groups, multiplier, capability)
+    fields, bad = quantised_operand(x_cl, x_scale, multiplier, qw.packed.mac, capability)
     scale = (x_scale.double() * w_scale.double()).view(groups, -1)
-    res = _gemm_int(fields, a_row, a_col, qw.shape[1], packed, multiplier, capability, scale,
-                    _nchw(x.shape[0], qw.shape[0], groups, Ho, Wo))
-    return res, bad
+    res = _gemm_int(fields, a_row, a_col, w.shape[1], qw.packed, multiplier, capability, scale,
+                    _nchw(x.shape[0], w.shape[0], groups, Ho, Wo))
+    return res, bad, qw

@@ -123,8 +123,12 @@ def check_int_gemm(qa: torch.Tensor, qb: torch.Tensor, multiplier: Multiplier, k
                         f"{multiplier.name!r}")
     check_int_tensor(qa, "qa", multiplier, ranged)
     check_int_tensor(qb, "qb", multiplier, ranged)
+    check_exact_sums(qa.shape[-1] if k is None else k, multiplier)
+
+
+def check_exact_sums(k: int, multiplier: Multiplier) -> None:
+    """Sums of ``k`` of the integer multiplier's products must be exact in float64."""
     largest = multiplier.max_product
-    k = qa.shape[-1] if k is None else k
     if k * largest >= EXACT_SUM_LIMIT:
         raise ValueError(f"K = {k} products of up to {largest} may not sum exactly in float64 "
                          f"(limit 2**53); split K or use fewer bits")

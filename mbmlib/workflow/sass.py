@@ -3,7 +3,7 @@
 Every kernel of :mod:`mbmlib.kernels.triton` (GEMM, convolution forward, both convolution gradients for
 MBM and Mitchell; the integer GEMM and convolution for mbm-int8 and mitchell-int8), for every tile the
 host may pick, is compiled as a launch of its benchmark shape would compile it: the launcher runs on
-CPU tensors of that shape with its launches recorded (:func:`mbmlib.kernels.triton.launch.recorded_launches`),
+meta tensors of that shape (shapes, dtypes and aligned addresses, no values to compute) with its launches recorded (:func:`mbmlib.kernels.triton.launch.recorded_launches`),
 and Triton's own binder specialises the recorded arguments (an integer 1 becomes a constant, multiples of
 16 get alignment hints) for a ``GPUTarget`` (sm_75, sm_80, sm_90).  The GEMMs are also compiled, at the
 host's tile, for a batched attention shape (``BATCHED_BUILDS``: 16 matrices in one launch, one a program
@@ -139,18 +139,19 @@ class _Pointer:
 
 
 def _operands(shape: Shape, integer: bool):
-    """CPU tensors of a shape: small integers for integer designs (sign-magnitude 8-bit), floats otherwise."""
+    """Meta tensors of a shape (what a launch specialises on: shapes, dtypes, aligned addresses; the encodings of
+    benchmark-sized values would take half a minute of the report): int64 for integer designs, else float32."""
     import torch
 
-    make = (lambda *s: torch.randint(-127, 128, s)) if integer else (lambda *s: torch.rand(*s) + 0.5)
+    dtype = torch.int64 if integer else torch.float32
     if shape.kind == "gemm":
         g, m, n, k = shape.dims
-        return make(g, m, k), make(g, n, k)
-    return make(*shape.dims), make(*shape.weight)
+        return torch.empty(g, m, k, dtype=dtype, device="meta"), torch.empty(g, n, k, dtype=dtype, device="meta")
+    return torch.empty(shape.dims, dtype=dtype, device="meta"), torch.empty(shape.weight, dtype=dtype, device="meta")
 
 
 def _launch_calls(kernel: str, shape: Shape, multiplier, tile):
-    """Run the launcher of ``kernel`` on CPU tensors of ``shape`` with its launches recorded; returns them."""
+    """Run the launcher of ``kernel`` on meta tensors of ``shape`` with its launches recorded; returns them."""
     import torch
 
     from ..kernels.triton import launch
@@ -159,18 +160,18 @@ def _launch_calls(kernel: str, shape: Shape, multiplier, tile):
     out_dtype = torch.int64 if multiplier.is_integer else torch.float32
     with launch.recorded_launches() as calls:
         if shape.kind == "gemm":
-            launch._gemm_launch(a, b, multiplier, torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=out_dtype),
-                                tile)
+            out = torch.empty(a.shape[0], a.shape[1], b.shape[1], dtype=out_dtype, device="meta")
+            launch._gemm_launch(a, b, multiplier, out, tile)
         elif KERNELS[kernel][0] == "conv2d":
             p = (shape.padding,) * 2
-            out = torch.zeros(a.shape[0], b.shape[0], *_conv_out(shape), dtype=out_dtype)
+            out = torch.empty(a.shape[0], b.shape[0], *_conv_out(shape), dtype=out_dtype, device="meta")
             launch._conv2d_launch(a, b, (1, 1), p, (1, 1), 1, multiplier, out, tile)
         else:
             p = (shape.padding,) * 2
-            grad = torch.rand(a.shape[0], b.shape[0], *_conv_out(shape)) + 0.5
+            grad = torch.empty(a.shape[0], b.shape[0], *_conv_out(shape), device="meta")
             launch._conv2d_grads_launch(grad, a, b, (1, 1), p, (1, 1), 1, multiplier,
-                                        launch.design_constexprs(multiplier), torch.zeros_like(a),
-                                        torch.zeros_like(b), tile)
+                                        launch.design_constexprs(multiplier), torch.empty_like(a),
+                                        torch.empty_like(b), tile)
     return calls
 
 

@@ -10,6 +10,7 @@
 // fields, table gathers on (sign, magnitude) and DRUM on signed reduced operands, summed exactly.  The
 // instruction set is chosen at build time (-mavx512f / -mavx2 / none) by the Python loader, which passes one
 // GemmArgs per call.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -594,10 +595,11 @@ extern "C" void mbm_split(const float* x, int64_t n, int32_t t, int32_t* scale, 
 
 // ----------------------------------------------------------------------------- quantisation into operand fields
 
-// What mbm_quantise writes: float(q) split (Q_FLOAT, FloorMac), IntWordsMac's A word (Q_WORDS), a table's sign
-// mask and |q| (Q_TABLE) or 0 and q mod 2^param (Q_SIGNED_TABLE), DRUM-param's signed reduced operand (Q_DRUM),
-// FoldMac's A fields for MBM's correction c0 = param (Q_FOLD).
-enum QuantFields { Q_FLOAT = 0, Q_WORDS = 1, Q_TABLE = 2, Q_SIGNED_TABLE = 3, Q_DRUM = 4, Q_FOLD = 5 };
+// What mbm_quantise writes: float(q) split (Q_FLOAT: FloorMac's A, the B of FoldMac and FloorMac), IntWordsMac's
+// A word (Q_WORDS) or B word (Q_WORDS_B), a table's sign mask and |q| (Q_TABLE) or 0 and q mod 2^param
+// (Q_SIGNED_TABLE), DRUM-param's signed reduced operand (Q_DRUM), FoldMac's A fields for MBM's correction
+// c0 = param (Q_FOLD).
+enum QuantFields { Q_FLOAT = 0, Q_WORDS = 1, Q_TABLE = 2, Q_SIGNED_TABLE = 3, Q_DRUM = 4, Q_FOLD = 5, Q_WORDS_B = 6 };
 static const float FOLDED_ZERO = 0x1p-100f;  // FoldMac's stand-in for the operand 0
 
 // The fields of one quantised value q (an integer-valued float, maybe -0.0) at f0[i] (and f1[i]).
@@ -621,6 +623,8 @@ static inline void write_fields(float q, int32_t param, int32_t* f0, int32_t* f1
         f1[i] = (int32_t)(bits & 0x007FFFFFu);
     } else if (KIND == Q_WORDS) {
         f0[i] = q == 0.0f ? INT_ZERO_A : (int32_t)(bits - (uint32_t)ONE_BITS);
+    } else if (KIND == Q_WORDS_B) {
+        f0[i] = q == 0.0f ? INT_ZERO_B : (int32_t)bits;
     } else if (KIND == Q_TABLE) {
         f0[i] = -(int32_t)(iq < 0);
         f1[i] = mag;
@@ -634,15 +638,15 @@ static inline void write_fields(float q, int32_t param, int32_t* f0, int32_t* f1
     }
 }
 
-// q = clamp(rint(x / scale), lo, hi) (half to even; NaN -> 0) for n floats, then its fields; returns how many x
-// were not finite.  The same q as mbmlib.quant.quantise, with no integer tensor and no second pass between.
+// q = clamp(rint(x / scale), lo, hi) (half to even; NaN -> 0) for x[begin, end), then its fields at the same
+// indices; returns how many x were not finite.  The same q as mbmlib.quant.quantise, with no integer tensor and
+// no second pass between.
 template <int KIND>
-static int64_t quantise_as(const float* x, int64_t n, float scale, int32_t lo, int32_t hi, int32_t param, int32_t* f0,
-                           int32_t* f1, int32_t* f2, int threads) {
+static int64_t quantise_span(const float* x, int64_t begin, int64_t end, float scale, int32_t lo, int32_t hi,
+                             int32_t param, int32_t* f0, int32_t* f1, int32_t* f2) {
     int64_t bad = 0;
     const float flo = (float)lo, fhi = (float)hi;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : bad) if (threads > 1)
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = begin; i < end; ++i) {
         const float v = x[i];
         bad += !__builtin_isfinite(v);
         float q = __builtin_rintf(v / scale);
@@ -651,6 +655,27 @@ static int64_t quantise_as(const float* x, int64_t n, float scale, int32_t lo, i
         write_fields<KIND>(q == q ? q : 0.0f, param, f0, f1, f2, i);
     }
     return bad;
+}
+
+// quantise_span over ``rows`` rows of ``len`` floats, row r with the scale scales[r] (every row scales[0] when
+// one_scale), its count of non-finite x in bad[r].  Threads split the rows, or one row's elements.
+template <int KIND>
+static void quantise_rows(const float* x, int64_t rows, int64_t len, const float* scales, bool one_scale, int32_t lo,
+                          int32_t hi, int32_t param, int32_t* f0, int32_t* f1, int32_t* f2, int64_t* bad,
+                          int threads) {
+    if (rows == 1) {
+        int64_t count = 0;
+        const int64_t chunk = (len + threads - 1) / threads;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : count) if (threads > 1)
+        for (int t = 0; t < threads; ++t)
+            count += quantise_span<KIND>(x, t * chunk, std::min(len, (t + 1) * chunk), scales[0], lo, hi, param, f0,
+                                         f1, f2);
+        bad[0] = count;
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; ++r)
+        bad[r] = quantise_span<KIND>(x, r * len, (r + 1) * len, scales[one_scale ? 0 : r], lo, hi, param, f0, f1, f2);
 }
 
 extern "C" {
@@ -689,19 +714,23 @@ int mbm_has_table16() { return 1; }  // whether mbm_gemm takes I_TABLE16
 int mbm_has_table16() { return 0; }
 #endif
 
-// mbm_quantise: quantise_as for the fields ``kind`` (QuantFields) with the scale at ``scale_at``; -1 for an unknown kind.
-int64_t mbm_quantise(const float* x, int64_t n, const float* scale_at, int32_t lo, int32_t hi, int32_t kind,
-                     int32_t param, int32_t* f0, int32_t* f1, int32_t* f2, int threads) {
-    const float scale = *scale_at;  // read here: the caller's scale tensor, no device synchronisation to fetch it
+// mbm_quantise: quantise_rows for the fields ``kind`` (QuantFields); the scales are read here (the caller's scale
+// tensor, no device synchronisation to fetch it).  Returns 0, or -1 for an unknown kind.
+int mbm_quantise(const float* x, int64_t rows, int64_t len, const float* scales, int32_t one_scale, int32_t lo,
+                 int32_t hi, int32_t kind, int32_t param, int32_t* f0, int32_t* f1, int32_t* f2, int64_t* bad,
+                 int threads) {
+#define MBM_QUANTISE(K) quantise_rows<K>(x, rows, len, scales, one_scale != 0, lo, hi, param, f0, f1, f2, bad, threads)
     switch (kind) {
-        case Q_FLOAT: return quantise_as<Q_FLOAT>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
-        case Q_WORDS: return quantise_as<Q_WORDS>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
-        case Q_TABLE: return quantise_as<Q_TABLE>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
-        case Q_SIGNED_TABLE: return quantise_as<Q_SIGNED_TABLE>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
-        case Q_DRUM: return quantise_as<Q_DRUM>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
-        case Q_FOLD: return quantise_as<Q_FOLD>(x, n, scale, lo, hi, param, f0, f1, f2, threads);
+        case Q_FLOAT: MBM_QUANTISE(Q_FLOAT); return 0;
+        case Q_WORDS: MBM_QUANTISE(Q_WORDS); return 0;
+        case Q_WORDS_B: MBM_QUANTISE(Q_WORDS_B); return 0;
+        case Q_TABLE: MBM_QUANTISE(Q_TABLE); return 0;
+        case Q_SIGNED_TABLE: MBM_QUANTISE(Q_SIGNED_TABLE); return 0;
+        case Q_DRUM: MBM_QUANTISE(Q_DRUM); return 0;
+        case Q_FOLD: MBM_QUANTISE(Q_FOLD); return 0;
         default: return -1;
     }
+#undef MBM_QUANTISE
 }
 // The tile (rows, columns) of the MAC ``mac`` (its Shape): B's panels are that many columns wide.
 static void mac_shape(int mac, int64_t* rows, int64_t* cols) {

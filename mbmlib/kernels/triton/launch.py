@@ -393,6 +393,12 @@ def _conv2d_grads_launch(grad, x, w, stride, padding, dilation, groups, multipli
     return grad_x, grad_w
 
 
+def _has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a NaN or infinity; a meta tensor has no values (a launch recorded from shapes alone,
+    :mod:`mbmlib.workflow.sass`, specialises as for finite weights)."""
+    return not t.is_meta and not bool(torch.isfinite(t).all())
+
+
 def _grad_input_launch(wg, w, stride, padding, dilation, groups, multiplier, kind, grad_x, tile):
     B, C, H, W = grad_x.shape
     O, Cg, KH, KW = w.shape
@@ -404,7 +410,7 @@ def _grad_input_launch(wg, w, stride, padding, dilation, groups, multiplier, kin
              wg, ww, grad_x, wg, M, N, O // groups, H, W, wg.shape[2], wg.shape[3], g0,
             *wg.stride(), ww.stride(0), ww.stride(3), grad_x.stride(0), grad_x.stride(1),
             *_conv_args(stride, padding, dilation), KH=KH, KW=KW,
-            NONFINITE_W=not bool(torch.isfinite(w).all()), **kind, **tile.meta())
+            NONFINITE_W=_has_nonfinite(w), **kind, **tile.meta())
 
 
 def _batch_splits(n_batch: int, programs: int) -> int:
