@@ -90,6 +90,21 @@ def test_spills_are_what_ptxas_reports_and_located():
     assert entry["spill_ops"]["outside_loops"] > 0 and entry["spill_ops"]["k_loop"] == 0
 
 
+@pytest.mark.parametrize("kernel, multiplier", [("gemm_int", "mbm-int8"), ("conv2d_grad_input", "mbm")])
+def test_a_launch_recorded_on_meta_tensors_is_the_launch_of_real_ones(kernel, multiplier):
+    """Grid, arguments (dtypes and 16-byte alignment of the tensors), constexprs: the same from shapes alone as
+    from the CPU tensors a launch would get (the convolution's input gradient reads the weights' values for
+    its NONFINITE_W constexpr)."""
+    from mbmlib.workflow import sass
+
+    def seen(device):
+        fn, grid, args, meta = sass.recorded_launch(kernel, sass.shapes_of(kernel)[0], multiplier,
+                                                    sass.tiles_of(kernel)[0], device)
+        return grid, [(a.dtype, a.data_ptr() % 16) if hasattr(a, "data_ptr") else a for a in args], meta
+
+    assert seen("meta") == seen("cpu")
+
+
 ARCHS = ("sm_75", "sm_80", "sm_90")
 KERNELS = ("gemm", "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "gemm_int", "conv2d_int")
 

@@ -138,40 +138,42 @@ class _Pointer:
         return self.address
 
 
-def _operands(shape: Shape, integer: bool):
-    """Meta tensors of a shape (what a launch specialises on: shapes, dtypes, aligned addresses; the encodings of
-    benchmark-sized values would take half a minute of the report): int64 for integer designs, else float32."""
+def _operands(shape: Shape, integer: bool, device: str):
+    """Tensors of a shape on ``device``: small integers for integer designs (sign-magnitude 8-bit), floats
+    otherwise.  On "meta" they have no values, only what a launch specialises on (shapes, dtypes, aligned
+    addresses): the encodings of benchmark-sized values would take half a minute of the report."""
     import torch
 
-    dtype = torch.int64 if integer else torch.float32
+    make = ((lambda *s: torch.randint(-127, 128, s, device=device)) if integer
+            else (lambda *s: torch.rand(*s, device=device) + 0.5))
     if shape.kind == "gemm":
         g, m, n, k = shape.dims
-        return torch.empty(g, m, k, dtype=dtype, device="meta"), torch.empty(g, n, k, dtype=dtype, device="meta")
-    return torch.empty(shape.dims, dtype=dtype, device="meta"), torch.empty(shape.weight, dtype=dtype, device="meta")
+        return make(g, m, k), make(g, n, k)
+    return make(*shape.dims), make(*shape.weight)
 
 
-def _launch_calls(kernel: str, shape: Shape, multiplier, tile):
-    """Run the launcher of ``kernel`` on meta tensors of ``shape`` with its launches recorded; returns them."""
+def _launch_calls(kernel: str, shape: Shape, multiplier, tile, device: str = "meta"):
+    """Run the launcher of ``kernel`` on tensors of ``shape`` on ``device`` with its launches recorded; returns them."""
     import torch
 
     from ..kernels.triton import launch
 
-    a, b = _operands(shape, multiplier.is_integer)
+    a, b = _operands(shape, multiplier.is_integer, device)
     out_dtype = torch.int64 if multiplier.is_integer else torch.float32
     with launch.recorded_launches() as calls:
         if shape.kind == "gemm":
-            out = torch.empty(a.shape[0], a.shape[1], b.shape[1], dtype=out_dtype, device="meta")
+            out = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=out_dtype, device=device)
             launch._gemm_launch(a, b, multiplier, out, tile)
         elif KERNELS[kernel][0] == "conv2d":
             p = (shape.padding,) * 2
-            out = torch.empty(a.shape[0], b.shape[0], *_conv_out(shape), dtype=out_dtype, device="meta")
+            out = torch.zeros(a.shape[0], b.shape[0], *_conv_out(shape), dtype=out_dtype, device=device)
             launch._conv2d_launch(a, b, (1, 1), p, (1, 1), 1, multiplier, out, tile)
         else:
             p = (shape.padding,) * 2
-            grad = torch.empty(a.shape[0], b.shape[0], *_conv_out(shape), device="meta")
+            grad = torch.rand(a.shape[0], b.shape[0], *_conv_out(shape), device=device) + 0.5
             launch._conv2d_grads_launch(grad, a, b, (1, 1), p, (1, 1), 1, multiplier,
-                                        launch.design_constexprs(multiplier), torch.empty_like(a),
-                                        torch.empty_like(b), tile)
+                                        launch.design_constexprs(multiplier), torch.zeros_like(a),
+                                        torch.zeros_like(b), tile)
     return calls
 
 
@@ -182,14 +184,16 @@ def _conv_out(shape: Shape) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def recorded_launch(kernel: str, shape_name: str, multiplier: str, tile):
+def recorded_launch(kernel: str, shape_name: str, multiplier: str, tile, device: str = "meta"):
     """(JIT function, grid, arguments, meta) of the launch of ``kernel`` for a benchmark shape and tile, its
-    tensors replaced by their dtype and address (the same on every architecture: computed once)."""
+    tensors replaced by their dtype and address (the same on every architecture: computed once); recorded on
+    meta tensors unless ``device`` says otherwise."""
     from ..kernels import triton as tk
     from ..multipliers import as_multiplier
 
     fn = tk.KERNELS[KERNELS[kernel][0]][0]
-    calls = [c for c in _launch_calls(kernel, SHAPES[shape_name], as_multiplier(multiplier), tile) if c[0] is fn]
+    calls = [c for c in _launch_calls(kernel, SHAPES[shape_name], as_multiplier(multiplier), tile, device)
+             if c[0] is fn]
     fn, grid, args, meta = calls[0]
     args = tuple(_Pointer(a.dtype, a.data_ptr()) if hasattr(a, "data_ptr") else a for a in args)
     return fn, grid, args, meta
