@@ -21,21 +21,25 @@ CAPABILITIES = list(_ORDER[:_ORDER.index(_HERE) + 1]) if _HERE in _ORDER else [_
 _TABLE = torch.randint(0, 1 << 16, (256, 256), generator=torch.Generator().manual_seed(5))  # row/column 0 not 0
 _SIGNED_TABLE = torch.randint(-(1 << 15), 1 << 15, (256, 256), generator=torch.Generator().manual_seed(6))
 _WIDE_TABLE = torch.randint(0, 1 << 20, (256, 256), generator=torch.Generator().manual_seed(7))  # past 16 bits
+_SMALL_TABLE = torch.randint(0, 1 << 15, (256, 256), generator=torch.Generator().manual_seed(8))  # negatable in int16
 
 
 def _multiplier(name: str) -> Multiplier:
-    """A design by name, or "table" / "signed table" / "wide table": random 8-bit tables (entries of 16 bits, or of
-    20: another MAC) whose operand 0 gives nonzero products."""
+    """A design by name, or "table" / "small table" / "signed table" / "wide table": random 8-bit tables (entries of
+    16 bits, 15 or 20: each its own MAC) whose operand 0 gives nonzero products."""
     if name == "table":
         return Multiplier.from_table(_TABLE)
     if name == "wide table":
         return Multiplier.from_table(_WIDE_TABLE)
+    if name == "small table":
+        return Multiplier.from_table(_SMALL_TABLE)
     if name == "signed table":
         return Multiplier.from_table(_SIGNED_TABLE, signed=True)
     return as_multiplier(name)
 
 
-FUSED = ["mbm-int8", "mitchell-int8", "drum4-int8", "table", "signed table", "wide table"]  # every QuantFields kind
+FUSED = ["mbm-int8", "mitchell-int8", "drum4-int8", "table", "small table", "signed table",
+         "wide table"]  # every QuantFields kind, every table MAC
 
 
 def _bits(field: torch.Tensor) -> torch.Tensor:

@@ -259,14 +259,19 @@ def _random_table(bits: int, low: int, high: int, seed: int, signed: bool = Fals
                                  signed=signed)
 
 
-# (table, what it exercises in Table16Mac): entries zero-extended past 2**15, a signed (two's-complement) table's
-# negative entries sign-extended, a narrower table's padded rows; entries past 16 bits stay on the gather kernel
+# table -> (the MAC it runs on with AVX-512, what it exercises).  Table16MaddMac: a sign-magnitude table's negated
+# rows (read by a negative A) and B's +-1 signs, a signed (two's-complement) table's entries as they are, a
+# narrower table's padded rows; Table16Mac: entries zero-extended past 2**15; entries past 16 bits stay on the
+# gather kernel.
 TABLES_16 = {
-    "unsigned entries up to 2**16 - 1": lambda: _random_table(8, 0, 1 << 16, 1),
-    "signed table, entries -2**15..2**15 - 1": lambda: _random_table(8, -(1 << 15), 1 << 15, 2, signed=True),
-    "5-bit table": lambda: _random_table(5, 0, 1000, 3),
-    "5-bit signed table": lambda: _random_table(5, -500, 500, 4, signed=True),
-    "entries past 16 bits": lambda: _random_table(8, 0, 1 << 20, 5),
+    "8-bit table, entries up to 2**15 - 1": ("table16_madd", lambda: _random_table(8, 0, 1 << 15, 6)),
+    "signed table, entries -2**15..2**15-1": ("table16_madd",
+                                              lambda: _random_table(8, -(1 << 15), 1 << 15, 2, signed=True)),
+    "5-bit table": ("table16_madd", lambda: _random_table(5, 0, 1000, 3)),
+    "5-bit signed table": ("table16_madd", lambda: _random_table(5, -500, 500, 4, signed=True)),
+    "unsigned entries up to 2**16 - 1": ("table16", lambda: _random_table(8, 0, 1 << 16, 1)),
+    "entries past 16 bits": ("table", lambda: _random_table(8, 0, 1 << 20, 5)),
+    "signed entries past 16 bits": ("table", lambda: _random_table(8, -(1 << 16), 1 << 16, 8, signed=True)),
 }
 
 
@@ -274,16 +279,16 @@ TABLES_16 = {
 @pytest.mark.parametrize("table", list(TABLES_16))
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 13, 70, 9), (1, 7, 33, 300)])
 def test_tables_in_registers_equal_the_reference(capability, table, shape):
-    """Table16Mac (AVX-512: rows looked up with vpermt2w) gives the gather kernel's sums: N past one 32-column panel
-    and not a multiple of it, zero operands, both signs, every index."""
-    mult, (G, M, N, K) = TABLES_16[table](), shape
+    """The register tables (AVX-512: rows looked up with vpermt2w) give the reference's sums: N past one 32- and
+    64-column panel and not a multiple of them, zero operands, both signs, every index."""
+    mac, make = TABLES_16[table]
+    mult, (G, M, N, K) = make(), shape
     lo, hi = mult.q_range
     gen = torch.Generator().manual_seed(G * M + N)
     qa, qb = torch.randint(lo, hi + 1, (G, M, K), generator=gen), torch.randint(lo, hi + 1, (G, N, K), generator=gen)
     qa.view(-1)[:3] = torch.tensor([0, lo, hi])[:qa.numel()]
     packed = cpu_native_int._int_b(qb, mult, cpu_native.library(capability))
-    in_registers = capability == "AVX512" and table != "entries past 16 bits"
-    assert (packed.mac == cpu_native.MACS["int", "table16"]) == in_registers
+    assert packed.mac == cpu_native.MACS["int", mac if capability == "AVX512" else "table"]
     assert torch.equal(cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
 
 

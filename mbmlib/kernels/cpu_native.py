@@ -68,7 +68,8 @@ class GemmArgs(ctypes.Structure):
 # The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
 MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2,
         ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6, ("int", "drum"): 7, ("int", "words"): 8,
-        ("int", "table16"): 9, ("int", "mbm_fold"): 10}
+        ("int", "table16"): 9, ("int", "mbm_fold"): 10,
+        ("int", "table16_madd"): 11}
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> None:

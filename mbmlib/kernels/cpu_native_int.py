@@ -67,38 +67,51 @@ _QUANT_FIELDS = {"mbm": 0, "mitchell": 1, "table": 2, "signed table": 3, "drum":
 FOLDED_ZERO = 2.0**-100  # FoldMac's stand-in for the operand 0 (approx_gemm.cpp)
 
 
+class _Table16(NamedTuple):
+    """A table of up to 8 bits as the register-table MACs read it: ``rows`` (R, 256) int16 (zero columns
+    appended), on the MAC ``mac``; ``c0``, Table16MaddMac's first negated row (0: a signed table has none)."""
+
+    rows: torch.Tensor
+    mac: str
+    c0: int = 0
+
+
 @functools.lru_cache(maxsize=16)
-def _kernel_table16(multiplier: Multiplier) -> Optional[tuple[torch.Tensor, int]]:
-    """A table of up to 8 bits as Table16Mac reads it: (2**bits, 256) int16 rows (zero columns appended) and 1 if
-    its entries sign-extend (some negative), 0 if they zero-extend; None where an entry does not fit 16 bits."""
+def _kernel_table16(multiplier: Multiplier) -> Optional[_Table16]:
+    """The table for Table16MaddMac where its entries and their negations fit int16 (a sign-magnitude table's
+    rows, then its negated rows, which a negative A reads; a signed table's own rows, entries -2**15..2**15-1),
+    else for Table16Mac where a sign-magnitude table's entries fit 16 bits (up to 2**16-1, zero-extended); None
+    where they do not."""
     t = multiplier.table.to(torch.int64)
     lo, hi = int(t.min()), int(t.max())
-    if lo >= 0 and hi < 1 << 16:
-        signed = 0
-    elif -(1 << 15) <= lo and hi < 1 << 15:
-        signed = 1
-    else:
-        return None
-    rows = F.pad(t, (0, 256 - t.shape[1])).to(torch.int32)
-    rows = torch.where(rows >= 1 << 15, rows - (1 << 16), rows)  # the same 16 bits, stored as int16
-    return rows.to(torch.int16).contiguous(), signed
+    rows = F.pad(t, (0, 256 - t.shape[1]))
+    if multiplier.signed:
+        fits = lo >= -(1 << 15) and hi < 1 << 15
+        return _Table16(rows.to(torch.int16).contiguous(), "table16_madd") if fits else None
+    if hi < 1 << 15:
+        return _Table16(torch.cat([rows, -rows]).to(torch.int16).contiguous(), "table16_madd", t.shape[0])
+    if hi < 1 << 16:
+        rows = torch.where(rows >= 1 << 15, rows - (1 << 16), rows)  # the same 16 bits, stored as int16
+        return _Table16(rows.to(torch.int16).contiguous(), "table16")
+    return None
 
 
-def _table16(multiplier: Multiplier, lib) -> bool:
-    """Whether a table multiplier runs on Table16Mac: this build has it, and every entry fits 16 bits."""
-    return multiplier.kind == "table" and bool(lib.mbm_has_table16()) and _kernel_table16(multiplier) is not None
+def _table16(multiplier: Multiplier, lib) -> Optional[_Table16]:
+    """The register table of a table multiplier (:func:`_kernel_table16`) where this build has the register MACs."""
+    return _kernel_table16(multiplier) if multiplier.kind == "table" and lib.mbm_has_table16() else None
 
 
 def _int_mac(multiplier: Multiplier, lib) -> int:
     """The kernel's MAC of an integer multiplier: integer Mitchell runs in the bit domain (IntWordsMac), one-addend
     MBM with A's scale folded into its word where the build has it (FoldMac), tables in registers where their
-    entries fit 16 bits (Table16Mac)."""
+    entries fit 16 bits (Table16MaddMac, Table16Mac)."""
     if multiplier.mac == "mitchell":
         return MACS["int", "words"]
     if multiplier.mac == "mbm" and lib.mbm_has_words() and 2 * multiplier.corrections[1] == multiplier.corrections[0]:
         return MACS["int", "mbm_fold"]
-    if _table16(multiplier, lib):
-        return MACS["int", "table16"]
+    table16 = _table16(multiplier, lib)
+    if table16 is not None:
+        return MACS["int", table16.mac]
     return MACS["int", specialised_mac(multiplier)]
 
 
@@ -178,11 +191,11 @@ def _int_b(qb: torch.Tensor, multiplier: Multiplier, lib) -> PackedB:
 
 
 def _packed_int_b(fields, multiplier: Multiplier, mac: int, lib) -> PackedB:
-    """B's (G, N, K) fields for ``mac`` in K-major panels; a table on Table16Mac its magnitudes (indices) as int16
-    and its sign masks."""
-    if mac == MACS["int", "table16"]:
+    """B's (G, N, K) fields for ``mac`` in K-major panels; a register table's magnitudes (indices) as int16 with
+    its sign masks (Table16MaddMac: as int16 too)."""
+    if mac in (MACS["int", "table16"], MACS["int", "table16_madd"]):
         sign, index = fields
-        fields = (index.to(torch.int16), sign)
+        fields = (index.to(torch.int16), sign.to(torch.int16) if mac == MACS["int", "table16_madd"] else sign)
     return PackedB(_pack(fields, lib.mbm_tile_cols(mac)), fields[0].shape[1], mac)
 
 
@@ -216,10 +229,10 @@ def _quantised_b(w: torch.Tensor, scale: torch.Tensor, groups: Optional[int], mu
 
 def _int_constants(multiplier: Multiplier, mac: int) -> MacConstants:
     """The integer MAC ``mac``'s constants: MBM's corrections, DRUM's split of A (:func:`drum_split`), a table's
-    entries (Table16Mac: its int16 rows, and in c0 whether they sign-extend)."""
-    if mac == MACS["int", "table16"]:
-        rows, sign_extends = _kernel_table16(multiplier)
-        return MacConstants(sign_extends, 0, rows, multiplier.bits)
+    entries (the register tables: their int16 rows, and in c0 Table16MaddMac's first negated row)."""
+    if mac in (MACS["int", "table16"], MACS["int", "table16_madd"]):
+        table16 = _kernel_table16(multiplier)
+        return MacConstants(table16.c0, 0, table16.rows, multiplier.bits)
     if multiplier.kind == "table":
         return MacConstants(table=_kernel_table(multiplier), bits=multiplier.bits)
     if multiplier.mac == "drum":

@@ -130,7 +130,7 @@ static const int32_t ONE_BITS = 0x3F800000;  // bits of 1.0f: mant_sum + ONE_BIT
 
 // The MACs (GemmArgs.mac).  Float MACs sum in float32, integer ones exactly (int32 blocks, int64 output).
 enum Mac { F_MITCHELL = 0, F_MBM = 1, F_MITCHELL_WORDS = 2, I_MBM = 4, I_TABLE = 5, F_LMUL = 6,
-           I_DRUM = 7, I_MITCHELL_WORDS = 8, I_TABLE16 = 9, I_MBM_FOLD = 10 };
+           I_DRUM = 7, I_MITCHELL_WORDS = 8, I_TABLE16 = 9, I_MBM_FOLD = 10, I_TABLE16_MADD = 11 };
 
 // Mirrors cpu_native.GemmArgs (ctypes).  A: element (g, m, k) of field f at a[f] + g * a_group + a_row[m]
 // + a_col[k] (a plain row-major A has a_row[m] = m * K, a_col[k] = k; im2col patches read straight from a
@@ -370,43 +370,52 @@ struct TableMac : IntSums {
 // Tables of up to 8 bits whose entries fit 16 bits, looked up in registers instead of gathered: A's table row
 // (256 16-bit entries, 8 vectors; rows of narrower tables padded) is read once per element of A and 32 products
 // come from it at once: four vpermt2w pick entry (|b| mod 64) of each 64-entry quarter, two bits of |b| choose
-// among the quarters (three blends), the 16-bit products widen to int32 (zero- or sign-extended: the loader
-// passes which in c0) and add or subtract by the signs.  B: |b| as int16 (32 per k) and its int32 sign masks.
-struct Pair { vi lo, hi; };  // sums of columns 0..15 and 16..31
+// among the quarters (three blends).  B: |b| as int16 (32 per k) and what the MAC needs of its signs.
+struct Pair { vi lo, hi; };  // two int32 sums: columns 0..15 and 16..31 (Table16Mac), or even and odd (MaddMac)
 
+struct Index16 { __m512i index; __mmask32 bit6, bit7; };  // 32 columns' |b| and its bits 6 and 7
+
+ALWAYS_INLINE Index16 load_index16(const int16_t* at) {
+    const __m512i index = _mm512_loadu_si512(at);
+    return {index, _mm512_test_epi16_mask(index, _mm512_set1_epi16(64)),
+            _mm512_test_epi16_mask(index, _mm512_set1_epi16(128))};
+}
+
+// The 32 entries row[index] of a 256-entry int16 table row.
+ALWAYS_INLINE __m512i lookup16(const __m512i* r, const Index16& b) {
+    const __m512i q0 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 0), b.index, _mm512_loadu_si512(r + 1));
+    const __m512i q1 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 2), b.index, _mm512_loadu_si512(r + 3));
+    const __m512i q2 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 4), b.index, _mm512_loadu_si512(r + 5));
+    const __m512i q3 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 6), b.index, _mm512_loadu_si512(r + 7));
+    return _mm512_mask_blend_epi16(b.bit7, _mm512_mask_blend_epi16(b.bit6, q0, q1),
+                                   _mm512_mask_blend_epi16(b.bit6, q2, q3));
+}
+
+// A sign-magnitude table whose entries need all 16 bits (2^15..2^16-1: no room for a negation in int16): the
+// products widen to int32 (zero-extended) and add or subtract by the signs.  B's fields: |b| (int16) and its
+// int32 sign masks.
 struct Table16Mac {
     static const int FIELDS = 2;
     static const int SPAN = 2 * VW;
     typedef int64_t Out;
     typedef Pair Sum;
-    struct Consts { const int16_t* table; bool signed_entries; };
+    struct Consts { const int16_t* table; };
     struct A { const __m512i* row; __mmask32 flip; };  // flip: all ones where A is negative
-    struct B { __m512i index; __mmask32 bit6, bit7, neg; };
-    static Consts consts(const GemmArgs& g) { return {(const int16_t*)g.table, g.c0 != 0}; }
+    struct B { Index16 index; __mmask32 neg; };
+    static Consts consts(const GemmArgs& g) { return {(const int16_t*)g.table}; }
     static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
     ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts& c) {
         return {(const __m512i*)(c.table + ((int64_t)f[1][k] << 8)), (__mmask32)(f[0][k] ? 0xFFFFFFFFu : 0u)};
     }
     ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
-        const __m512i index = _mm512_loadu_si512((const int16_t*)f[0] + at);
         const __mmask16 lo = _mm512_movepi32_mask(i_load(f[1] + at)), hi = _mm512_movepi32_mask(i_load(f[1] + at + VW));
-        return {index, _mm512_test_epi16_mask(index, _mm512_set1_epi16(64)),
-                _mm512_test_epi16_mask(index, _mm512_set1_epi16(128)), (__mmask32)lo | ((__mmask32)hi << 16)};
+        return {load_index16((const int16_t*)f[0] + at), (__mmask32)lo | ((__mmask32)hi << 16)};
     }
     ALWAYS_INLINE Sum zero() { return {i_set1(0), i_set1(0)}; }
-    ALWAYS_INLINE vi widen(__m256i p, const Consts& c) {
-        return c.signed_entries ? _mm512_cvtepi16_epi32(p) : _mm512_cvtepu16_epi32(p);
-    }
-    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts& c) {
-        const __m512i* r = a.row;
-        const __m512i q0 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 0), b.index, _mm512_loadu_si512(r + 1));
-        const __m512i q1 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 2), b.index, _mm512_loadu_si512(r + 3));
-        const __m512i q2 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 4), b.index, _mm512_loadu_si512(r + 5));
-        const __m512i q3 = _mm512_permutex2var_epi16(_mm512_loadu_si512(r + 6), b.index, _mm512_loadu_si512(r + 7));
-        const __m512i p = _mm512_mask_blend_epi16(b.bit7, _mm512_mask_blend_epi16(b.bit6, q0, q1),
-                                                  _mm512_mask_blend_epi16(b.bit6, q2, q3));
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
+        const __m512i p = lookup16(a.row, b.index);
         const __mmask32 neg = a.flip ^ b.neg;
-        const vi lo = widen(_mm512_castsi512_si256(p), c), hi = widen(_mm512_extracti64x4_epi64(p, 1), c);
+        const vi lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(p)), hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(p, 1));
         const __mmask16 neg_lo = (__mmask16)neg, neg_hi = (__mmask16)(neg >> 16);
         return {_mm512_mask_sub_epi32(_mm512_mask_add_epi32(acc.lo, (__mmask16)~neg_lo, acc.lo, lo), neg_lo, acc.lo, lo),
                 _mm512_mask_sub_epi32(_mm512_mask_add_epi32(acc.hi, (__mmask16)~neg_hi, acc.hi, hi), neg_hi, acc.hi, hi)};
@@ -414,6 +423,45 @@ struct Table16Mac {
     ALWAYS_INLINE void flush(Out* out, Sum s) {
         add_lanes(out, s.lo, 1);
         add_lanes(out + VW, s.hi, 1);
+    }
+};
+
+// Tables whose entries fit int16 with their negations (a sign-magnitude table's entries below 2^15; a signed
+// table's -2^15..2^15-1, never negated): a negative A reads its row among the negated rows (the loader appends
+// them, c0 rows on: 0 for a signed table), a negative B negates its products in int16 (one masked subtract for
+// 32), and one vpmaddwd per half widens them to int32 (times 1 at the even lanes and 0 at the odd, or the
+// reverse: the two sums hold the even and the odd columns).  B's fields: |b| and its sign masks, as int16.
+struct Table16MaddMac {
+    static const int FIELDS = 2;
+    static const int SPAN = 2 * VW;
+    typedef int64_t Out;
+    typedef Pair Sum;
+    struct Consts { const int16_t* table; int32_t negated_rows; };
+    struct A { const __m512i* row; };
+    struct B { Index16 index; __mmask32 neg; };
+    static Consts consts(const GemmArgs& g) { return {(const int16_t*)g.table, (int32_t)g.c0}; }
+    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
+    ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts& c) {
+        return {(const __m512i*)(c.table + ((int64_t)(f[1][k] + (f[0][k] & c.negated_rows)) << 8))};
+    }
+    ALWAYS_INLINE B load_b(const int32_t* const* f, int64_t at) {
+        const __m512i sign = _mm512_loadu_si512((const int16_t*)f[1] + at);
+        return {load_index16((const int16_t*)f[0] + at), _mm512_movepi16_mask(sign)};
+    }
+    ALWAYS_INLINE Sum zero() { return {i_set1(0), i_set1(0)}; }
+    ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
+        const __m512i q = lookup16(a.row, b.index);
+        const __m512i p = _mm512_mask_sub_epi16(q, b.neg, _mm512_setzero_si512(), q);
+        return {i_add(acc.lo, _mm512_madd_epi16(p, i_set1(1))), i_add(acc.hi, _mm512_madd_epi16(p, i_set1(1 << 16)))};
+    }
+    ALWAYS_INLINE void flush(Out* out, Sum s) {
+        int32_t even[VW], odd[VW];
+        i_store(even, s.lo);
+        i_store(odd, s.hi);
+        for (int l = 0; l < VW; ++l) {
+            out[2 * l] += even[l];
+            out[2 * l + 1] += odd[l];
+        }
     }
 };
 #endif
@@ -427,6 +475,10 @@ struct Shape {
 #if defined(__AVX512BW__)
 template <>
 struct Shape<Table16Mac> {
+    static const int rows = 4, cols = 2 * NR;
+};
+template <>
+struct Shape<Table16MaddMac> {
     static const int rows = 4, cols = 2 * NR;
 };
 #endif
@@ -551,12 +603,15 @@ static void tile_rows(int rows, const GemmArgs& g, int64_t a0, int64_t m0, const
     }
 }
 
-// Bytes of an element of B's field f: 4 (int32 or float), but Table16Mac's indices are int16.
+// Bytes of an element of B's field f: 4 (int32 or float), but the register tables' indices are int16, and so
+// are Table16MaddMac's sign masks.
 template <class M>
 static inline int64_t b_bytes(int) { return 4; }
 #if defined(__AVX512BW__)
 template <>
 inline int64_t b_bytes<Table16Mac>(int f) { return f == 0 ? 2 : 4; }
+template <>
+inline int64_t b_bytes<Table16MaddMac>(int) { return 2; }
 #endif
 
 // Tiles [begin, end) of G x (Np / cols) x ceil(M / rows) (the MAC's Shape), row tiles innermost so a B panel is reused.
@@ -735,7 +790,7 @@ int mbm_quantise(const float* x, int64_t rows, int64_t len, const float* scales,
 // The tile (rows, columns) of the MAC ``mac`` (its Shape): B's panels are that many columns wide.
 static void mac_shape(int mac, int64_t* rows, int64_t* cols) {
 #if defined(__AVX512BW__)
-    if (mac == I_TABLE16) {
+    if (mac == I_TABLE16 || mac == I_TABLE16_MADD) {
         *rows = Shape<Table16Mac>::rows;
         *cols = Shape<Table16Mac>::cols;
         return;
@@ -780,6 +835,7 @@ int mbm_gemm(const GemmArgs* g, int64_t begin, int64_t end, int threads) {
         case I_TABLE: run_tiles<TableMac>(*g, begin, end, threads); return 0;
 #if defined(__AVX512BW__)
         case I_TABLE16: run_tiles<Table16Mac>(*g, begin, end, threads); return 0;
+        case I_TABLE16_MADD: run_tiles<Table16MaddMac>(*g, begin, end, threads); return 0;
 #endif
 #if defined(__AVX512F__)
         case I_MBM_FOLD: run_tiles<FoldMac>(*g, begin, end, threads); return 0;
