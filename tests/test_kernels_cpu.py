@@ -292,6 +292,27 @@ def test_tables_in_registers_equal_the_reference(capability, table, shape):
     assert torch.equal(cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
 
 
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_the_loaders_mirrors_are_the_kernels_constants(capability):
+    """MAC ids, QuantFields kinds and the zero operands' stand-ins are spelled twice (C++ and Python): the
+    library's own report of them equals the Python side's."""
+    report = cpu_native.library(capability).mbm_constants().decode()
+    got = {name: int(value) for name, value in (word.split("=") for word in report.split())}
+    macs = cpu_native.MACS
+    quant = cpu_native_int._QUANT_FIELDS
+    want = {"F_MITCHELL": macs["float", "mitchell"], "F_MBM": macs["float", "mbm"],
+            "F_MITCHELL_WORDS": macs["float", "words"], "I_MBM": macs["int", "mbm"], "I_TABLE": macs["int", "table"],
+            "F_LMUL": macs["float", "lmul"], "I_DRUM": macs["int", "drum"], "I_MITCHELL_WORDS": macs["int", "words"],
+            "I_TABLE16": macs["int", "table16"], "I_MBM_FOLD": macs["int", "mbm_fold"],
+            "I_TABLE16_MADD": macs["int", "table16_madd"], "Q_FLOAT": quant["mbm"], "Q_WORDS": quant["mitchell"],
+            "Q_TABLE": quant["table"], "Q_SIGNED_TABLE": quant["signed table"], "Q_DRUM": quant["drum"],
+            "Q_FOLD": quant["mbm_fold"], "Q_WORDS_B": quant["mitchell b"],
+            "INT_ZERO_A": cpu_native_int.INT_ZERO_WORDS["a"], "INT_ZERO_B": cpu_native_int.INT_ZERO_WORDS["b"],
+            "FOLDED_ZERO_BITS": int(torch.tensor(cpu_native_int.FOLDED_ZERO).view(torch.int32))}
+    assert got == want
+    assert len(set(macs.values())) == len(macs) and len(set(quant.values())) == len(quant)
+
+
 def test_integer_sums_pass_int32_in_blocks():
     """mbm-int12 products reach 2^24: sums over K = 5000 overflow int32 unless flushed to int64 in blocks."""
     mult = as_multiplier("mbm-int12")

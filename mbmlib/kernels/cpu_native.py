@@ -65,7 +65,8 @@ class GemmArgs(ctypes.Structure):
                 ("out_col", ctypes.c_int64), ("out_group", ctypes.c_int64), ("N", ctypes.c_int64)]
 
 
-# The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac).
+# The kernel's MACs (enum Mac in approx_gemm.cpp), by (operand kind, the multiplier's mac); the tests compare
+# this mirror, and cpu_native_int's, with what the library reports (mbm_constants).
 MACS = {("float", "mitchell"): 0, ("float", "mbm"): 1, ("float", "words"): 2,
         ("int", "mbm"): 4, ("int", "table"): 5, ("float", "lmul"): 6, ("int", "drum"): 7, ("int", "words"): 8,
         ("int", "table16"): 9, ("int", "mbm_fold"): 10,
@@ -139,6 +140,7 @@ def _library(capability: str) -> ctypes.CDLL:
     lib.mbm_quantise.restype = ctypes.c_int
     lib.mbm_split.argtypes = [ptr, i64, i32, ptr, ptr, ctypes.c_int]
     lib.mbm_split.restype = None
+    lib.mbm_constants.restype = ctypes.c_char_p
     return lib
 
 

@@ -12,6 +12,7 @@
 // GemmArgs per call.
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <type_traits>
 #ifdef _OPENMP
@@ -763,6 +764,23 @@ int mbm_has_words() { return 1; }  // whether mbm_gemm takes F_MITCHELL_WORDS (a
 int mbm_has_words() { return 0; }
 #endif
 int mbm_has_openmp() { return HAS_OPENMP; }
+
+// The constants the Python loader mirrors (cpu_native.MACS, cpu_native_int's QuantFields kinds, zero operands),
+// as "NAME=value" words: its tests compare the mirror with them.
+const char* mbm_constants() {
+    static char text[512];
+    uint32_t folded_zero;
+    std::memcpy(&folded_zero, &FOLDED_ZERO, sizeof folded_zero);
+    std::snprintf(text, sizeof text,
+                  "F_MITCHELL=%d F_MBM=%d F_MITCHELL_WORDS=%d I_MBM=%d I_TABLE=%d F_LMUL=%d I_DRUM=%d "
+                  "I_MITCHELL_WORDS=%d I_TABLE16=%d I_MBM_FOLD=%d I_TABLE16_MADD=%d Q_FLOAT=%d Q_WORDS=%d "
+                  "Q_TABLE=%d Q_SIGNED_TABLE=%d Q_DRUM=%d Q_FOLD=%d Q_WORDS_B=%d INT_ZERO_A=%d INT_ZERO_B=%d "
+                  "FOLDED_ZERO_BITS=%u",
+                  F_MITCHELL, F_MBM, F_MITCHELL_WORDS, I_MBM, I_TABLE, F_LMUL, I_DRUM, I_MITCHELL_WORDS, I_TABLE16,
+                  I_MBM_FOLD, I_TABLE16_MADD, Q_FLOAT, Q_WORDS, Q_TABLE, Q_SIGNED_TABLE, Q_DRUM, Q_FOLD, Q_WORDS_B,
+                  INT_ZERO_A, INT_ZERO_B, folded_zero);
+    return text;
+}
 #if defined(__AVX512BW__)
 int mbm_has_table16() { return 1; }  // whether mbm_gemm takes I_TABLE16
 #else
