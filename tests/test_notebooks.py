@@ -214,12 +214,13 @@ def test_a_bad_parameter_fails_with_the_cells_error(tmp_path):
 
 @pytest.mark.slow
 def test_colab_notebook_runs_locally_with_tiny_parameters(tmp_path):
+    """The notebooks whose parameters the Colab notebook derives (the sweep's run names, the exact run's checkpoint
+    for 05 and 06); 01, 03 and 04 get theirs passed through as they are, and run in the pipeline above."""
     results = tmp_path / "results"
     nb = execute(REPO / "colab" / "mbmlib_colab.ipynb", tmp_path, results_dir=str(results),
-                 run_notebooks=["01_multiplier_error", "02_train_mnist", "04_compare_runtimes",
-                                "05_evaluate_and_sensitivity", "06_explore"],
+                 run_notebooks=["02_train_mnist", "05_evaluate_and_sensitivity", "06_explore"],
                  multipliers=["exact"], train_samples=64, val_samples=40, test_samples=40, max_steps=2,
-                 speed_ratio_steps=0, error_samples=10_000, eval_multipliers=["mitchell"], eval_samples=20,
+                 speed_ratio_steps=0, eval_multipliers=["mitchell"], eval_samples=20,
                  explore_designs=["mbm"], explore_evaluations=10, explore_population=2, explore_samples=20)
     log = stream_text(nb)
     assert "not on Colab" in log and "pip install" not in log
@@ -228,9 +229,7 @@ def test_colab_notebook_runs_locally_with_tiny_parameters(tmp_path):
     run = results / "runs" / f"seednet-exact-exact-b16-{AUTO_LABEL}"
     assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
     assert (run / "02_train_mnist.ipynb").is_file()
-    assert (results / "notebooks" / f"01_multiplier_error-{AUTO_LABEL}.ipynb").is_file()
-    assert "| seednet-exact" in (results / "summary.md").read_text()
-    assert_png(results / "figures" / "loss_curves.png")
+    assert not (results / "notebooks" / f"01_multiplier_error-{AUTO_LABEL}.ipynb").exists()  # not asked for
     scores = json.loads((results / "eval" / "seednet-mnist-test.json").read_text())  # 05 on the exact run
     assert scores["checkpoint"].endswith(f"seednet-exact-exact-b16-{AUTO_LABEL}/checkpoint.pt")
     assert [r["multiplier"] for r in scores["results"]] == ["exact", "mitchell"]
