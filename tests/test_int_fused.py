@@ -123,7 +123,8 @@ def test_quantised_operand_of_inputs_rounding_to_minus_zero_is_the_operand_zero(
 @pytest.mark.parametrize("side", ["a", "b"])
 @pytest.mark.parametrize("name", FUSED)
 def test_rows_with_their_own_scales_get_the_fields_of_quantise(capability, side, name):
-    """Each row quantised with its scale (a weight's per-channel scales), into A's or B's fields; its count of NaN/inf."""
+    """Each row quantised with its own scale (a weight's per-channel scales), into A's or B's fields; each row's
+    count of NaN/inf."""
     mult = _multiplier(name)
     first, second = _awkward_inputs(0.0625, mult), _awkward_inputs(0.3, mult)
     n = min(len(first), len(second))  # both hold the ties, the extremes and some noise
@@ -287,6 +288,15 @@ def test_quantised_matmul_on_compiled_equals_the_reference(monkeypatch, name, dt
     _same_with_nans(got, quant.matmul(a, b, backend="reference", **kw))
 
 
+def test_a_channels_last_weight_is_quantised_as_its_contiguous_copy():
+    """The weight's rows are read in im2col order whatever its memory format (a model moved to channels_last)."""
+    mult = _multiplier("mbm-int8")
+    x, w, s_x, s_w = _layer_inputs((2, 4, 7, 6), (6, 4, 3, 3), mult)
+    kw = dict(padding=1, act_scale=s_x, weight_scale=s_w, multiplier=mult)
+    got = quant.conv2d(x, w.to(memory_format=torch.channels_last), backend="compiled", **kw)
+    _same_with_nans(got, quant.conv2d(x, w, backend="reference", **kw))
+
+
 @pytest.mark.parametrize("name", ["mbm-int8", "signed table"])
 def test_finite_inputs_on_the_fused_path_still_get_the_nans_of_a_bad_weight_row(name):
     """The kernel counts no bad input, so only the weight rows decide where NaN goes (and with none, nowhere)."""
@@ -365,4 +375,5 @@ def test_long_sums_of_largest_products_pass_int32_in_blocks(name):
     a_scale, b_scale = torch.tensor(0.03), torch.tensor([1e-3, 0.37, 3.0])
     a = torch.full((1, 2, K), hi * 0.03)
     got, bad, quantised_b = cpu_native_int.bmm_nt_quant(a, a_scale, qb * b_scale.view(1, 3, 1), b_scale, mult)
-    assert bad == 0 and not quantised_b.any_bad and torch.equal(got, (want * (a_scale.double() * b_scale.double())).float())
+    assert bad == 0 and not quantised_b.any_bad
+    assert torch.equal(got, (want * (a_scale.double() * b_scale.double())).float())

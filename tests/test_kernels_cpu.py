@@ -238,7 +238,8 @@ def test_table_gemm_gives_zero_for_zero_operands_whatever_the_table_holds(capabi
     mult = Multiplier.from_table(table)
     _, qa, qb = _int_operands("mbm-int8", (2, 9, 40), (2, 21, 40), seed=4)
     assert cpu_native_int.supports_int(mult)
-    assert torch.equal(cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
+    got = cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability)
+    assert torch.equal(got, reference.bmm_nt_int(qa, qb, mult))
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
@@ -289,7 +290,8 @@ def test_tables_in_registers_equal_the_reference(capability, table, shape):
     qa.view(-1)[:3] = torch.tensor([0, lo, hi])[:qa.numel()]
     packed = cpu_native_int._int_b(qb, mult, cpu_native.library(capability))
     assert packed.mac == cpu_native.MACS["int", mac if capability == "AVX512" else "table"]
-    assert torch.equal(cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability), reference.bmm_nt_int(qa, qb, mult))
+    got = cpu_native_int.bmm_nt_int(qa, qb, mult, capability=capability)
+    assert torch.equal(got, reference.bmm_nt_int(qa, qb, mult))
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)

@@ -211,8 +211,8 @@ class QuantisedB(NamedTuple):
 def _quantised_b(w: torch.Tensor, scale: torch.Tensor, groups: Optional[int], multiplier: Multiplier,
                  capability: str | None) -> QuantisedB:
     """The float weight ``w`` (a GEMM's (G, N, K) B, ``groups`` None, or a convolution weight) quantised with one
-    scale per output channel (``scale``: (N,) or (O,)) straight into B's fields and panels, once per version of ``w`` and
-    ``scale`` (:mod:`.prepared`): what quantise + :func:`_int_b` give, with no integer tensor between."""
+    scale per output channel (``scale``: (N,) or (O,)) straight into B's fields, then packed, once per version of
+    ``w`` and ``scale`` (:mod:`.prepared`): what quantise + :func:`_int_b` give, with no integer tensor between."""
     capability = capability or torch.backends.cpu.get_cpu_capability()
 
     def build() -> QuantisedB:

@@ -3,9 +3,10 @@
 Every kernel of :mod:`mbmlib.kernels.triton` (GEMM, convolution forward, both convolution gradients for
 MBM and Mitchell; the integer GEMM and convolution for mbm-int8 and mitchell-int8), for every tile the
 host may pick, is compiled as a launch of its benchmark shape would compile it: the launcher runs on
-meta tensors of that shape (shapes, dtypes and aligned addresses, no values to compute) with its launches recorded (:func:`mbmlib.kernels.triton.launch.recorded_launches`),
-and Triton's own binder specialises the recorded arguments (an integer 1 becomes a constant, multiples of
-16 get alignment hints) for a ``GPUTarget`` (sm_75, sm_80, sm_90).  The GEMMs are also compiled, at the
+meta tensors of that shape (shapes, dtypes and aligned addresses, no values to compute) with its launches
+recorded (:func:`mbmlib.kernels.triton.launch.recorded_launches`), and Triton's own binder specialises the
+recorded arguments (an integer 1 becomes a constant, multiples of 16 get alignment hints) for a ``GPUTarget``
+(sm_75, sm_80, sm_90).  The GEMMs are also compiled, at the
 host's tile, for a batched attention shape (``BATCHED_BUILDS``: 16 matrices in one launch, one a program
 along the grid's third axis).  Read per build:
 

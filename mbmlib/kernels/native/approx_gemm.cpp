@@ -416,7 +416,8 @@ struct Table16Mac {
     ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
         const __m512i p = lookup16(a.row, b.index);
         const __mmask32 neg = a.flip ^ b.neg;
-        const vi lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(p)), hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(p, 1));
+        const vi lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(p));
+        const vi hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(p, 1));
         const __mmask16 neg_lo = (__mmask16)neg, neg_hi = (__mmask16)(neg >> 16);
         return {_mm512_mask_sub_epi32(_mm512_mask_add_epi32(acc.lo, (__mmask16)~neg_lo, acc.lo, lo), neg_lo, acc.lo, lo),
                 _mm512_mask_sub_epi32(_mm512_mask_add_epi32(acc.hi, (__mmask16)~neg_hi, acc.hi, hi), neg_hi, acc.hi, hi)};
