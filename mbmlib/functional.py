@@ -234,7 +234,6 @@ def _resolve(multiplier: MultiplierLike, backward: str, backend: Optional[str], 
     return way.key, backward, way.backend
 
 
-
 def _spec(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[tuple]:
     return None if t is None else (tuple(t.shape), dtype or t.dtype)
 
@@ -253,6 +252,7 @@ def on_meta(fn, tensors: Sequence[Optional[Tensor]], *args, dtype: Optional[torc
         fn(*(None if t is None else t.to("meta", dtype or t.dtype) for t in tensors), *args)
         return
     _meta_call(fn, tuple(_spec(t, dtype) for t in tensors), tuple(tuple(a) if isinstance(a, list) else a for a in args))
+
 
 # ----------------------------------------------------------------------------- public API
 

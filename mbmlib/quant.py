@@ -148,19 +148,19 @@ def _conv2d_quant(x: Tensor, w: Tensor, bias: Optional[Tensor], x_scale: Tensor,
     if kernels.quantises_in_kernel(backend, mult, x, w):  # quantised in the kernel's operand passes, sums scaled there
         out, bad_x, qw = kernels.load(backend).conv2d_quant(x, x_scale, w, w_scale, stride, padding, dilation, groups,
                                                             mult)
-        bad_w, weights_bad = qw.bad_rows, qw.any_bad  # (O,); whether any is True, known without a synchronisation
+        bad_w, inputs_bad, weights_bad = qw.bad_rows, bad_x > 0, qw.any_bad  # (O,); both counted in the kernel
     else:
         qw, bad_w = _quantised_weight(w, w_scale, mult)  # (O, C/groups, kh, kw), (O,)
         qx = quantise(x, x_scale, mult)  # (B, C, H, W)
         sums = kernels.conv2d_int(backend, qx.contiguous(), qw, stride, padding, dilation, groups, mult,
                                   ranged=True)  # (B, O, Ho, Wo) float64
-        out, bad_x = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).to(x.dtype), None
-        weights_bad = True  # not asked: that would synchronise with the device
+        out = (sums * (x_scale.double() * w_scale.double()).view(1, -1, 1, 1)).to(x.dtype)
+        inputs_bad = weights_bad = True  # not asked: that would synchronise with the device
     reached = bad_w.view(1, -1, 1, 1)  # a non-finite weight: its channel
-    if bad_x is None or bad_x:  # which outputs a NaN/inf input reaches, exactly (no synchronisation when unknown)
+    if inputs_bad:  # which outputs a NaN/inf input reaches, exactly
         bad = (~torch.isfinite(x)).to(x.dtype)
         reached = reached | (F.conv2d(bad, torch.ones_like(w), None, stride, padding, dilation, groups) > 0)
-    if bad_x is None or bad_x or weights_bad:  # some output may need a NaN
+    if inputs_bad or weights_bad:  # some output may need a NaN
         out = _nan_where(out, reached)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
@@ -193,17 +193,17 @@ def _bmm_nt_quant(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, multip
         return a.new_zeros(a.shape[0], a.shape[1], b.shape[1])
     if kernels.quantises_in_kernel(backend, mult, a, b):  # quantised in the kernel's operand passes, sums scaled there
         out, bad_a, qb = kernels.load(backend).bmm_nt_quant(a, a_scale, b, b_scale, mult)
-        bad_b, weights_bad = qb.bad_rows, qb.any_bad  # (G, N); whether any is True, known without a synchronisation
+        bad_b, inputs_bad, weights_bad = qb.bad_rows, bad_a > 0, qb.any_bad  # (G, N); both counted in the kernel
     else:
         qb, bad_b = _quantised_weight(b, b_scale, mult)  # (G, N, K), (G, N)
         qa = quantise(a, a_scale, mult)  # (G, M, K)
         sums = kernels.load(backend).bmm_nt_int(qa.contiguous(), qb, mult, ranged=True)  # (G, M, N) float64
-        out, bad_a = (sums * (a_scale.double() * b_scale.double())).to(a.dtype), None
-        weights_bad = True  # not asked: that would synchronise with the device
+        out = (sums * (a_scale.double() * b_scale.double())).to(a.dtype)
+        inputs_bad = weights_bad = True  # not asked: that would synchronise with the device
     reached = bad_b[:, None, :]
-    if bad_a is None or bad_a:
+    if inputs_bad:
         reached = reached | ~torch.isfinite(a).all(-1)[:, :, None]
-    return _nan_where(out, reached) if bad_a is None or bad_a or weights_bad else out
+    return _nan_where(out, reached) if inputs_bad or weights_bad else out
 
 
 @_bmm_nt_quant.register_fake

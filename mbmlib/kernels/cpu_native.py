@@ -192,12 +192,14 @@ def _prepared_b(w: torch.Tensor, groups: Optional[int], pack: Callable, multipli
     ``rows`` is ``w`` itself, a GEMM's (G, N, K) B (``groups`` None), or a convolution weight's rows per group."""
     capability = capability or torch.backends.cpu.get_cpu_capability()
     layout = "gemm" if groups is None else ("conv", groups)
+    return prepared((w,), (layout, multiplier, capability),
+                    lambda: pack(_b_rows(w, groups), multiplier, library(capability)))
 
-    def build() -> PackedB:
-        rows = w if groups is None else weight_rows(w, groups)
-        return pack(rows, multiplier, library(capability))
 
-    return prepared((w,), (layout, multiplier, capability), build)
+def _b_rows(w: torch.Tensor, groups: Optional[int]) -> torch.Tensor:
+    """A weight as the GEMM's (G, N, K) B: a GEMM's B as it is (``groups`` None), a convolution weight's rows per
+    group (:func:`weight_rows`)."""
+    return w if groups is None else weight_rows(w, groups)
 
 
 class OutLayout(NamedTuple):
@@ -219,8 +221,8 @@ def _nchw(B: int, O: int, groups: int, Ho: int, Wo: int) -> OutLayout:
 
 
 class MacConstants(NamedTuple):
-    """A MAC's constants in GemmArgs: ``c0``, ``c1`` (MBM's corrections, L-Mul's bias, DRUM's split, whether a
-    16-bit table sign-extends) and a table MAC's entries and index width."""
+    """A MAC's constants in GemmArgs: ``c0``, ``c1`` (MBM's corrections, L-Mul's bias, DRUM's split,
+    Table16MaddMac's first negated row) and a table MAC's entries and index width."""
 
     c0: int = 0
     c1: int = 0
@@ -239,11 +241,11 @@ def _run(a_fields, a_row: torch.Tensor, a_col: torch.Tensor, a_group: int, panel
     G, Np, K, M = panels[0].shape[0], panels[0].shape[1] * panels[0].shape[3], panels[0].shape[2], a_row.numel()
     out = torch.empty(layout.shape if layout else (G, M, Np), dtype=dtype)
     c0, c1, table, bits = consts
+    out_row, out_col, out_group = (layout.row.data_ptr(), layout.col, layout.group) if layout else (None, 0, 0)
     args = GemmArgs((ctypes.c_void_p * 3)(*(f.data_ptr() for f in a_fields)), a_row.data_ptr(), a_col.data_ptr(),
                     a_group, (ctypes.c_void_p * 3)(*(f.data_ptr() for f in panels)), out.data_ptr(), M, Np, K, mac,
                     c0, c1, None if table is None else table.data_ptr(), bits, kblock,
-                    None if out_scale is None else out_scale.data_ptr(), layout and layout.row.data_ptr(),
-                    layout.col if layout else 0, layout.group if layout else 0, N)
+                    None if out_scale is None else out_scale.data_ptr(), out_row, out_col, out_group, N)
     tiles, macs = G * lib.mbm_tiles(mac, M, Np), G * M * N * K
     workers = min(tiles, torch.get_num_threads()) if macs >= _MIN_PARALLEL_MACS else 1
     if workers <= 1 or lib.mbm_has_openmp():

@@ -19,8 +19,7 @@ from ..multipliers.designs import MAC_IDS, drum_reduced
 from ..multipliers.floating import SIGN_EXP_MASK as SIGN_EXP
 from ..multipliers.specs import Multiplier
 from .cpu_native import (_ONE_BITS, MACS, MacConstants, OutLayout, PackedB, _implicit_patches, _nchw, _pack,
-                         _prepared_b, _rows_of, _run, library, specialised_mac, split)
-from .lowering import weight_rows
+                         _prepared_b, _rows_of, _run, _b_rows, library, specialised_mac, split)
 from .prepared import prepared
 
 __all__ = ["supports_int", "drum_split", "int_block", "quantised_operand", "bmm_nt_int", "conv2d_int", "bmm_nt_quant",
@@ -218,7 +217,7 @@ def _quantised_b(w: torch.Tensor, scale: torch.Tensor, groups: Optional[int], mu
     def build() -> QuantisedB:
         lib = library(capability)
         mac = _int_mac(multiplier, lib)
-        rows = w if groups is None else weight_rows(w, groups)
+        rows = _b_rows(w, groups)
         scales = scale.reshape(-1, rows.shape[1]).expand(rows.shape[:2])
         fields, bad = _quantised_rows(rows, scales, multiplier, mac, "b", lib)
         bad_rows = bad.reshape(-1) > 0 if groups is not None else bad > 0

@@ -6,9 +6,8 @@ host may pick, is compiled as a launch of its benchmark shape would compile it: 
 meta tensors of that shape (shapes, dtypes and aligned addresses, no values to compute) with its launches
 recorded (:func:`mbmlib.kernels.triton.launch.recorded_launches`), and Triton's own binder specialises the
 recorded arguments (an integer 1 becomes a constant, multiples of 16 get alignment hints) for a ``GPUTarget``
-(sm_75, sm_80, sm_90).  The GEMMs are also compiled, at the
-host's tile, for a batched attention shape (``BATCHED_BUILDS``: 16 matrices in one launch, one a program
-along the grid's third axis).  Read per build:
+(sm_75, sm_80, sm_90).  The GEMMs are also compiled, at the host's tile, for a batched attention shape
+(``BATCHED_BUILDS``: 16 matrices in one launch, one a program along the grid's third axis).  Read per build:
 
 * registers, stack frame and spill bytes from the ``ptxas -v`` log of the very ptxas run that made the
   cubin, and where the spill loads and stores sit (K loop, another loop, outside loops) from the SASS;

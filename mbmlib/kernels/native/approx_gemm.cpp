@@ -367,6 +367,8 @@ struct TableMac : IntSums {
     }
 };
 
+struct RegisterTable {};  // the tag of the MACs that look tables up in registers (their Shape)
+
 #if defined(__AVX512BW__)
 // Tables of up to 8 bits whose entries fit 16 bits, looked up in registers instead of gathered: A's table row
 // (256 16-bit entries, 8 vectors; rows of narrower tables padded) is read once per element of A and 32 products
@@ -375,6 +377,17 @@ struct TableMac : IntSums {
 struct Pair { vi lo, hi; };  // two int32 sums: columns 0..15 and 16..31 (Table16Mac), or even and odd (MaddMac)
 
 struct Index16 { __m512i index; __mmask32 bit6, bit7; };  // 32 columns' |b| and its bits 6 and 7
+
+// What the register-table MACs share: two fields, 2 VW columns a B operand (one lookup), two int32 sums each,
+// block sums of kblock steps flushed to the int64 output, and (Shape) a 4 x 2 NR tile.
+struct Table16Sums : RegisterTable {
+    static const int FIELDS = 2;
+    static const int SPAN = 2 * VW;
+    typedef int64_t Out;
+    typedef Pair Sum;
+    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
+    ALWAYS_INLINE Sum zero() { return {i_set1(0), i_set1(0)}; }
+};
 
 ALWAYS_INLINE Index16 load_index16(const int16_t* at) {
     const __m512i index = _mm512_loadu_si512(at);
@@ -395,16 +408,11 @@ ALWAYS_INLINE __m512i lookup16(const __m512i* r, const Index16& b) {
 // A sign-magnitude table whose entries need all 16 bits (2^15..2^16-1: no room for a negation in int16): the
 // products widen to int32 (zero-extended) and add or subtract by the signs.  B's fields: |b| (int16) and its
 // int32 sign masks.
-struct Table16Mac {
-    static const int FIELDS = 2;
-    static const int SPAN = 2 * VW;
-    typedef int64_t Out;
-    typedef Pair Sum;
+struct Table16Mac : Table16Sums {
     struct Consts { const int16_t* table; };
     struct A { const __m512i* row; __mmask32 flip; };  // flip: all ones where A is negative
     struct B { Index16 index; __mmask32 neg; };
     static Consts consts(const GemmArgs& g) { return {(const int16_t*)g.table}; }
-    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
     ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts& c) {
         return {(const __m512i*)(c.table + ((int64_t)f[1][k] << 8)), (__mmask32)(f[0][k] ? 0xFFFFFFFFu : 0u)};
     }
@@ -412,7 +420,6 @@ struct Table16Mac {
         const __mmask16 lo = _mm512_movepi32_mask(i_load(f[1] + at)), hi = _mm512_movepi32_mask(i_load(f[1] + at + VW));
         return {load_index16((const int16_t*)f[0] + at), (__mmask32)lo | ((__mmask32)hi << 16)};
     }
-    ALWAYS_INLINE Sum zero() { return {i_set1(0), i_set1(0)}; }
     ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
         const __m512i p = lookup16(a.row, b.index);
         const __mmask32 neg = a.flip ^ b.neg;
@@ -433,16 +440,11 @@ struct Table16Mac {
 // them, c0 rows on: 0 for a signed table), a negative B negates its products in int16 (one masked subtract for
 // 32), and one vpmaddwd per half widens them to int32 (times 1 at the even lanes and 0 at the odd, or the
 // reverse: the two sums hold the even and the odd columns).  B's fields: |b| and its sign masks, as int16.
-struct Table16MaddMac {
-    static const int FIELDS = 2;
-    static const int SPAN = 2 * VW;
-    typedef int64_t Out;
-    typedef Pair Sum;
+struct Table16MaddMac : Table16Sums {
     struct Consts { const int16_t* table; int32_t negated_rows; };
     struct A { const __m512i* row; };
     struct B { Index16 index; __mmask32 neg; };
     static Consts consts(const GemmArgs& g) { return {(const int16_t*)g.table, (int32_t)g.c0}; }
-    static int64_t block(const GemmArgs& g) { return g.kblock < 1 ? 1 : g.kblock; }
     ALWAYS_INLINE A load_a(const int32_t* const* f, int64_t k, const Consts& c) {
         return {(const __m512i*)(c.table + ((int64_t)(f[1][k] + (f[0][k] & c.negated_rows)) << 8))};
     }
@@ -450,7 +452,6 @@ struct Table16MaddMac {
         const __m512i sign = _mm512_loadu_si512((const int16_t*)f[1] + at);
         return {load_index16((const int16_t*)f[0] + at), _mm512_movepi16_mask(sign)};
     }
-    ALWAYS_INLINE Sum zero() { return {i_set1(0), i_set1(0)}; }
     ALWAYS_INLINE Sum mac(Sum acc, const A& a, const B& b, const Consts&) {
         const __m512i q = lookup16(a.row, b.index);
         const __m512i p = _mm512_mask_sub_epi16(q, b.neg, _mm512_setzero_si512(), q);
@@ -468,22 +469,13 @@ struct Table16MaddMac {
 };
 #endif
 
-// A MAC's tile: MR rows x NR columns; Table16Mac's is 4 x 2 NR (a table row, read once per element of A, then
-// serves 64 columns: half the row reads per product; 16 int32 sums still fit the registers).
+// A MAC's tile: MR rows x NR columns; a register table's is 4 x 2 NR (a table row, read once per element of A,
+// then serves 64 columns: half the row reads per product; 16 int32 sums still fit the registers).
 template <class M>
 struct Shape {
-    static const int rows = MR, cols = NR;
+    static const bool table = std::is_base_of<RegisterTable, M>::value;
+    static const int rows = table ? 4 : MR, cols = table ? 2 * NR : NR;
 };
-#if defined(__AVX512BW__)
-template <>
-struct Shape<Table16Mac> {
-    static const int rows = 4, cols = 2 * NR;
-};
-template <>
-struct Shape<Table16MaddMac> {
-    static const int rows = 4, cols = 2 * NR;
-};
-#endif
 
 // DRUM-k (SPEC 6): every operand comes as one int32 field, its reduced value with the sign, sign * A' (prepared
 // once per operand), so a product is one exact multiply.  With SPLIT = 0 (up to 12 bits: products below 2^24)
